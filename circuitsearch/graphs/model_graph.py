@@ -1,0 +1,169 @@
+"""The computational graph of a transformer: nodes, receivers and edges, by name.
+
+Nodes are `embed`, `a{layer}.{head}`, `m{layer}` and `logits`. A head reads its input
+through three receivers `a{l}.{h}.q|k|v`; an MLP and the logits read through themselves.
+An edge `src->dst` joins a sender node to a receiver that comes later in the forward pass.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+
+_HEAD = re.compile(r"^a(\d+)\.(\d+)$")
+_MLP = re.compile(r"^m(\d+)$")
+_RECV = re.compile(r"^a(\d+)\.(\d+)\.([qkv])$")
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What a node name means: kind is embed, head, mlp or logits; layer -1 for embed."""
+
+    name: str
+    kind: str
+    layer: int
+    head: int | None = None
+
+
+def parse_node(name: str, n_layers: int | None = None) -> NodeInfo:
+    """Parse a node name (`embed`, `a9.1`, `m3`, `logits`); logits sit at layer n_layers."""
+    if name == "embed":
+        return NodeInfo(name, "embed", -1)
+    if name == "logits":
+        return NodeInfo(name, "logits", n_layers if n_layers is not None else 10**6)
+    m = _HEAD.match(name)
+    if m:
+        return NodeInfo(name, "head", int(m.group(1)), int(m.group(2)))
+    m = _MLP.match(name)
+    if m:
+        return NodeInfo(name, "mlp", int(m.group(1)))
+    raise ValueError(
+        f"unknown node name {name!r}: expected 'embed', 'a<layer>.<head>' (e.g. a9.1), "
+        "'m<layer>' or 'logits'"
+    )
+
+
+def receiver_node(receiver: str) -> tuple[str, str | None]:
+    """Split a receiver name into (node, input): `a9.1.q` -> (`a9.1`, `q`), `m3` -> (`m3`, None)."""
+    m = _RECV.match(receiver)
+    if m:
+        return f"a{m.group(1)}.{m.group(2)}", m.group(3)
+    parse_node(receiver)
+    return receiver, None
+
+
+def split_edge(edge: str) -> tuple[str, str]:
+    """`a4.4->a9.1.q` -> (`a4.4`, `a9.1.q`), with a clear error for anything else."""
+    parts = edge.split("->")
+    if len(parts) != 2:
+        raise ValueError(f"bad edge name {edge!r}: expected 'sender->receiver', e.g. 'a4.4->a9.1.q'")
+    receiver_node(parts[1])
+    parse_node(parts[0])
+    return parts[0], parts[1]
+
+
+@dataclass(frozen=True)
+class ModelGraph:
+    """Nodes and edges of a model with n_layers layers of n_heads heads.
+
+    attn_only models have no MLP nodes. qkv=True gives heads separate q, k, v receivers;
+    qkv=False gives one receiver per head (named `a{l}.{h}.q`, standing for all three).
+    On grouped-query models every query head still has its own k and v receivers: the
+    shared key/value projection is computed once per query head, so patching `a9.1.k`
+    leaves `a9.0.k` untouched.
+    """
+
+    n_layers: int
+    n_heads: int
+    attn_only: bool = False
+    qkv: bool = True
+
+    def signature(self) -> dict:
+        """What two circuits must share to be compared."""
+        return {"n_layers": self.n_layers, "n_heads": self.n_heads,
+                "attn_only": self.attn_only, "qkv": self.qkv}
+
+    @classmethod
+    def from_signature(cls, sig: dict) -> "ModelGraph":
+        return cls(int(sig["n_layers"]), int(sig["n_heads"]), bool(sig.get("attn_only", False)),
+                   bool(sig.get("qkv", True)))
+
+    def heads(self, layer: int) -> list[str]:
+        return [f"a{layer}.{h}" for h in range(self.n_heads)]
+
+    def layer_nodes(self, layer: int) -> list[str]:
+        """The nodes of one layer, heads first, then the MLP (the order they run in)."""
+        return self.heads(layer) + ([] if self.attn_only else [f"m{layer}"])
+
+    @cached_property
+    def nodes(self) -> list[str]:
+        """All nodes in forward order: embed, each layer's heads then MLP, logits."""
+        out = ["embed"]
+        for layer in range(self.n_layers):
+            out += self.layer_nodes(layer)
+        return out + ["logits"]
+
+    @cached_property
+    def inner_nodes(self) -> list[str]:
+        """The nodes a node-level search may remove (all but logits)."""
+        return self.nodes[:-1]
+
+    def receivers_of(self, node: str) -> list[str]:
+        info = parse_node(node, self.n_layers)
+        if info.kind == "head":
+            return [f"{node}.{x}" for x in ("qkv" if self.qkv else "q")]
+        if info.kind in ("mlp", "logits"):
+            return [node]
+        return []
+
+    def senders_into(self, node: str) -> list[str]:
+        """Nodes whose output the given node reads: everything earlier in the forward pass."""
+        info = parse_node(node, self.n_layers)
+        if info.kind == "embed":
+            return []
+        out = ["embed"]
+        for layer in range(self.n_layers):
+            if layer > info.layer or (layer == info.layer and info.kind == "head"):
+                break
+            out += self.heads(layer)
+            if layer == info.layer:  # an MLP reads the heads of its own layer
+                break
+            if not self.attn_only:
+                out.append(f"m{layer}")
+        return out
+
+    @cached_property
+    def edges(self) -> list[str]:
+        """All edges, ordered by receiver in forward order, then sender in forward order."""
+        out = []
+        for node in self.nodes[1:]:
+            for recv in self.receivers_of(node):
+                out += [f"{s}->{recv}" for s in self.senders_into(node)]
+        return out
+
+    def layer_of(self, name: str) -> int:
+        """Layer of a node, receiver or edge (an edge counts at its receiver)."""
+        if "->" in name:
+            name = split_edge(name)[1]
+        return parse_node(receiver_node(name)[0], self.n_layers).layer
+
+    def check_node(self, name: str) -> str:
+        info = parse_node(name, self.n_layers)
+        if name not in self._node_set:
+            raise ValueError(f"node {name!r} is not in this model ({self.n_layers} layers × "
+                             f"{self.n_heads} heads{', attention only' if self.attn_only else ''})")
+        return info.name
+
+    def check_edge(self, edge: str) -> str:
+        if edge not in self._edge_set:
+            src, dst = split_edge(edge)
+            raise ValueError(f"edge {edge!r} is not in this model's graph: {src} does not feed {dst}")
+        return edge
+
+    @cached_property
+    def _node_set(self) -> frozenset:
+        return frozenset(self.nodes)
+
+    @cached_property
+    def _edge_set(self) -> frozenset:
+        return frozenset(self.edges)

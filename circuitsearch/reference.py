@@ -1,0 +1,154 @@
+"""The naive path: score a circuit with one full TransformerLens hooked forward.
+
+Slow and simple on purpose: every hook point is the bridge's own, nothing is cached between
+calls. Tests and benchmarks hold the fast evaluator to it. On grouped-query models the
+bridge's k/v input hooks are per key/value head, so edges into k and v must be removed
+alike for all query heads of a group (the evaluator has no such restriction).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+
+from .graphs.model_graph import parse_node, receiver_node, split_edge
+from .metrics import get_metric
+from .models import Model
+from .tasks.base import Task
+
+
+def _source(model: Model, task: Task, ablation: str) -> dict[str, torch.Tensor]:
+    b = model.bridge
+    keep = lambda n: n in ("hook_embed", "hook_pos_embed") or n.endswith("attn.hook_z") or n.endswith("hook_mlp_out")
+    _, cache = b.run_with_cache(task.corrupted, names_filter=keep)
+    out = {}
+    for name in cache.keys():
+        t = cache[name].detach()
+        if ablation == "mean":
+            t = t.mean(0, keepdim=True)
+        elif ablation == "zero":
+            t = torch.zeros_like(t[:1])
+        out[name] = t
+    return out
+
+
+def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Iterable[str] = (),
+                  edges: Iterable[str] = (), qkv: bool = True) -> torch.Tensor:
+    """Answer-position logits [n, vocab] of the clean prompts with nodes ablated and edges removed."""
+    b, L = model.bridge, model.n_layers
+    H, n_kv = model.n_heads, model.n_kv_heads
+    nodes, edges = set(nodes), list(edges)
+    src = _source(model, task, ablation)
+    has_pos = "hook_pos_embed" in src
+    live: dict = {}
+    removed = defaultdict(list)  # receiver -> senders
+    for e in edges:
+        s, r = split_edge(e)
+        if not qkv and r.endswith(".q"):
+            for x in "qkv":
+                removed[r[:-1] + x].append(s)
+        else:
+            removed[r].append(s)
+
+    def diff(sender: str) -> torch.Tensor:
+        info = parse_node(sender, L)
+        if info.kind == "embed":
+            d = live["hook_embed"] - src["hook_embed"]
+            return d + (live["hook_pos_embed"] - src["hook_pos_embed"]) if has_pos else d
+        if info.kind == "head":
+            name = f"blocks.{info.layer}.attn.hook_z"
+            dz = live[name][:, :, info.head] - src[name][:, :, info.head]
+            return dz @ b.blocks[info.layer].attn.W_O[info.head]
+        name = f"blocks.{info.layer}.hook_mlp_out"
+        return live[name] - src[name]
+
+    def replace_hook(kind, name, layer=None):
+        def fn(t, hook):
+            if kind == "embed" and "embed" in nodes:
+                t = src[name].expand_as(t).clone()
+            elif kind == "z":
+                ablate = [h for h in range(H) if f"a{layer}.{h}" in nodes]
+                if ablate:
+                    t = t.clone()
+                    t[:, :, ablate] = src[name][:, :, ablate].expand(t.shape[0], -1, -1, -1)
+            elif kind == "mlp" and f"m{layer}" in nodes:
+                t = src[name].expand_as(t).clone()
+            live[name] = t
+            return t
+        return fn
+
+    def projection_hook(layer, inp):
+        """Recompute the q/k/v projection of heads whose input edges are removed."""
+        blk = b.blocks[layer]
+        W = {"q": blk.attn.W_Q, "k": blk.attn.W_K, "v": blk.attn.W_V}[inp]
+        bias = {"q": blk.attn.b_Q, "k": blk.attn.b_K, "v": blk.attn.b_V}[inp]
+        ln1 = getattr(blk.ln1, "original_component", blk.ln1) if hasattr(blk, "ln1") else (lambda x: x)
+        dh = W.shape[-1]
+
+        def fn(t, hook):
+            groups = W.shape[0]
+            for g in range(groups):
+                heads = [g] if groups == H else list(range(g * H // n_kv, (g + 1) * H // n_kv))
+                sets = {frozenset(removed.get(f"a{layer}.{h}.{inp}", [])) for h in heads}
+                if len(sets) > 1:
+                    raise ValueError(f"the hooked reference needs edges into {inp} of layer {layer} removed "
+                                     f"alike for heads {heads}, which share one key/value head")
+                senders = sets.pop()
+                if senders:
+                    x = live[f"blocks.{layer}.hook_resid_pre"] - sum(diff(s) for s in senders)
+                    y = ln1(x) @ W[g] + (0 if bias is None else bias[g])
+                    t = t.clone()
+                    if t.dim() == 4:  # [batch, pos, head, d_head]
+                        t[:, :, g] = y
+                    else:  # [batch, pos, head * d_head]
+                        t[..., g * dh:(g + 1) * dh] = y
+            return t
+        return fn
+
+    def capture(key):
+        def fn(t, hook):
+            live[key] = t
+            return t
+        return fn
+
+    def single_receiver_hook(receiver):
+        def fn(t, hook):
+            senders = removed.get(receiver, [])
+            if not senders:
+                return t
+            return t - sum(diff(s) for s in senders)
+        return fn
+
+    hooks = [("hook_embed", replace_hook("embed", "hook_embed"))]
+    if has_pos:
+        hooks.append(("hook_pos_embed", replace_hook("embed", "hook_pos_embed")))
+    for l in range(L):
+        hooks.append((f"blocks.{l}.attn.hook_z", replace_hook("z", f"blocks.{l}.attn.hook_z", l)))
+        if not model.attn_only:
+            hooks.append((f"blocks.{l}.hook_mlp_out", replace_hook("mlp", f"blocks.{l}.hook_mlp_out", l)))
+            hooks.append((f"blocks.{l}.ln2.hook_in", single_receiver_hook(f"m{l}")))
+        if edges:
+            hooks.append((f"blocks.{l}.hook_resid_pre", capture(f"blocks.{l}.hook_resid_pre")))
+            for inp in "qkv":
+                hooks.append((f"blocks.{l}.attn.{inp}.hook_out", projection_hook(l, inp)))
+    hooks.append(("ln_final.hook_in" if model.bridge.cfg.normalization_type else "unembed.hook_in",
+                  single_receiver_hook("logits")))
+    with torch.no_grad():
+        logits = b.run_with_hooks(task.clean, fwd_hooks=hooks)
+    return logits[:, -1].detach().float()
+
+
+def hooked_score(model: Model, task: Task, ablation: str = "mean", metric: str = "logit_diff",
+                 nodes: Iterable[str] = (), edges: Iterable[str] = (), qkv: bool = True) -> float:
+    """The metric of hooked_logits, computed on the whole vocabulary."""
+    m = get_metric(metric)
+    logits = hooked_logits(model, task, ablation, nodes, edges, qkv)
+    ref = None
+    if metric == "kl":
+        with torch.no_grad():
+            ref = torch.log_softmax(model.bridge(task.clean)[:, -1].float(), -1)
+    if m.two_columns:
+        logits = torch.stack([logits.gather(1, task.answers[:, None])[:, 0],
+                              logits.gather(1, task.wrong_answers[:, None])[:, 0]], 1)
+    return m(logits, task.answers, task.wrong_answers, ref)
