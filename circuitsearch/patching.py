@@ -45,6 +45,11 @@ class LayerWeights:
     b_V: torch.Tensor
     W_O: torch.Tensor  # [H, dh, d]
     b_O: torch.Tensor  # [d]
+    W_qkv: torch.Tensor | None = None  # [d, (H + 2 * n_kv) * dh]: shared-input projection, kv heads grouped
+    b_qkv: torch.Tensor | None = None
+    n_kv: int = 0
+    W_gate_in: torch.Tensor | None = None  # [d, 2 * d_mlp] gate and in fused into one GEMM
+    b_gate_in: torch.Tensor | None = None
     ln2: tuple | None = None
     W_in: torch.Tensor | None = None    # [d, d_mlp]
     b_in: torch.Tensor | None = None
@@ -99,7 +104,11 @@ def extract_weights(model: Model) -> Weights:
             W_Q=a.W_Q.detach().float(), b_Q=_zeros_if_none(a.b_Q, (H, dh)),
             W_K=expand(a.W_K), b_K=expand(a.b_K) if a.b_K is not None else torch.zeros(H, dh),
             W_V=expand(a.W_V), b_V=expand(a.b_V) if a.b_V is not None else torch.zeros(H, dh),
-            W_O=a.W_O.detach().float(), b_O=_zeros_if_none(a.b_O, (d,)))
+            W_O=a.W_O.detach().float(), b_O=_zeros_if_none(a.b_O, (d,)), n_kv=n_kv)
+        flat = lambda t: t.detach().float().permute(1, 0, 2).reshape(d, -1)
+        kvb = lambda t: torch.zeros(n_kv * dh) if t is None else t.detach().float().reshape(-1)
+        lw.W_qkv = torch.cat([flat(a.W_Q), flat(a.W_K), flat(a.W_V)], 1).contiguous()
+        lw.b_qkv = torch.cat([lw.b_Q.reshape(-1), kvb(a.b_K), kvb(a.b_V)])
         if not cfg.attn_only:
             m = blk.mlp
             lw.ln2 = _norm_params(blk.ln2)
@@ -108,6 +117,9 @@ def extract_weights(model: Model) -> Weights:
             lw.W_gate = m.W_gate.detach().float() if cfg.gated_mlp else None
             lw.W_out = m.W_out.detach().float()
             lw.b_out = _zeros_if_none(m.b_out, (d,))
+            if lw.W_gate is not None:
+                lw.W_gate_in = torch.cat([lw.W_gate, lw.W_in], 1).contiguous()
+                lw.b_gate_in = torch.cat([torch.zeros(lw.W_in.shape[1]), lw.b_in])
         layers.append(lw)
     norm = cfg.normalization_type.upper() if cfg.normalization_type else None
     if norm not in (None, "LN", "RMS"):
@@ -257,7 +269,7 @@ class Evaluator:
         if not nodes and not edges:
             return run
         masks = run.masks.copy()
-        start = 2 * self.L
+        start = 3 * self.L
         for n in nodes:
             start = min(start, self._apply_node(masks, n))
         for e in edges:
@@ -282,12 +294,19 @@ class Evaluator:
                 "forward_equivalents": round(self.forward_equivalents, 3)}
 
     def stage_of(self, name: str) -> int:
-        """Where a node or edge first acts: -1 embed, 2l attention of layer l, 2l+1 its MLP, 2L logits."""
-        if "->" in name:
+        """Where a node or edge first changes the forward pass.
+
+        -1 the embedding; 3l the inputs of layer l's heads (edges into q/k/v); 3l+1 the heads'
+        outputs (ablating a head reuses the layer's attention); 3l+2 its MLP; 3L the logits.
+        """
+        edge = "->" in name
+        if edge:
             name = split_edge(name)[1]
         node, _ = receiver_node(name)
         info = parse_node(node, self.L)
-        return {"embed": -1, "head": 2 * info.layer, "mlp": 2 * info.layer + 1, "logits": 2 * self.L}[info.kind]
+        if info.kind == "head":
+            return 3 * info.layer + (0 if edge else 1)
+        return {"embed": -1, "mlp": 3 * info.layer + 2, "logits": 3 * self.L}[info.kind]
 
     # ------------------------------------------------------------------ masks
 
@@ -324,7 +343,7 @@ class Evaluator:
             masks.e_mlp[info.layer, s] = True
         else:
             masks.e_logits[s] = True
-        return self.stage_of(dst)
+        return self.stage_of(edge)
 
     # ------------------------------------------------------------------ forward
 
@@ -369,11 +388,21 @@ class Evaluator:
         eq = "bpd,hde->bphe" if x.dim() == 3 else "bphd,hde->bphe"
         return torch.einsum(eq, x, W) + b
 
-    def _attention(self, lw: LayerWeights, xq, xk, xv) -> torch.Tensor:
-        """z [B, P, H, dh] of every head; inputs are [B, P, d] (shared) or [B, P, H, d] (per head)."""
-        q = self._proj(xq, lw.W_Q, lw.b_Q, lw.ln1)
-        k = self._proj(xk, lw.W_K, lw.b_K, lw.ln1)
-        v = self._proj(xv, lw.W_V, lw.b_V, lw.ln1)
+    def _attention(self, lw: LayerWeights, xq, xk=None, xv=None) -> torch.Tensor:
+        """z [B, P, H, dh] of every head; one shared input [B, P, d], or q, k, v inputs [B, P, H, d]."""
+        if xk is None:  # shared input: one GEMM, keys and values per kv head
+            B, P, _ = xq.shape
+            H, dh = self.H, lw.W_Q.shape[-1]
+            qkv = self._norm(xq, lw.ln1) @ lw.W_qkv + lw.b_qkv
+            q = qkv[..., : H * dh].view(B, P, H, dh)
+            k, v = qkv[..., H * dh:].view(B, P, 2, lw.n_kv, dh).unbind(2)
+            rep = H // lw.n_kv
+            if rep > 1:
+                k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
+        else:
+            q = self._proj(xq, lw.W_Q, lw.b_Q, lw.ln1)
+            k = self._proj(xk, lw.W_K, lw.b_K, lw.ln1)
+            v = self._proj(xv, lw.W_V, lw.b_V, lw.ln1)
         if self.w.rotary is not None:
             q, k = self._rope(q), self._rope(k)
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.w.attn_scale
@@ -385,8 +414,11 @@ class Evaluator:
     def _mlp(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         h = self._norm(x, lw.ln2)
         act = _ACT[self.w.act]
-        pre = h @ lw.W_in + lw.b_in
-        post = act(h @ lw.W_gate) * pre if lw.W_gate is not None else act(pre)
+        if lw.W_gate_in is not None:
+            gate, pre = (h @ lw.W_gate_in + lw.b_gate_in).chunk(2, -1)
+            post = act(gate) * pre
+        else:
+            post = act(h @ lw.W_in + lw.b_in)
         return post @ lw.W_out + lw.b_out
 
     def _sender_diff(self, run: Run, s: int) -> torch.Tensor:
@@ -425,37 +457,41 @@ class Evaluator:
 
     def _forward(self, base: Run | None, start: int, nodes: frozenset, edges: frozenset, masks: Masks,
                  embed_live: torch.Tensor, source: Source | None = "self", count: bool = True) -> Run:
-        """Recompute `base`'s circuit with new masks from stage `start` on (-1 = from the embedding)."""
+        """Recompute `base`'s circuit with new masks from stage `start` on (see stage_of)."""
         src = self.source if source == "self" else source
         L = self.L
-        first_layer = max(start, 0) // 2
         if base is None or start < 0:
             embed = src.embed.expand_as(embed_live) if (masks.embed and src is not None) else embed_live
             run = Run(nodes, edges, masks, embed, [None] * L, [None] * L, [None] * L, [None] * L)
-            first_layer = 0
+            start = -1
         else:
             run = Run(nodes, edges, masks, base.embed, list(base.resid_pre), list(base.z),
                       list(base.resid_mid), list(base.mlp_out))
             run.diffs = {s: d for s, d in base.diffs.items() if self._sender_stage(s) < start}
-        if first_layer >= L:
+        first = max(start, 0) // 3
+        if first >= L:
             resid = base.final
         else:
-            resid = run.embed if first_layer == 0 else run.resid_pre[first_layer]
-        for l in range(first_layer, L):
+            resid = run.embed if first == 0 and start <= 0 else run.resid_pre[first]
+        for l in range(first, L):
             lw = self.w.layers[l]
-            if start <= 2 * l or first_layer < l or base is None or start < 0:
-                run.resid_pre[l] = resid
-                delta = self._delta(run, masks.e_attn[l].reshape(3 * self.H, self.S)) if edges else None
-                if delta is None:
-                    z = self._attention(lw, resid, resid, resid)
+            stage = start - 3 * l if l == first else -1  # where this layer's recomputation begins
+            if stage <= 1:
+                if stage <= 0:
+                    run.resid_pre[l] = resid
+                    delta = self._delta(run, masks.e_attn[l].reshape(3 * self.H, self.S)) if edges else None
+                    if delta is None:
+                        z = self._attention(lw, resid)
+                    else:
+                        delta = delta.reshape(*delta.shape[:2], 3, self.H, delta.shape[-1])
+                        x = resid[:, :, None, None, :] - delta  # [B, P, 3, H, d]
+                        z = self._attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
                 else:
-                    delta = delta.reshape(*delta.shape[:2], 3, self.H, delta.shape[-1])
-                    x = resid[:, :, None, None, :] - delta  # [B, P, 3, H, d]
-                    z = self._attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
+                    z = run.z[l]
                 if src is not None and bool(masks.heads[l].any()):
                     z = torch.where(masks.heads[l][None, None, :, None], src.z[l], z)
                 run.z[l] = z
-                resid = resid + torch.einsum("bphe,hed->bpd", z, lw.W_O) + lw.b_O
+                resid = run.resid_pre[l] + torch.einsum("bphe,hed->bpd", z, lw.W_O) + lw.b_O
                 run.resid_mid[l] = resid
             else:
                 resid = run.resid_mid[l]
@@ -477,10 +513,20 @@ class Evaluator:
             run.logits = normed @ self.w.W_U + self.w.b_U
         if count:
             self.forward_passes += 1
-            self.forward_equivalents += (2 * L - max(start, 0)) / (2 * L)
+            self.forward_equivalents += self._cost(start)
         if self.metric.two_columns or self._ref_logprobs is not None:
             self._finish(run)
         return run
+
+    def _cost(self, start: int) -> float:
+        """Fraction of a full forward that recomputing from `start` costs (attention ~1/3 of a layer)."""
+        if start < 0:
+            return 1.0
+        layer, part = divmod(start, 3)
+        left = self.L - layer - (0.3 if part == 1 else 0.35 if part == 2 else 0.0)
+        if self.attn_only and part == 2:
+            left = self.L - layer - 1
+        return max(left, 0.0) / self.L
 
     def _finish(self, run: Run) -> None:
         run.per_prompt = self.metric.per_prompt(run.logits, self.task.answers, self.task.wrong_answers,

@@ -1,0 +1,47 @@
+"""Shared fixtures: seeded native models, random token tasks, and the embedded model (slow)."""
+import random
+
+import pytest
+import torch
+
+from circuitsearch.models import load_model
+from circuitsearch.tasks.base import Task, build_task
+
+
+def random_task(vocab: int, n: int = 6, seq: int = 7, seed: int = 0) -> Task:
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, vocab, (n, seq), generator=g)
+    corrupted = torch.randint(0, vocab, (n, seq), generator=g)
+    answers = torch.randint(0, vocab, (n,), generator=g)
+    wrong = (answers + 1 + torch.randint(0, vocab - 1, (n,), generator=g)) % vocab
+    blank = [""] * n
+    return Task("random", clean, corrupted, answers, wrong, blank, blank, blank, blank)
+
+
+@pytest.fixture(scope="session", params=["test:tiny-llama", "test:tiny-gpt", "test:tiny-attn"])
+def test_model(request):
+    return load_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return load_model("smollm2-135m")
+
+
+def digits_prompts(n: int = 24, seed: int = 0):
+    """Increasing-digit prompts ('3 4 5 6 ' -> '7') with random-digit corruptions."""
+    rng = random.Random(seed)
+    clean, corrupted, answers, wrong = [], [], [], []
+    for _ in range(n):
+        s = rng.randint(0, 5)
+        seq = [str(s + j) for j in range(4)]
+        clean.append(" ".join(seq) + " ")
+        corrupted.append(" ".join(str(rng.randint(0, 9)) for _ in range(4)) + " ")
+        answers.append(str(s + 4))
+        wrong.append(seq[-1])
+    return clean, corrupted, answers, wrong
+
+
+@pytest.fixture(scope="session")
+def smollm2_digits(smollm2):
+    return build_task("digits", smollm2.tokenizer, *digits_prompts())

@@ -1,0 +1,190 @@
+"""The evaluator against the plain model and a naive TransformerLens hooked forward."""
+import random
+
+import pytest
+import torch
+
+from circuitsearch.patching import ABLATIONS, Evaluator
+from circuitsearch.reference import hooked_score
+from conftest import random_task
+
+TOL = 1e-4
+
+
+def plain_logit_diff(model, task):
+    with torch.no_grad():
+        logits = model.bridge(task.clean)[:, -1]
+    return float((logits.gather(1, task.answers[:, None]) - logits.gather(1, task.wrong_answers[:, None])).mean())
+
+
+def out_edges(ev, node):
+    return [e for e in ev.graph.edges if e.split("->")[0] == node]
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_nothing_ablated_equals_plain_forward(test_model, ablation):
+    task = random_task(test_model.bridge.cfg.d_vocab)
+    ev = Evaluator(test_model, task, ablation)
+    assert abs(ev.full - plain_logit_diff(test_model, task)) < TOL
+    assert ev.score() == ev.full
+    assert abs(ev.score(nodes=[], edges=[]) - hooked_score(test_model, task, ablation)) < TOL
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_nodes_match_hooked_reference(test_model, ablation):
+    task = random_task(test_model.bridge.cfg.d_vocab, seed=1)
+    ev = Evaluator(test_model, task, ablation)
+    rng = random.Random(0)
+    changed = 0
+    for k in (1, 3, len(ev.senders) // 2):
+        nodes = rng.sample(ev.senders, k)
+        fast = ev.score(nodes=nodes)
+        changed += abs(fast - ev.full) > 1e-3
+        assert abs(fast - hooked_score(test_model, task, ablation, nodes=nodes)) < TOL, nodes
+    assert changed >= 2  # the sets tested really change the score
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_edges_match_hooked_reference(test_model, ablation):
+    task = random_task(test_model.bridge.cfg.d_vocab, seed=2)
+    ev = Evaluator(test_model, task, ablation)
+    if test_model.n_kv_heads != test_model.n_heads:
+        pytest.skip("grouped k/v: covered by the grouped-uniform test")
+    rng = random.Random(1)
+    # Zero-ablating 70% of edges leaves LayerNorm inputs near zero, where float32 rounding in the
+    # two summation orders is amplified (the two paths agree to 3e-8 in float64): stop at 30%.
+    for frac in (0.05, 0.3, 0.7) if ablation != "zero" else (0.05, 0.15, 0.3):
+        edges = rng.sample(ev.graph.edges, int(frac * len(ev.graph.edges)))
+        nodes = rng.sample(ev.senders, 2) if frac >= 0.3 else []
+        fast = ev.score(nodes=nodes, edges=edges)
+        assert abs(fast - ev.full) > 1e-4 or frac < 0.1  # the larger sets really change the score
+        assert abs(fast - hooked_score(test_model, task, ablation, nodes=nodes, edges=edges)) < TOL
+
+
+def grouped_uniform(edges, n_heads, n_kv):
+    """Extend k/v edges to every query head sharing the key/value head, as the hooked path needs."""
+    rep, out = n_heads // n_kv, set()
+    for e in edges:
+        s, r = e.split("->")
+        if r[-2:] in (".k", ".v"):
+            node, inp = r.rsplit(".", 1)
+            layer, head = node[1:].split(".")
+            g = int(head) // rep
+            out.update(f"{s}->a{layer}.{h}.{inp}" for h in range(g * rep, (g + 1) * rep))
+        else:
+            out.add(e)
+    return sorted(out)
+
+
+def test_grouped_query_edges_match_hooked_reference():
+    from circuitsearch.models import load_model
+    model = load_model("test:tiny-llama")
+    task = random_task(model.bridge.cfg.d_vocab, seed=3)
+    ev = Evaluator(model, task, "mean")
+    rng = random.Random(2)
+    edges = grouped_uniform(rng.sample(ev.graph.edges, 80), model.n_heads, model.n_kv_heads)
+    fast = ev.score(edges=edges)
+    assert abs(fast - ev.full) > 1e-3
+    assert abs(fast - hooked_score(model, task, "mean", edges=edges)) < TOL
+    # per-query-head k receivers are independent in the evaluator: a9.0.k alone differs from its group
+    one = [e for e in ev.graph.edges if e.endswith("a1.0.k")]
+    assert ev.score(edges=one) != ev.score(edges=grouped_uniform(one, model.n_heads, model.n_kv_heads))
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_node_ablation_equals_removing_its_out_edges(test_model, ablation):
+    task = random_task(test_model.bridge.cfg.d_vocab, seed=4)
+    ev = Evaluator(test_model, task, ablation)
+    for node in ["embed", ev.graph.heads(0)[1], ev.graph.layer_nodes(1)[-1], ev.graph.heads(ev.L - 1)[0]]:
+        by_node, by_edges = ev.score(nodes=[node]), ev.score(edges=out_edges(ev, node))
+        assert abs(by_node - by_edges) < TOL, node
+    nodes = ev.graph.heads(0)[:2]
+    assert abs(ev.score(nodes=nodes) - ev.score(edges=sum((out_edges(ev, n) for n in nodes), []))) < TOL
+
+
+def test_chained_extension_equals_scoring_from_scratch(test_model):
+    """The search hot path: extending a cached pruned run gives the same score as a fresh run."""
+    task = random_task(test_model.bridge.cfg.d_vocab, seed=5)
+    ev = Evaluator(test_model, task, "mean")
+    rng = random.Random(3)
+    run, nodes, edges = ev.run(), [], []
+    for step in range(12):
+        if step % 2:
+            e = rng.choice(ev.graph.edges)
+            edges.append(e)
+            run = ev.extend(run, edges=[e])
+        else:
+            n = rng.choice(ev.senders)
+            nodes.append(n)
+            run = ev.extend(run, nodes=[n])
+        fresh = Evaluator(test_model, task, "mean").score(nodes=nodes, edges=edges)
+        assert abs(run.score - fresh) < TOL, (nodes, edges)
+
+
+@pytest.mark.parametrize("metric", ["prob", "kl", "accuracy"])
+def test_other_metrics_match_hooked_reference(test_model, metric):
+    task = random_task(test_model.bridge.cfg.d_vocab, seed=6)
+    ev = Evaluator(test_model, task, "mean", metric=metric)
+    nodes = ev.senders[1:4]
+    assert abs(ev.score(nodes=nodes) - hooked_score(test_model, task, "mean", metric, nodes=nodes)) < TOL
+    if metric == "kl":
+        assert abs(ev.full) < 1e-5 and ev.faithfulness(ev.full) == pytest.approx(1.0)
+        assert ev.faithfulness(ev.empty) == pytest.approx(0.0)
+
+
+def test_scores_and_counts(test_model):
+    task = random_task(test_model.bridge.cfg.d_vocab, seed=7)
+    ev = Evaluator(test_model, task, "mean")
+    assert ev.faithfulness(ev.full) == pytest.approx(1.0)
+    assert ev.normalized(ev.full) == pytest.approx(1.0) and ev.normalized(ev.empty) == pytest.approx(0.0)
+    assert ev.empty == pytest.approx(ev.score(nodes=ev.senders))
+    before = ev.stats()
+    ev.extend(ev.run(), nodes=[ev.graph.heads(ev.L - 1)[0]])
+    after = ev.stats()
+    assert after["forward_passes"] == before["forward_passes"] + 1
+    assert 0 < after["forward_equivalents"] - before["forward_equivalents"] < 1 / ev.L + 1e-9
+
+
+def test_bad_inputs_are_rejected(test_model):
+    task = random_task(test_model.bridge.cfg.d_vocab)
+    with pytest.raises(ValueError, match="unknown ablation 'medium'"):
+        Evaluator(test_model, task, "medium")
+    with pytest.raises(ValueError, match="unknown metric 'loss'"):
+        Evaluator(test_model, task, metric="loss")
+    ev = Evaluator(test_model, task)
+    with pytest.raises(ValueError, match="unknown node name 'head9'"):
+        ev.score(nodes=["head9"])
+    with pytest.raises(ValueError, match="not in this model"):
+        ev.score(nodes=[f"a{ev.L + 5}.0"])
+    with pytest.raises(ValueError, match="does not feed"):
+        ev.score(edges=[f"a{ev.L - 1}.0->a0.0.q"])
+    with pytest.raises(ValueError, match="logits node cannot be ablated"):
+        ev.score(nodes=["logits"])
+    bad = random_task(test_model.bridge.cfg.d_vocab)
+    bad.clean[0, 0] = test_model.bridge.cfg.d_vocab + 3
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        Evaluator(test_model, bad)
+
+
+# ---------------------------------------------------------------- the embedded model
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_smollm2_nothing_ablated_equals_plain_forward(smollm2, smollm2_digits, ablation):
+    ev = Evaluator(smollm2, smollm2_digits, ablation)
+    assert abs(ev.full - plain_logit_diff(smollm2, smollm2_digits)) < TOL
+    assert ev.full > 1.0 and ev.corrupted < ev.full  # the model does the task, the corruption breaks it
+
+
+@pytest.mark.slow
+def test_smollm2_fast_path_matches_hooked_reference(smollm2, smollm2_digits):
+    ev = Evaluator(smollm2, smollm2_digits, "mean")
+    rng = random.Random(0)
+    nodes = rng.sample(ev.senders, 25)
+    assert abs(ev.score(nodes=nodes) - hooked_score(smollm2, smollm2_digits, "mean", nodes=nodes)) < TOL
+    edges = grouped_uniform(rng.sample(ev.graph.edges, 400), smollm2.n_heads, smollm2.n_kv_heads)
+    fast = ev.score(edges=edges)
+    assert abs(fast - ev.full) > 1e-2
+    assert abs(fast - hooked_score(smollm2, smollm2_digits, "mean", edges=edges)) < TOL
+    node = "a20.3"
+    assert abs(ev.score(nodes=[node]) - ev.score(edges=out_edges(ev, node))) < TOL
