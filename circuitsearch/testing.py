@@ -80,3 +80,27 @@ def planted_task(n: int = 16, seq: int = 6, seed: int = 0) -> Task:
     return Task("planted", clean, corrupted, t, wrong, [text(r) for r in clean], [text(r) for r in corrupted],
                 [str(int(a)) for a in t], [str(int(w)) for w in wrong], {"end": seq - 1},
                 {"source": "circuitsearch.testing.planted_task", "seed": seed})
+
+
+def induction_task(n: int = 24, k: int = 10, seed: int = 0, vocab: int = 48) -> Task:
+    """BOS, k distinct random tokens, then the same tokens again up to the last: answer the next one.
+
+    Corrupted prompts replace the second copy with fresh tokens, so nothing repeats and
+    induction has nothing to copy. The wrong answer is the first token of the sequence.
+    """
+    g = torch.Generator().manual_seed(seed)
+    clean, corrupted, answers, wrong = [], [], [], []
+    for _ in range(n):
+        perm = torch.randperm(vocab - 1, generator=g) + 1
+        a, fresh = perm[:k], perm[k:2 * k - 1]
+        clean.append(torch.cat([torch.tensor([0]), a, a[: k - 1]]))
+        corrupted.append(torch.cat([torch.tensor([0]), a, fresh]))
+        answers.append(int(a[k - 1]))
+        wrong.append(int(a[0]))
+    clean, corrupted = torch.stack(clean), torch.stack(corrupted)
+    text = lambda row: " ".join(map(str, row.tolist()))
+    positions = {f"S{i}": i + 1 for i in range(k)} | {"end": 2 * k - 1}
+    return Task("induction", clean, corrupted, torch.tensor(answers), torch.tensor(wrong),
+                [text(r) for r in clean], [text(r) for r in corrupted], [str(a) for a in answers],
+                [str(w) for w in wrong], positions, {"source": "circuitsearch.testing.induction_task", "k": k,
+                                                     "seed": seed})

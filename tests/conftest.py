@@ -18,6 +18,16 @@ def random_task(vocab: int, n: int = 6, seq: int = 7, seed: int = 0) -> Task:
     return Task("random", clean, corrupted, answers, wrong, blank, blank, blank, blank)
 
 
+def self_task(model, n: int = 8, seq: int = 7, seed: int = 0) -> Task:
+    """Random prompts whose answer is the model's own top choice and wrong answer its last choice,
+    so the full model scores high and ablations lower the score: a graded task on a random model."""
+    t = random_task(model.bridge.cfg.d_vocab, n, seq, seed)
+    with torch.no_grad():
+        logits = model.bridge(t.clean)[:, -1]
+    return Task("self", t.clean, t.corrupted, logits.argmax(-1), logits.argmin(-1), t.clean_text,
+                t.corrupted_text, t.answer_text, t.wrong_text)
+
+
 @pytest.fixture(scope="session", params=["test:tiny-llama", "test:tiny-gpt", "test:tiny-attn"])
 def test_model(request):
     return load_model(request.param)

@@ -1,0 +1,142 @@
+"""Pruning finds known circuits, thresholds behave, and a killed run resumes to the same circuit."""
+import json
+
+import pytest
+
+from circuitsearch.algorithms.iterative import (Thresholds, dangling_nodes, edge_candidates, find_circuit,
+                                                 prune)
+from circuitsearch.models import load_model
+from circuitsearch.patching import Evaluator
+from circuitsearch.rundir import PruneConfig, RunDirError, run_prune
+from circuitsearch.testing import PLANTED_EDGES, PLANTED_NODES, planted_model, planted_task
+from conftest import random_task, self_task
+
+ORDERS = ["forward", "reverse", "alternate", "random:1", "random:7"]
+
+
+@pytest.fixture(scope="module", params=[0, 1])
+def planted(request):
+    return Evaluator(planted_model(seed=request.param), planted_task(seed=request.param), "mean")
+
+
+def kept_nodes(ev, result):
+    return [n for n in ev.senders if n not in result.ablated] + ["logits"]
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_planted_nodes_recovered_exactly(planted, order):
+    result = find_circuit(planted, "nodes", Thresholds(0.8), order, progress=False)
+    assert kept_nodes(planted, result) == list(PLANTED_NODES)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_planted_edges_recovered_exactly(planted, order):
+    result = find_circuit(planted, "both", Thresholds(0.8), order, progress=False)
+    assert kept_nodes(planted, result) == list(PLANTED_NODES)
+    assert sorted(edge_candidates(planted, result.run)) == sorted(PLANTED_EDGES)
+    assert planted.faithfulness(result.run.score) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_planted_with_resample_and_relative_threshold(planted):
+    result = find_circuit(planted, "both", Thresholds(None, 0.05), "reverse", progress=False)
+    assert sorted(edge_candidates(planted, result.run)) == sorted(PLANTED_EDGES)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_raising_absolute_never_shrinks_the_circuit(seed):
+    model = load_model("test:tiny-gpt")
+    ev = Evaluator(model, self_task(model, seed=seed), "mean")
+    sizes = []
+    for a in (0.3, 0.6, 0.8, 0.95, 1.0):
+        res = find_circuit(ev, "nodes", Thresholds(a), "reverse", progress=False)
+        sizes.append(len(ev.senders) - len(res.ablated))
+        assert ev.faithfulness(res.run.score) >= a - 1e-6
+    assert sizes == sorted(sizes), sizes
+    assert sizes[0] < sizes[-1]  # the thresholds made a difference
+
+
+def test_relative_zero_accepts_no_loss():
+    model = load_model("test:tiny-llama")
+    ev = Evaluator(model, self_task(model, seed=3), "mean")
+    res = prune(ev, "nodes", Thresholds(None, 0.0), "forward", progress=False)
+    removed = [d for d in res.decisions if d["removed"]]
+    rejected = [d for d in res.decisions if not d["removed"]]
+    assert rejected, "some removal must cost something on a random model"
+    assert all(ev.faithfulness(d["score"]) >= ev.faithfulness(d["before"]) for d in removed)
+    assert all(ev.faithfulness(d["score"]) < ev.faithfulness(d["before"]) for d in rejected)
+
+
+def test_dangling_nodes_are_found():
+    ev = Evaluator(planted_model(), planted_task(), "mean")
+    others = [e for e in ev.graph.edges if e.startswith("a0.0->")]
+    run = ev.run(edges=others)  # a0.0 feeds nothing now
+    assert "a0.0" in dangling_nodes(ev, run)
+    assert "a0.1" not in dangling_nodes(ev, run)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(absolute=1.5), "outside \\[0, 1\\]"),
+    (dict(absolute=-0.1), "outside \\[0, 1\\]"),
+    (dict(relative=2.0), "outside \\[0, 1\\]"),
+    (dict(absolute=None, relative=None), "both thresholds are off"),
+    (dict(on="loss"), "faithfulness' or 'metric"),
+])
+def test_bad_thresholds_are_rejected(kw, message):
+    with pytest.raises(ValueError, match=message):
+        Thresholds(**kw)
+
+
+def test_bad_order_and_level_are_rejected(planted):
+    with pytest.raises(ValueError, match="unknown order 'sideways'"):
+        prune(planted, "nodes", Thresholds(), "sideways")
+    with pytest.raises(ValueError, match="random needs an integer seed"):
+        prune(planted, "nodes", Thresholds(), "random:x")
+    with pytest.raises(ValueError, match="unknown level 'heads'"):
+        find_circuit(planted, "heads")
+
+
+def _cfg(**kw):
+    return PruneConfig(model="test:planted", task="planted", n_prompts=12, **kw)
+
+
+def test_killed_run_resumes_to_the_same_circuit(tmp_path):
+    whole = run_prune(_cfg(), tmp_path / "whole", progress=False, log=lambda *a: None)
+    n_decisions = whole.stats["decisions"]
+    assert n_decisions > 40
+    for k in (1, 17, n_decisions - 3):
+        out = tmp_path / f"killed{k}"
+        with pytest.raises(KeyboardInterrupt):
+            run_prune(_cfg(), out, progress=False, log=lambda *a: None, stop_after=k)
+        assert len((out / "decisions.jsonl").read_text().splitlines()) == k
+        assert not (out / "circuit.json").exists()
+        with open(out / "decisions.jsonl", "a") as f:  # a kill in the middle of writing a line
+            f.write('{"phase": "nod')
+        resumed = run_prune(_cfg(), out, progress=False, log=lambda *a: None)
+        assert resumed.stats["replayed"] == k
+        assert resumed.nodes.keys() == whole.nodes.keys() and resumed.edges.keys() == whole.edges.keys()
+        assert resumed.scores == whole.scores
+        assert (out / "decisions.jsonl").read_text() == (tmp_path / "whole" / "decisions.jsonl").read_text()
+
+
+def test_run_directory_contents(tmp_path):
+    c = run_prune(_cfg(), tmp_path, progress=False, log=lambda *a: None)
+    for f in ("task.json", "circuit.json", "decisions.jsonl", "checkpoint.json", "report.md", "circuit.dot"):
+        assert (tmp_path / f).exists(), f
+    data = json.loads((tmp_path / "circuit.json").read_text())
+    assert data["schema"] == "circuitsearch.circuit/1"
+    assert sorted(data["nodes"]) == sorted(PLANTED_NODES)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["status"] == "done"
+    assert c.stats["forward_passes"] > 0 and c.scores["faithfulness"] >= 0.8
+    # re-score from task.json + circuit.json alone
+    from circuitsearch.tasks.base import Task
+    task = Task.from_json(json.loads((tmp_path / "task.json").read_text()))
+    ev = Evaluator(planted_model(), task, "mean")
+    ablated = [n for n in ev.senders if n not in data["nodes"]]
+    removed = [e for e in edge_candidates(ev, ev.run(nodes=ablated)) if e not in data["edges"]]
+    assert ev.score(nodes=ablated, edges=removed) == pytest.approx(data["scores"]["circuit"], abs=1e-5)
+
+
+def test_run_directory_of_other_settings_is_refused(tmp_path):
+    run_prune(_cfg(), tmp_path, progress=False, log=lambda *a: None)
+    with pytest.raises(RunDirError, match="absolute: 0.8 there, 0.9 now"):
+        run_prune(_cfg(absolute=0.9), tmp_path, progress=False, log=lambda *a: None)
