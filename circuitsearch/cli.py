@@ -1,0 +1,164 @@
+"""The `circuitsearch` command. Heavy imports (torch, TransformerLens) wait until a model is needed."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _threshold(text: str) -> float | None:
+    if text.lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (or 'off')") from None
+
+
+def _add_model_task(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="model name (see `circuitsearch models`)")
+    p.add_argument("--task", default="digits", help="built-in task (see `circuitsearch tasks`) or a .jsonl file")
+    p.add_argument("--n-prompts", type=int, default=24, help="prompts to use (default 24)")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompt generation and random orders")
+    p.add_argument("--template", type=int, default=0, help="which template of the built-in task")
+    p.add_argument("--corruption", default="random", help="how corrupted prompts are made (task-specific)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="circuitsearch", description="Find, compare and draw the circuits "
+                                 "transformer language models use for a task.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune the model's graph to the circuit for a task (the main job)")
+    _add_model_task(p)
+    p.add_argument("--level", choices=("nodes", "edges", "both"), default="both")
+    p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
+    p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy"), default="logit_diff")
+    p.add_argument("--absolute", type=_threshold, default=0.8,
+                   help="keep at least this fraction of the full model's performance (default 0.8; 'off')")
+    p.add_argument("--relative", type=_threshold, default=None,
+                   help="one removal may cost at most this much faithfulness (default off)")
+    p.add_argument("--order", default="alternate",
+                   help="forward, reverse, alternate (default), random:SEED, file:PATH")
+    p.add_argument("--max-passes", type=int, default=10)
+    p.add_argument("--preset", choices=("acdc",), help="acdc: resample ablation, KL metric, edges, reverse order, "
+                   "relative threshold on the KL itself (--relative, default 0.01), no absolute threshold")
+    p.add_argument("--out", default="runs/latest", help="run directory (resumes if it holds the same run)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("score", help="scores of the full model, the corrupted run and the empty circuit")
+    _add_model_task(p)
+    p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
+    p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy"), default="logit_diff")
+
+    sub.add_parser("tasks", help="list the built-in tasks")
+    sub.add_parser("models", help="list the models and what each needs")
+
+    p = sub.add_parser("render", help="draw a circuit (circuit.json or a run directory) as SVG, PNG or PDF")
+    p.add_argument("circuit")
+    p.add_argument("--out", help="output file (.svg, .png, .pdf); default beside the circuit")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"prune": cmd_prune, "score": cmd_score, "tasks": cmd_tasks, "models": cmd_models,
+                "render": cmd_render}[args.command](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"circuitsearch: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_tasks(args) -> int:
+    from .tasks import list_tasks
+
+    for name, desc in list_tasks():
+        print(f"{name:14s} {desc}")
+    print(f"{'planted':14s} token task for the test:planted model (known circuit)")
+    print(f"{'induction':14s} token task for the induction-2l model (repeated random sequences)")
+    print(f"{'FILE.jsonl':14s} your own: one JSON object a line with clean, corrupted, answer, wrong_answer")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import CATALOGUE
+
+    for name, (what, needs) in CATALOGUE.items():
+        print(f"{name:18s} {what}\n{'':18s} needs: {needs}")
+    return 0
+
+
+def _config(args):
+    from .rundir import PruneConfig
+
+    cfg = PruneConfig(model=args.model, task=args.task, level=args.level, ablation=args.ablation,
+                      metric=args.metric, absolute=args.absolute, relative=args.relative, order=args.order,
+                      max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
+                      template=args.template, corruption=args.corruption)
+    if args.preset == "acdc":
+        cfg.ablation, cfg.metric, cfg.level, cfg.order, cfg.on = "resample", "kl", "edges", "reverse", "metric"
+        cfg.absolute = None
+        cfg.relative = 0.01 if args.relative is None else args.relative
+    return cfg
+
+
+def cmd_prune(args) -> int:
+    from .algorithms.iterative import Thresholds
+    from .algorithms.orders import check_order
+    from .rundir import run_prune
+
+    cfg = _config(args)
+    Thresholds(cfg.absolute, cfg.relative, cfg.on)
+    check_order(cfg.order)
+    c = run_prune(cfg, args.out, progress=not args.quiet)
+    s, st = c.scores, c.stats
+    print(f"\ncircuit for {c.task} on {c.model}: {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges "
+          f"(of {st.get('graph_nodes', '')}{'' if 'graph_nodes' not in st else ' nodes'})".replace(" (of )", ""))
+    print(f"  faithfulness {s['faithfulness']:.3f}  normalized {s['normalized']:.3f}  "
+          f"({c.method['metric']}: circuit {s['circuit']:.3f}, full {s['full']:.3f}, empty {s['empty']:.3f})")
+    print(f"  {st['forward_passes']} forward passes = {st['forward_equivalents']} full-forward equivalents, "
+          f"{st['seconds']} s")
+    out = Path(args.out)
+    files = [f for f in ("report.md", "circuit.json", "circuit.svg", "circuit.dot", "decisions.jsonl", "task.json")
+             if (out / f).exists()]
+    print(f"  files in {out}/: {', '.join(files)}")
+    return 0
+
+
+def cmd_score(args) -> int:
+    from .models import load_model
+    from .patching import Evaluator
+    from .rundir import PruneConfig, resolve_task
+
+    cfg = PruneConfig(model=args.model, task=args.task, n_prompts=args.n_prompts, seed=args.seed,
+                      template=args.template, corruption=args.corruption)
+    model = load_model(args.model)
+    task = resolve_task(cfg, model)
+    ev = Evaluator(model, task, args.ablation, args.metric)
+    print(json.dumps({"model": model.name, "task": task.name, "prompts": len(task), "ablation": args.ablation,
+                      "metric": args.metric, "full": ev.full, "corrupted": ev.corrupted, "empty": ev.empty,
+                      "task_meta": task.meta}, indent=1))
+    return 0
+
+
+def cmd_render(args) -> int:
+    from .graphs.export import load_circuit
+    from .graphs.render import render
+
+    path = Path(args.circuit)
+    if path.is_dir():
+        path = path / "circuit.json"
+    circuit = load_circuit(path)
+    out = Path(args.out) if args.out else path.with_suffix(".svg")
+    render(circuit, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,252 @@
+"""A prune run and its directory: task.json, decisions.jsonl, checkpoint.json, circuit.*, report.md.
+
+Every decision is appended to decisions.jsonl as it is made and checkpoint.json is replaced
+atomically as the run goes, so a killed run started again with the same --out replays its
+decisions (no scoring, only the forward passes of the removals) and ends in the same circuit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import __version__
+from .io import atomic_write_text
+
+
+CHECKPOINT_EVERY = 25
+
+
+class RunDirError(ValueError):
+    """The run directory cannot be used as asked (another run's settings, damaged files)."""
+
+
+@dataclass
+class PruneConfig:
+    """Everything that determines a prune run's result."""
+
+    model: str = "smollm2-135m"
+    task: str = "digits"
+    level: str = "both"
+    ablation: str = "mean"
+    metric: str = "logit_diff"
+    absolute: float | None = 0.8
+    relative: float | None = None
+    on: str = "faithfulness"
+    order: str = "alternate"
+    max_passes: int = 10
+    n_prompts: int = 24
+    seed: int = 0
+    template: int = 0
+    corruption: str = "random"
+    qkv: bool = True
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def read_decisions(path: Path) -> list[dict]:
+    """Complete lines of a decision log; a line cut short by a kill is dropped (and rewritten)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+@dataclass
+class DecisionLog:
+    """Appends decisions to decisions.jsonl and refreshes checkpoint.json every few decisions."""
+
+    out: Path
+    config: dict
+    n: int = 0
+    phase: str = ""
+    started: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        self._f = open(self.out / "decisions.jsonl", "a")
+
+    def __call__(self, record: dict) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+        self.n += 1
+        self.phase = record["phase"]
+        if self.n % CHECKPOINT_EVERY == 0:
+            os.fsync(self._f.fileno())
+            self.checkpoint("running")
+
+    def checkpoint(self, status: str, extra: dict | None = None) -> None:
+        atomic_write_text(self.out / "checkpoint.json", json.dumps(
+            {"schema": "circuitsearch.checkpoint/1", "status": status, "config": self.config,
+             "decisions": self.n, "phase": self.phase, "version": __version__, **(extra or {})}, indent=1))
+
+    def close(self) -> None:
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+def prepare(out: Path, config: PruneConfig) -> tuple[list[dict], bool]:
+    """Check `out` against `config`; return the decisions to replay and whether task.json exists."""
+    out.mkdir(parents=True, exist_ok=True)
+    ck = out / "checkpoint.json"
+    if ck.exists():
+        try:
+            old = json.loads(ck.read_text())
+        except json.JSONDecodeError:
+            raise RunDirError(f"{ck} is damaged; remove the directory or choose another --out") from None
+        if old.get("config") != config.to_json():
+            diff = {k: (old.get("config", {}).get(k), v) for k, v in config.to_json().items()
+                    if old.get("config", {}).get(k) != v}
+            raise RunDirError(f"{out} holds a run with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}); "
+                              "choose another --out, or remove the directory to start again")
+    elif (out / "decisions.jsonl").exists() or (out / "circuit.json").exists():
+        raise RunDirError(f"{out} holds files of a run without a checkpoint; choose another --out or empty it")
+    decisions = read_decisions(out / "decisions.jsonl")
+    # keep only the complete prefix on disk, so the appended log stays one line per decision
+    atomic_write_text(out / "decisions.jsonl", "".join(json.dumps(d) + "\n" for d in decisions))
+    return decisions, (out / "task.json").exists()
+
+
+def resolve_task(config: PruneConfig, model, out: Path | None = None, task_file_exists: bool = False):
+    """The task of a run: task.json of a resumed run, else a built-in, a JSONL file or a test task."""
+    from .tasks.base import Task, TaskError
+
+    if out is not None and task_file_exists:
+        return Task.from_json(json.loads((out / "task.json").read_text()))
+    name = config.task
+    if name.endswith(".jsonl"):
+        from .tasks.base import load_task
+        if model.tokenizer is None:
+            raise TaskError(f"model {model.name!r} has no tokenizer, so it cannot read text task files")
+        return load_task(name, model.tokenizer)
+    if name in ("planted", "induction"):
+        from . import testing
+        builder = testing.planted_task if name == "planted" else testing.induction_task
+        return builder(n=config.n_prompts, seed=config.seed)
+    if model.tokenizer is None:
+        raise TaskError(f"task {name!r} is made of text, but model {model.name!r} has no tokenizer: "
+                        "use --task planted or induction with test models")
+    from .tasks import get_task
+    return get_task(name, model.tokenizer, n=config.n_prompts, seed=config.seed, template=config.template,
+                    corruption=config.corruption, model=model)
+
+
+def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: dict):
+    """The Circuit of a finished prune: kept nodes and edges with the effects measured on them."""
+    from .algorithms.iterative import edge_candidates
+    from .graphs.circuit import Circuit
+
+    kept = [n for n in ev.senders if n not in result.ablated] + ["logits"]
+    nodes = {n: result.effects.get(n) for n in kept}
+    edges = {} if config.level == "nodes" else {e: result.effects.get(e) for e in edge_candidates(ev, result.run)}
+    method = {"level": config.level, "ablation": config.ablation, "metric": config.metric, "order": config.order,
+              "thresholds": {"absolute": config.absolute, "relative": config.relative, "on": config.on},
+              "max_passes": config.max_passes, "passes": result.passes, "seed": config.seed,
+              "processing": ev.model.processing, "qkv": config.qkv,
+              "gqa": (f"{ev.model.n_kv_heads} key/value heads shared by {ev.H // ev.model.n_kv_heads} query heads "
+                      "each; every query head has its own k and v receivers" if ev.model.n_kv_heads != ev.H else None),
+              "dangling_removed": result.dangling}
+    return Circuit(model=ev.model.name, graph=ev.graph.signature(), task=ev.task.name, nodes=nodes, edges=edges,
+                   scores=ev.scores(final), method=method, stats=stats,
+                   meta={"n_prompts": len(ev.task), "task_meta": ev.task.meta, "model": ev.model.describe()})
+
+
+def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=print, stop_after: int | None = None):
+    """Run (or resume) a prune into `out` and write the run directory; returns the Circuit.
+
+    stop_after: stop after that many new decisions, as a kill would (used by the resume test).
+    """
+    from .algorithms.iterative import Thresholds, find_circuit
+    from .models import load_model
+    from .patching import Evaluator
+
+    thresholds = Thresholds(config.absolute, config.relative, config.on)  # reject bad thresholds before loading
+    out = Path(out)
+    decisions, have_task = prepare(out, config)
+    t0 = time.time()
+    model = load_model(config.model)
+    task = resolve_task(config, model, out, have_task)
+    if not have_task:
+        atomic_write_text(out / "task.json", json.dumps(task.to_json()))
+    ev = Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv)
+    log(f"{model.name}: {model.n_layers} layers x {model.n_heads} heads; task {task.name}: {len(task)} prompts "
+        f"of {task.seq_len} tokens{_kept_note(task)}; full {config.metric} {ev.full:.3f}, corrupted "
+        f"{ev.corrupted:.3f}, empty circuit {ev.empty:.3f}")
+    if decisions:
+        log(f"resuming {out}: replaying {len(decisions)} decisions")
+    dlog = DecisionLog(out, config.to_json(), n=len(decisions))
+    hook = dlog
+    if stop_after is not None:
+        def hook(record, _n=[0]):
+            dlog(record)
+            _n[0] += 1
+            if _n[0] >= stop_after:
+                raise KeyboardInterrupt("stop_after")
+    try:
+        result = find_circuit(ev, config.level, thresholds, config.order, config.max_passes, decisions, hook,
+                              progress=progress)
+    except KeyboardInterrupt:
+        dlog.checkpoint("interrupted")
+        dlog.close()
+        raise
+    dlog.close()
+    final = ev.score(nodes=result.ablated, edges=result.removed_edges)  # fresh re-score, no cached state
+    stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "decisions": len(result.decisions),
+             "replayed": len(decisions)}
+    circuit = circuit_from_result(ev, result, config, final, stats)
+    write_outputs(circuit, out, log)
+    dlog.checkpoint("done", {"faithfulness": circuit.scores["faithfulness"]})
+    return circuit
+
+
+def _kept_note(task) -> str:
+    m = task.meta
+    return f" (kept {m['n_kept']} of {m['n_generated']} generated: the model answers them correctly)" \
+        if "n_kept" in m and "n_generated" in m else ""
+
+
+def write_outputs(circuit, out: Path, log=print) -> None:
+    """circuit.json, circuit.dot, the diagram and report.md of a finished run."""
+    from .graphs.export import save_circuit
+    from .graphs.render import RenderError, render
+
+    save_circuit(circuit, out / "circuit.json")
+    save_circuit(circuit, out / "circuit.dot")
+    diagram = None
+    try:
+        render(circuit, out / "circuit.svg")
+        diagram = "circuit.svg"
+    except RenderError as e:
+        log(f"note: {e}")
+    atomic_write_text(out / "report.md", report(circuit, diagram))
+
+
+def report(circuit, diagram: str | None) -> str:
+    """report.md: what a person reads first."""
+    s, m, st = circuit.scores, circuit.method, circuit.stats
+    heads, mlps = circuit.heads(), circuit.mlps()
+    lines = [f"# Circuit: {circuit.task} on {circuit.model}", "",
+             f"{len(heads)} heads, {len(mlps)} MLPs, {circuit.n_edges} edges "
+             f"(level {m['level']}, {m['ablation']} ablation, metric {m['metric']}, order {m['order']}, "
+             f"thresholds {m['thresholds']}).", "",
+             "| score | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in s.items()]
+    lines += ["", f"Forward passes: {st.get('forward_passes')} ({st.get('forward_equivalents')} full-forward "
+              f"equivalents), {st.get('seconds')} s, {st.get('decisions')} decisions.", ""]
+    if diagram:
+        lines += [f"![circuit]({diagram})", ""]
+    ranked = sorted(((n, e) for n, e in circuit.nodes.items() if e is not None), key=lambda x: -x[1])
+    if ranked:
+        lines += ["## Most important nodes", "", "Faithfulness lost when the node was last tried for removal.", "",
+                  "| node | effect |", "|---|---|"] + [f"| {n} | {e:.4f} |" for n, e in ranked[:15]] + [""]
+    lines += ["## Nodes", "", ", ".join(circuit.nodes), "",
+              "Files: task.json (prompts), circuit.json (the circuit, schema circuitsearch.circuit/1), "
+              "decisions.jsonl (every candidate tried), circuit.dot / circuit.svg (diagram).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,24 @@
+"""The main job on the embedded model: a digits node circuit that keeps 80% and is much smaller."""
+import json
+
+import pytest
+
+from circuitsearch.patching import Evaluator
+from circuitsearch.rundir import PruneConfig, run_prune
+from circuitsearch.tasks.base import Task
+
+
+@pytest.mark.slow
+def test_smollm2_digits_node_circuit(tmp_path, smollm2):
+    cfg = PruneConfig(model="smollm2-135m", task="digits", level="nodes", n_prompts=24)
+    c = run_prune(cfg, tmp_path, progress=False, log=lambda *a: None)
+    n_nodes = 1 + smollm2.n_layers * (smollm2.n_heads + 1)
+    assert c.scores["faithfulness"] >= 0.8
+    assert c.n_nodes - 1 <= 0.25 * n_nodes  # much smaller than the model (logits not counted)
+    assert len(c.heads()) <= 0.25 * smollm2.n_layers * smollm2.n_heads
+    # an independent re-score from the files alone
+    task = Task.from_json(json.loads((tmp_path / "task.json").read_text()))
+    ev = Evaluator(smollm2, task, "mean")
+    ablated = [n for n in ev.senders if n not in c.nodes]
+    assert ev.faithfulness(ev.score(nodes=ablated)) == pytest.approx(c.scores["faithfulness"], abs=1e-5)
+    assert ev.faithfulness(ev.score(nodes=ablated)) >= 0.8
