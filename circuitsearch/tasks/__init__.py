@@ -1,0 +1,42 @@
+"""Tasks: built-ins by name, custom tasks from JSONL, and the filter that keeps answered prompts."""
+from __future__ import annotations
+
+import torch
+
+from . import builtin  # noqa: F401  (registers the built-in tasks)
+from .base import TASKS, Task, TaskError, build_task, load_task
+
+__all__ = ["Task", "TaskError", "build_task", "load_task", "TASKS", "get_task", "list_tasks", "filter_correct"]
+
+
+def list_tasks() -> list[tuple[str, str]]:
+    return [(name, desc) for name, (_, desc) in TASKS.items()]
+
+
+def filter_correct(task: Task, model, keep: int | None = None) -> Task:
+    """Only the prompts whose clean top-1 prediction is the answer (at most `keep` of them)."""
+    with torch.no_grad():
+        pred = model.bridge(task.clean)[:, -1].argmax(-1)
+    ok = (pred == task.answers).nonzero()[:, 0].tolist()
+    if not ok:
+        raise TaskError(f"the model answers none of the {len(task)} prompts of task {task.name!r} correctly; "
+                        "try another template, or turn the filter off")
+    kept = task.subset(ok[:keep] if keep else ok)
+    kept.meta.update(n_generated=len(task), n_correct=len(ok), n_kept=len(kept))
+    return kept
+
+
+def get_task(name: str, tokenizer, n: int = 24, seed: int = 0, template: int = 0, corruption: str | None = None,
+             model=None, filter: bool = True) -> Task:
+    """A built-in task of n prompts; with a model and filter on, only prompts it answers correctly."""
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)} (or a .jsonl file)")
+    if n < 1:
+        raise TaskError(f"n must be at least 1, not {n}")
+    builder = TASKS[name][0]
+    kw = {"seed": seed, "template": template}
+    if corruption is not None:
+        kw["corruption"] = corruption
+    if model is None or not filter:
+        return builder(tokenizer, n=n, **kw)
+    return filter_correct(builder(tokenizer, n=3 * n, **kw), model, keep=n)
