@@ -237,7 +237,7 @@ class Evaluator:
                 raise ValueError(f"task {task.name!r}: {what} hold token ids outside the model's vocabulary of {vocab}")
         self._cols = torch.stack([task.answers, task.wrong_answers], 1)  # [B, 2]
         self._ref_logprobs = None
-        with torch.no_grad():
+        with torch.inference_mode():
             empty = self._empty_masks()
             self._embed_clean = self._embed(task.clean)
             corrupt = self._forward(None, -1, frozenset(), frozenset(), empty, self._embed(task.corrupted),
@@ -274,7 +274,7 @@ class Evaluator:
             start = min(start, self._apply_node(masks, n))
         for e in edges:
             start = min(start, self._apply_edge(masks, e))
-        with torch.no_grad():
+        with torch.inference_mode():
             return self._forward(run, start, run.nodes | frozenset(nodes), run.edges | frozenset(edges),
                                  masks, self._embed_clean, count=True)
 

@@ -18,7 +18,8 @@ from .models import Model
 from .tasks.base import Task
 
 
-def _source(model: Model, task: Task, ablation: str) -> dict[str, torch.Tensor]:
+def ablation_source(model: Model, task: Task, ablation: str) -> dict[str, torch.Tensor]:
+    """Hook name -> ablation value, from one cached run of the corrupted prompts."""
     b = model.bridge
     keep = lambda n: n in ("hook_embed", "hook_pos_embed") or n.endswith("attn.hook_z") or n.endswith("hook_mlp_out")
     _, cache = b.run_with_cache(task.corrupted, names_filter=keep)
@@ -34,12 +35,14 @@ def _source(model: Model, task: Task, ablation: str) -> dict[str, torch.Tensor]:
 
 
 def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Iterable[str] = (),
-                  edges: Iterable[str] = (), qkv: bool = True) -> torch.Tensor:
-    """Answer-position logits [n, vocab] of the clean prompts with nodes ablated and edges removed."""
+                  edges: Iterable[str] = (), qkv: bool = True, source: dict | None = None) -> torch.Tensor:
+    """Answer-position logits [n, vocab] of the clean prompts with nodes ablated and edges removed.
+
+    source: ablation_source(...) computed once by the caller; computed here if not given."""
     b, L = model.bridge, model.n_layers
     H, n_kv = model.n_heads, model.n_kv_heads
     nodes, edges = set(nodes), list(edges)
-    src = _source(model, task, ablation)
+    src = source if source is not None else ablation_source(model, task, ablation)
     has_pos = "hook_pos_embed" in src
     live: dict = {}
     removed = defaultdict(list)  # receiver -> senders
@@ -140,10 +143,11 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
 
 
 def hooked_score(model: Model, task: Task, ablation: str = "mean", metric: str = "logit_diff",
-                 nodes: Iterable[str] = (), edges: Iterable[str] = (), qkv: bool = True) -> float:
+                 nodes: Iterable[str] = (), edges: Iterable[str] = (), qkv: bool = True,
+                 source: dict | None = None) -> float:
     """The metric of hooked_logits, computed on the whole vocabulary."""
     m = get_metric(metric)
-    logits = hooked_logits(model, task, ablation, nodes, edges, qkv)
+    logits = hooked_logits(model, task, ablation, nodes, edges, qkv, source)
     ref = None
     if metric == "kl":
         with torch.no_grad():
