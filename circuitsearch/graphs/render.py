@@ -28,16 +28,21 @@ def _q(s: str) -> str:
 def caption(circuit: Circuit) -> str:
     s = circuit.scores
     faith = f"faithfulness {s['faithfulness']:.3f}" if "faithfulness" in s else ""
-    return (f"{circuit.task} on {circuit.model}: {len(circuit.heads())} heads, {len(circuit.mlps())} MLPs, "
-            f"{circuit.n_edges} edges; {faith}\\nedges into q blue, k green, v red, MLP/logits grey; "
-            "width = effect")
+    head = (f"{circuit.task} on {circuit.model}: {len(circuit.heads())} heads, {len(circuit.mlps())} MLPs, "
+            f"{circuit.n_edges} edges; {faith}")
+    if not circuit.edges and circuit.method.get("level") == "nodes":
+        return head + "\\nnode-level circuit: every edge between these nodes belongs to it (not drawn)"
+    return head + "\\nedges into q blue, k green, v red, MLP/logits grey; width = effect"
 
 
 def to_dot(circuit: Circuit, node_colours: dict | None = None, edge_colours: dict | None = None,
            title: str | None = None, legend: list[tuple[str, str]] | None = None) -> str:
     """The circuit as DOT text. Colour maps override the defaults (used by diff overlays)."""
     L = int(circuit.graph["n_layers"])
-    edges = circuit.effective_edges()
+    node_level = not circuit.edges and circuit.method.get("level") == "nodes"
+    # a node-level circuit keeps every edge between its nodes: drawing them all is a hairball,
+    # so it is drawn as layered nodes and the caption says so
+    edges = {} if node_level else circuit.effective_edges()
     merged = defaultdict(list)  # (sender, receiver node) -> [(input, effect, edge name)]
     for e, eff in edges.items():
         src, dst = split_edge(e)
@@ -59,6 +64,10 @@ def to_dot(circuit: Circuit, node_colours: dict | None = None, edge_colours: dic
         lines.append(f"  {_q(n)} [label={_q(n)}, {style}];")
     for key in sorted(ranks):
         lines.append("  { rank=same; " + " ".join(_q(n) for n in ranks[key]) + " }")
+    if node_level:
+        keys = sorted(ranks)
+        for lo, hi in zip(keys, keys[1:]):  # invisible spine keeping the layers in order
+            lines.append(f"  {_q(ranks[lo][0])} -> {_q(ranks[hi][0])} [style=invis];")
     for (src, node), items in merged.items():
         inputs = "".join(sorted(i for i, _, _ in items))
         effs = [abs(x) for _, x, _ in items if x is not None]
