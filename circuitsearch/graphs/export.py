@@ -64,7 +64,7 @@ def from_graphml(data: bytes, source: str = "<graphml>") -> Circuit:
             d["effect"] = json.loads(d["effect"])
         for _, _, d in g.edges(data=True):
             d["effect"] = json.loads(d["effect"])
-        g.graph = {k: json.loads(v) for k, v in g.graph.items()}
+        g.graph = {k: json.loads(v) for k, v in g.graph.items() if isinstance(v, str)}
         circuit = Circuit.from_networkx(g)
     except Exception as err:
         raise CircuitFormatError(f"{source} is not a circuitsearch GraphML circuit: {err}") from None

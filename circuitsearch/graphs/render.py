@@ -64,10 +64,9 @@ def to_dot(circuit: Circuit, node_colours: dict | None = None, edge_colours: dic
         lines.append(f"  {_q(n)} [label={_q(n)}, {style}];")
     for key in sorted(ranks):
         lines.append("  { rank=same; " + " ".join(_q(n) for n in ranks[key]) + " }")
-    if node_level:
-        keys = sorted(ranks)
-        for lo, hi in zip(keys, keys[1:]):  # invisible spine keeping the layers in order
-            lines.append(f"  {_q(ranks[lo][0])} -> {_q(ranks[hi][0])} [style=invis];")
+    keys = sorted(ranks)
+    for lo, hi in zip(keys, keys[1:]):  # invisible spine: layers stay stacked even where no edge joins them
+        lines.append(f"  {_q(ranks[lo][0])} -> {_q(ranks[hi][0])} [style=invis];")
     for (src, node), items in merged.items():
         inputs = "".join(sorted(i for i, _, _ in items))
         effs = [abs(x) for _, x, _ in items if x is not None]
