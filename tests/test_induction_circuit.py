@@ -7,7 +7,7 @@ from circuitsearch.models import load_model
 from circuitsearch.patching import Evaluator
 from circuitsearch.testing import induction_task
 
-PREV_TOKEN_HEAD = "a0.2"  # attends to the previous token (measured 0.72 on average)
+PREV_TOKEN_HEAD = "a0.2"  # attends to the previous token (0.88 on average, scripts/train_induction.py)
 
 
 @pytest.fixture(scope="module")
