@@ -117,8 +117,7 @@ def cmd_prune(args) -> int:
     check_order(cfg.order)
     c = run_prune(cfg, args.out, progress=not args.quiet)
     s, st = c.scores, c.stats
-    print(f"\ncircuit for {c.task} on {c.model}: {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges "
-          f"(of {st.get('graph_nodes', '')}{'' if 'graph_nodes' not in st else ' nodes'})".replace(" (of )", ""))
+    print(f"\ncircuit for {c.task} on {c.model}: {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges")
     print(f"  faithfulness {s['faithfulness']:.3f}  normalized {s['normalized']:.3f}  "
           f"({c.method['metric']}: circuit {s['circuit']:.3f}, full {s['full']:.3f}, empty {s['empty']:.3f})")
     print(f"  {st['forward_passes']} forward passes = {st['forward_equivalents']} full-forward equivalents, "

@@ -142,8 +142,7 @@ def load_state(model: Model, path: str | Path) -> Model:
     import torch
 
     state = torch.load(path, map_location="cpu", weights_only=True)
-    missing, unexpected = model.bridge.original_model.load_state_dict(state, strict=True), None
-    del missing, unexpected
+    model.bridge.original_model.load_state_dict(state, strict=True)
     return model
 
 

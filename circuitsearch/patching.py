@@ -14,7 +14,7 @@ place of its live output in the current (pruned) run.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
