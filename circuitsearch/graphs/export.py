@@ -1,4 +1,8 @@
-"""Circuit files: JSON (schema circuitsearch.circuit/1), GraphML and DOT, written atomically."""
+"""Circuit files: JSON (schema circuitsearch.circuit/1), GraphML and DOT, written atomically.
+
+Loading validates everything before returning, so a damaged, truncated, foreign or newer file
+raises CircuitFormatError naming the file and the problem instead of giving half a circuit.
+"""
 from __future__ import annotations
 
 import io
@@ -8,94 +12,110 @@ from pathlib import Path
 import networkx as nx
 
 from ..io import atomic_write_bytes, atomic_write_text
-from .circuit import SCHEMA, Circuit
-from .model_graph import ModelGraph, receiver_node, split_edge
+from .circuit import FIELDS, SCHEMA, Circuit, CircuitFormatError
 
+__all__ = ["CircuitFormatError", "SCHEMA", "dumps_circuit", "loads_circuit", "from_json", "to_graphml",
+           "from_graphml", "save_circuit", "load_circuit"]
 
-class CircuitFormatError(ValueError):
-    """A file that is not a readable circuit of this schema; nothing half-loaded is returned."""
+_GRAPH_JSON_ATTRS = ("graph", "scores", "method", "stats", "meta")  # dicts: stored as JSON strings
 
 
 def from_json(data, source: str = "<data>") -> Circuit:
-    """Validate and build a Circuit from its JSON form."""
-    if not isinstance(data, dict) or "schema" not in data:
-        raise CircuitFormatError(f"{source} is not a circuitsearch circuit (no 'schema' field)")
-    if data["schema"] != SCHEMA:
-        raise CircuitFormatError(f"{source} has schema {data['schema']!r}; this version of circuitsearch "
-                                 f"reads {SCHEMA!r}")
-    need = {"model": str, "graph": dict, "task": str, "nodes": dict, "edges": dict, "scores": dict,
-            "method": dict, "stats": dict}
-    for k, t in need.items():
-        if not isinstance(data.get(k), t):
-            raise CircuitFormatError(f"{source}: field {k!r} is missing or not a {t.__name__}")
+    """Validate and build a Circuit from its JSON form (a parsed dict)."""
+    return Circuit.from_json(data, source)
+
+
+def dumps_circuit(circuit: Circuit) -> str:
+    """The circuit as JSON text, after checking that the text reads back as a valid circuit."""
+    text = circuit.dumps()
     try:
-        graph = ModelGraph.from_signature(data["graph"])
-        for n in data["nodes"]:
-            graph.check_node(n)
-        for e in data["edges"]:
-            graph.check_edge(e)
-            src, dst = split_edge(e)
-            if src not in data["nodes"] or receiver_node(dst)[0] not in data["nodes"]:
-                raise CircuitFormatError(f"{source}: edge {e!r} joins a node that is not in the circuit")
-    except (KeyError, TypeError, ValueError) as err:
-        if isinstance(err, CircuitFormatError):
-            raise
-        raise CircuitFormatError(f"{source}: {err}") from None
-    return Circuit(data["model"], data["graph"], data["task"], data["nodes"], data["edges"], data["scores"],
-                   data["method"], data["stats"], data.get("version", "?"), data.get("meta", {}))
+        Circuit.from_json(json.loads(text), f"circuit of {circuit.task!r} on {circuit.model!r}")
+    except CircuitFormatError as err:
+        raise CircuitFormatError(f"refusing to write an invalid circuit: {err}") from None
+    return text
+
+
+def loads_circuit(text: str | bytes, source: str = "<text>") -> Circuit:
+    """Parse JSON text into a validated Circuit."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CircuitFormatError(f"{source} is damaged or not JSON ({err}); it may have been cut short "
+                                 "or be another kind of file") from None
+    return Circuit.from_json(data, source)
 
 
 def to_graphml(circuit: Circuit) -> bytes:
+    """GraphML via networkx: effects as doubles (absent when unknown), dict attributes as JSON strings."""
+    dumps_circuit(circuit)  # same checks as JSON: never write what cannot be read back
     g = circuit.to_networkx()
-    for n, d in g.nodes(data=True):
-        d["effect"] = json.dumps(d["effect"])
+    for _, d in g.nodes(data=True):
+        _float_or_drop(d)
     for _, _, d in g.edges(data=True):
-        d["effect"] = json.dumps(d["effect"])
-    g.graph = {k: json.dumps(v) for k, v in g.graph.items()}
+        _float_or_drop(d)
+    g.graph = {k: json.dumps(v, ensure_ascii=False) if k in _GRAPH_JSON_ATTRS else v for k, v in g.graph.items()}
     buf = io.BytesIO()
     nx.write_graphml(g, buf)
     return buf.getvalue()
 
 
+def _float_or_drop(d: dict) -> None:
+    if d.get("effect") is None:
+        d.pop("effect", None)
+    else:
+        d["effect"] = float(d["effect"])
+
+
 def from_graphml(data: bytes, source: str = "<graphml>") -> Circuit:
+    """Read GraphML written by to_graphml back into an identical, validated Circuit."""
     try:
         g = nx.read_graphml(io.BytesIO(data), force_multigraph=True)
-        for n, d in g.nodes(data=True):
-            d["effect"] = json.loads(d["effect"])
-        for _, _, d in g.edges(data=True):
-            d["effect"] = json.loads(d["effect"])
-        g.graph = {k: json.loads(v) for k, v in g.graph.items() if isinstance(v, str)}
-        circuit = Circuit.from_networkx(g)
-    except Exception as err:
-        raise CircuitFormatError(f"{source} is not a circuitsearch GraphML circuit: {err}") from None
-    return from_json(circuit.to_json(), source)
+    except Exception as err:  # parsing only: any failure means the file is unusable
+        raise CircuitFormatError(f"{source} is damaged or not a circuitsearch GraphML circuit "
+                                 f"({type(err).__name__}: {err})") from None
+    attrs = g.graph
+    if "schema" not in attrs:
+        raise CircuitFormatError(f"{source} is not a circuitsearch GraphML circuit (no 'schema' graph attribute)")
+    for k in _GRAPH_JSON_ATTRS:
+        if isinstance(attrs.get(k), str):
+            try:
+                attrs[k] = json.loads(attrs[k])
+            except json.JSONDecodeError as err:
+                raise CircuitFormatError(f"{source}: graph attribute {k!r} is not valid JSON ({err})") from None
+    for k in ("model", "task", "version"):  # networkx types numeric-looking strings: give them back as text
+        if k in attrs and not isinstance(attrs[k], str):
+            attrs[k] = str(attrs[k])
+    g.graph = {k: v for k, v in attrs.items() if k in FIELDS or k == "schema"}
+    return Circuit.from_networkx(g, source)
 
 
 def save_circuit(circuit: Circuit, path: str | Path) -> Path:
-    """Write by suffix: .json, .graphml or .dot."""
+    """Write by suffix (.json, .graphml or .dot), atomically; returns the path."""
     path = Path(path)
-    if path.suffix == ".json":
-        atomic_write_text(path, circuit.dumps())
-    elif path.suffix == ".graphml":
-        atomic_write_bytes(path, to_graphml(circuit))
-    elif path.suffix == ".dot":
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return atomic_write_text(path, dumps_circuit(circuit))
+    if suffix == ".graphml":
+        return atomic_write_bytes(path, to_graphml(circuit))
+    if suffix in (".dot", ".gv"):
         from .render import to_dot
-        atomic_write_text(path, to_dot(circuit))
-    else:
-        raise ValueError(f"cannot save a circuit as {path.suffix!r}: use .json, .graphml or .dot")
-    return path
+        return atomic_write_text(path, to_dot(circuit))
+    raise ValueError(f"cannot save a circuit as {path.suffix or 'a file without suffix'!r}: use .json, .graphml "
+                     "or .dot (or graphs.render.render for .svg/.png/.pdf)")
 
 
 def load_circuit(path: str | Path) -> Circuit:
-    """Read a .json or .graphml circuit, refusing damaged or foreign files."""
+    """Read a .json or .graphml circuit, refusing damaged, foreign or other-version files."""
     path = Path(path)
+    if path.is_dir():
+        raise CircuitFormatError(f"{path} is a directory; give the circuit file (e.g. {path / 'circuit.json'})")
     if not path.exists():
         raise FileNotFoundError(f"no circuit file at {path}")
+    suffix = path.suffix.lower()
+    if suffix in (".dot", ".gv", ".svg", ".png", ".pdf"):
+        raise CircuitFormatError(f"{path} is a drawing ({suffix}); drawings cannot be read back: load the "
+                                 "circuit's .json (or .graphml) file")
     raw = path.read_bytes()
-    if path.suffix == ".graphml":
+    if suffix in (".graphml", ".xml") or raw.lstrip()[:1] == b"<":
         return from_graphml(raw, str(path))
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CircuitFormatError(f"{path} is damaged or not JSON ({err})") from None
-    return from_json(data, str(path))
+    return loads_circuit(raw, str(path))

@@ -1,111 +1,226 @@
-"""Circuit diagrams: DOT laid out by layer (embed at the bottom, logits on top), drawn by `dot`."""
+"""Circuit diagrams: DOT text laid out by layer (embed at the bottom, logits on top), drawn by Graphviz.
+
+Nodes are pinned to a grid (one row per layer, one column per head index, the MLP just above
+the heads on the right), so a 100+ node circuit stays as wide as one layer instead of growing
+with its long edges as a free layered layout does. The DOT names its engine (layout=nop2: neato
+with positions given), so `dot -Tsvg circuit.dot` draws the same picture.
+"""
 from __future__ import annotations
 
+import html
 import shutil
 import subprocess
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import atomic_write_bytes, atomic_write_text
 from .circuit import Circuit
 from .model_graph import parse_node, receiver_node, split_edge
 
-INPUT_COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", "": "#7f7f7f"}
-KIND_STYLE = {"embed": 'shape=box, style="rounded,filled", fillcolor="#e8e8e8"',
-              "logits": 'shape=box, style="rounded,filled", fillcolor="#e8e8e8"',
-              "head": 'shape=ellipse, style=filled, fillcolor="#dbe9f6"',
-              "mlp": 'shape=box, style=filled, fillcolor="#fde5c8"'}
+INPUT_COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", "": "#555555"}
+INPUT_NAMES = {"q": "query (q)", "k": "key (k)", "v": "value (v)", "": "MLP / logits input"}
+KIND_SHAPE = {"embed": "box", "logits": "box", "head": "ellipse", "mlp": "box"}
+KIND_FILL = {"embed": ("#eeeeee", "#c8c8c8"), "logits": ("#eeeeee", "#c8c8c8"),  # (no effect, largest effect)
+             "head": ("#eef5fb", "#8fbde0"), "mlp": ("#fff3e3", "#f5b36b")}
+DX, DY, MLP_RISE = 0.85, 0.75, 0.4  # inches: column and row pitch; MLP sits this far above its heads
+SWATCH = "\u25ac\u25ac"  # two black rectangles, drawn in the legend colour
+_INPUT_RANK = {"q": 0, "k": 1, "v": 2, "": 3}
+LABEL_LIMIT = 80  # above this many drawn edges, edges carry no q/k/v text (colours and legend remain)
+ROUTE_LIMIT = 6000  # route edges around nodes while nodes × drawn edges stays below this (~1 s; grows fast)
+GRAPHVIZ_HINT = ("install Graphviz (Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz; "
+                 "conda: conda install graphviz) and render the .dot again")
 
 
 class RenderError(RuntimeError):
     """The diagram could not be drawn (usually: Graphviz's `dot` is not installed)."""
 
 
+@dataclass
+class Look:
+    """Per-element overrides for to_dot; diff overlays colour by circuit subset through this."""
+
+    node_fill: dict[str, str] = field(default_factory=dict)
+    node_pen: dict[str, float] = field(default_factory=dict)
+    edge_colour: dict[str, str] = field(default_factory=dict)
+    edge_width: dict[str, float] = field(default_factory=dict)
+    legend: list[tuple[str, str]] | None = None  # (colour, text); None: the q/k/v legend
+    title: str | None = None  # replaces the first caption line
+    note: str | None = None  # an extra caption line
+    sizes_prefix: str | None = None  # e.g. "union: " before "N heads, M MLPs, E edges"
+
+
 def _q(s: str) -> str:
-    return '"' + s.replace('"', r'\"') + '"'
+    return '"' + s.replace("\\", "\\\\").replace('"', r'\"') + '"'
 
 
-def caption(circuit: Circuit) -> str:
-    s = circuit.scores
-    faith = f"faithfulness {s['faithfulness']:.3f}" if "faithfulness" in s else ""
-    head = (f"{circuit.task} on {circuit.model}: {len(circuit.heads())} heads, {len(circuit.mlps())} MLPs, "
-            f"{circuit.n_edges} edges; {faith}")
-    if not circuit.edges and circuit.method.get("level") == "nodes":
-        return head + "\\nnode-level circuit: every edge between these nodes belongs to it (not drawn)"
-    return head + "\\nedges into q blue, k green, v red, MLP/logits grey; width = effect"
+def _blend(a: str, b: str, t: float) -> str:
+    """Colour a + t·(b − a) for #rrggbb strings, t in [0, 1]."""
+    ca, cb = (tuple(int(c[i:i + 2], 16) for i in (1, 3, 5)) for c in (a, b))
+    return "#" + "".join(f"{round(x + t * (y - x)):02x}" for x, y in zip(ca, cb))
 
 
-def to_dot(circuit: Circuit, node_colours: dict | None = None, edge_colours: dict | None = None,
-           title: str | None = None, legend: list[tuple[str, str]] | None = None) -> str:
-    """The circuit as DOT text. Colour maps override the defaults (used by diff overlays)."""
-    L = int(circuit.graph["n_layers"])
-    node_level = not circuit.edges and circuit.method.get("level") == "nodes"
-    # a node-level circuit keeps every edge between its nodes: drawing them all is a hairball,
-    # so it is drawn as layered nodes and the caption says so
-    edges = {} if node_level else circuit.effective_edges()
-    merged = defaultdict(list)  # (sender, receiver node) -> [(input, effect, edge name)]
-    for e, eff in edges.items():
+def _fmt(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.4g}"
+
+
+def positions(nodes: list[str], n_layers: int) -> dict[str, tuple[float, float]]:
+    """Grid positions in inches: rows = layers present, columns = head indices present, MLPs right."""
+    infos = {n: parse_node(n, n_layers) for n in nodes}
+    layers = sorted({i.layer for i in infos.values() if i.kind in ("head", "mlp")})
+    row = {layer: r for r, layer in enumerate(layers)}
+    cols = sorted({i.head for i in infos.values() if i.kind == "head"})
+    col = {h: c for c, h in enumerate(cols)}
+    has_mlp = any(i.kind == "mlp" for i in infos.values())
+    width = (len(cols) - 1 + (1.15 if has_mlp else 0)) * DX if cols else 0.0
+    top = (len(layers) - 1) * DY + (MLP_RISE if has_mlp else 0) + DY if layers else DY
+    out = {}
+    for n, i in infos.items():
+        if i.kind == "head":
+            out[n] = (col[i.head] * DX, row[i.layer] * DY)
+        elif i.kind == "mlp":
+            out[n] = ((len(cols) - 1 + 1.15) * DX if cols else 0.0, row[i.layer] * DY + MLP_RISE)
+        elif i.kind == "embed":
+            out[n] = (width / 2, -DY)
+        else:
+            out[n] = (width / 2, top)
+    return out
+
+
+def plural(n: int, word: str) -> str:
+    """'1 head', '3 heads'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def caption(circuit: Circuit, look: Look | None = None) -> list[str]:
+    """Caption lines: task and model with scores; sizes and method; node-level note."""
+    s, m = circuit.scores, circuit.method
+    scores = ", ".join(f"{k} {s[k]:.3f}" for k in ("faithfulness", "normalized") if isinstance(s.get(k), (int, float)))
+    first = (look.title if look and look.title else
+             f"{circuit.task} on {circuit.model}" + (f": {scores}" if scores else ""))
+    sizes = ", ".join(plural(n, w) for n, w in ((len(circuit.heads()), "head"), (len(circuit.mlps()), "MLP"),
+                                                   (circuit.n_edges, "edge")))
+    how = ", ".join(fmt.format(m[k]) for k, fmt in (("level", "level {}"), ("ablation", "{} ablation"),
+                                                    ("metric", "metric {}")) if m.get(k))
+    lines = [(look.sizes_prefix if look and look.sizes_prefix else "") + sizes + (f" ({how})" if how else "")]
+    lines.insert(0, first)
+    if circuit.node_level:
+        lines.append("node-level circuit: every edge between these nodes belongs to it (edges not drawn)")
+    if look and look.note:
+        lines.append(look.note)
+    return lines
+
+
+def _label(lines: list[str], legend: list[tuple[str, str]], row_chars: int = 110) -> str:
+    """HTML-like graph label: caption lines, then colour swatches with their meaning, wrapped into rows."""
+    rows_of: list[list[tuple[str, str]]] = [[]]
+    one_per_row = any(len(t) > 40 for _, t in legend)  # long entries read best as a list
+    for entry in legend:
+        if rows_of[-1] and (one_per_row or sum(len(t) + 6 for _, t in rows_of[-1]) + len(entry[1]) > row_chars):
+            rows_of.append([])
+        rows_of[-1].append(entry)
+    rows = [f'<tr><td align="left">{html.escape(t)}</td></tr>' for t in lines]
+    for r in rows_of:
+        if r:  # one text cell per row: table cells would be stretched to the longest caption line
+            text = "     ".join(f'<font color="{c}">{SWATCH}</font> {html.escape(t)}' for c, t in r)
+            rows.append(f'<tr><td align="left">{text}</td></tr>')
+    return '<<table border="0" cellspacing="3" cellpadding="1">' + "".join(rows) + "</table>>"
+
+
+def _merged_edges(circuit: Circuit, look: Look | None) -> dict[tuple, list[tuple[str, str, float | None]]]:
+    """Edges to draw, merged per (sender, receiver node[, overlay colour]): one line for q, k and v."""
+    merged = defaultdict(list)
+    if circuit.node_level:
+        return merged
+    for e, eff in circuit.edges.items():
         src, dst = split_edge(e)
         node, inp = receiver_node(dst)
-        merged[(src, node)].append((inp or "", eff, e))
-    effects = [abs(x) for x in list(circuit.nodes.values()) + list(edges.values()) if x is not None]
-    top = max(effects) if effects else 0.0
-    lines = ["digraph circuit {", "  rankdir=BT; newrank=true; splines=true; nodesep=0.25; ranksep=0.45;",
-             '  node [fontname="Helvetica", fontsize=11, height=0.3, margin="0.05,0.02"];',
-             '  edge [arrowsize=0.5, fontname="Helvetica", fontsize=8];',
-             f"  labelloc=b; fontname=\"Helvetica\"; fontsize=12; label={_q(title or caption(circuit))};"]
-    ranks = defaultdict(list)
-    for n in circuit.nodes:
+        colour = look.edge_colour.get(e) if look and look.edge_colour else None
+        merged[(src, node, colour)].append((inp or "", e, eff))
+    return merged
+
+
+def to_dot(circuit: Circuit, look: Look | None = None) -> str:
+    """The circuit as DOT text (pinned grid layout, q/k/v colours, width by |effect|, caption, legend)."""
+    L = circuit.n_layers
+    pos = positions(list(circuit.nodes), L)
+    merged = _merged_edges(circuit, look)
+    effects = [abs(x) for x in circuit.edges.values() if x is not None] if merged else []
+    top_edge = max(effects) if effects else 0.0
+    node_effects = [abs(x) for x in circuit.nodes.values() if x is not None]
+    top_node = max(node_effects) if node_effects else 0.0
+    big = len(merged) > LABEL_LIMIT
+    lines = ["digraph circuit {",
+             "  // nodes are pinned (pos in points) to a grid: one row per layer, embed at the bottom, logits on top;",
+             "  // layout=nop2 (neato -n2) keeps them there and only routes the edges",
+             f"  layout=nop2; splines={'true' if len(merged) * len(pos) <= ROUTE_LIMIT else 'curved'}; overlap=true;"
+             " outputorder=edgesfirst; pad=0.3; bgcolor=white;",
+             '  fontname="Helvetica"; fontsize=12; labelloc=b; labeljust=l;',
+             '  node [fontname="Helvetica", fontsize=11, width=0.62, height=0.3, fixedsize=true, style=filled,'
+             ' penwidth=1];',
+             '  edge [arrowsize=0.45, fontname="Helvetica", fontsize=8, fontcolor="#444444"];']
+    for n, eff in circuit.nodes.items():
         info = parse_node(n, L)
-        ranks[(info.layer, 1 if info.kind == "mlp" else 0)].append(n)
-        style = KIND_STYLE[info.kind]
-        if node_colours and n in node_colours:
-            style = style.split("fillcolor")[0] + f'fillcolor="{node_colours[n]}"'
-        lines.append(f"  {_q(n)} [label={_q(n)}, {style}];")
-    for key in sorted(ranks):
-        lines.append("  { rank=same; " + " ".join(_q(n) for n in ranks[key]) + " }")
-    keys = sorted(ranks)
-    for lo, hi in zip(keys, keys[1:]):  # invisible spine: layers stay stacked even where no edge joins them
-        lines.append(f"  {_q(ranks[lo][0])} -> {_q(ranks[hi][0])} [style=invis];")
-    for (src, node), items in merged.items():
-        inputs = "".join(sorted(i for i, _, _ in items))
-        effs = [abs(x) for _, x, _ in items if x is not None]
-        width = 0.6 + 3.0 * (max(effs) / top if effs and top > 0 else 0.0)
-        if edge_colours:
-            colour = edge_colours.get(items[0][2], "#7f7f7f")
-        else:
-            colour = ":".join(INPUT_COLOURS[i] for i in sorted(i for i, _, _ in items)) if inputs else "#7f7f7f"
-        label = f", xlabel={_q(inputs)}" if inputs else ""
-        lines.append(f"  {_q(src)} -> {_q(node)} [color={_q(colour)}, penwidth={width:.2f}{label}];")
-    if legend:
-        lines.append('  subgraph cluster_legend { label="legend"; fontsize=10; style=dashed;')
-        for i, (text, colour) in enumerate(legend):
-            lines.append(f'    legend{i} [label={_q(text)}, shape=box, style=filled, fillcolor="{colour}", '
-                         "fontsize=9];")
-        lines.append("  }")
+        x, y = pos[n]
+        light, dark = KIND_FILL[info.kind]
+        t = abs(eff) / top_node if eff is not None and top_node > 0 else 0.0
+        fill = look.node_fill.get(n) if look and n in look.node_fill else _blend(light, dark, t)
+        pen = look.node_pen.get(n, 1.0) if look else 1.0
+        width = ', width=0.8' if info.kind in ("embed", "logits") else ""
+        rounded = ', style="rounded,filled"' if info.kind in ("embed", "logits") else ""
+        lines.append(f"  {_q(n)} [label={_q(n)}, pos=\"{72 * x:.1f},{72 * y:.1f}!\", shape={KIND_SHAPE[info.kind]}"
+                     f"{width}{rounded}, fillcolor=\"{fill}\", penwidth={pen:g}, "
+                     f"tooltip={_q(f'{n}: effect {_fmt(eff)}')}];")
+    drawn = []
+    for (src, node, colour), items in merged.items():
+        inputs = "".join(sorted({i for i, _, _ in items}, key=_INPUT_RANK.get)) if any(i for i, _, _ in items) else ""
+        effs = [abs(x) for _, _, x in items if x is not None]
+        t = max(effs) / top_edge if effs and top_edge > 0 else (0.4 if not effects else 0.0)
+        width = (max(look.edge_width.get(e, 1.0) for _, e, _ in items) if look and look.edge_width
+                 else (0.4 + 3.0 * t if big else 0.6 + 3.4 * t))
+        alpha = f"{round(255 * (0.2 + 0.8 * t)):02x}" if big else "e6"  # many edges: weak ones fade
+        if colour is None:
+            colour = ":".join(INPUT_COLOURS[i] + alpha for i in sorted({i for i, _, _ in items}, key=_INPUT_RANK.get))
+        label = f", label={_q(inputs)}" if inputs and not big else ""
+        tip = "; ".join(f"{e}: effect {_fmt(x)}" for _, e, x in items)
+        drawn.append((width, f"  {_q(src)} -> {_q(node)} [color={_q(colour)}, penwidth={width:.2f}{label}, "
+                             f"tooltip={_q(tip)}];"))
+    lines += [line for _, line in sorted(drawn, key=lambda d: d[0])]  # strongest edges drawn last, on top
+    if look and look.legend is not None:
+        legend = look.legend
+    else:
+        legend = [(INPUT_COLOURS[i], INPUT_NAMES[i]) for i in ("q", "k", "v", "")] if merged else []
+    text = caption(circuit, look)
+    if not look:
+        text.append(("edge width, " if merged else "") + "fill shade: |effect| (faithfulness lost on removal); "
+                    "ellipse = head, box = MLP")
+    lines.append(f"  label={_label(text, legend)};")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
 def render_dot(dot: str, path: str | Path) -> Path:
-    """Draw DOT text to .svg, .png or .pdf; writes the .dot beside it first, whatever happens."""
+    """Draw DOT text to .svg, .png or .pdf; the .dot is written beside it first, whatever happens next."""
     path = Path(path)
-    fmt = path.suffix.lstrip(".")
+    fmt = path.suffix.lower().lstrip(".")
     if fmt not in ("svg", "png", "pdf"):
-        raise ValueError(f"cannot render to {path.suffix!r}: use .svg, .png or .pdf")
-    atomic_write_text(path.with_suffix(".dot"), dot)
+        raise ValueError(f"cannot render to {path.suffix or 'a file without suffix'!r}: use .svg, .png or .pdf")
+    dot_path = path.with_suffix(".dot")
+    atomic_write_text(dot_path, dot)
     exe = shutil.which("dot")
     if exe is None:
-        raise RenderError(f"Graphviz's `dot` is not installed, so {path.name} was not drawn; "
-                          f"{path.with_suffix('.dot').name} was written. Install Graphviz "
-                          "(apt-get install graphviz, or brew install graphviz) and run `circuitsearch render`")
-    r = subprocess.run([exe, f"-T{fmt}"], input=dot.encode(), capture_output=True, timeout=300)
-    if r.returncode != 0:
-        raise RenderError(f"dot failed on {path.name}: {r.stderr.decode(errors='replace')[:500]}")
-    atomic_write_bytes(path, r.stdout)
-    return path
+        raise RenderError(f"Graphviz's `dot` program was not found, so {path.name} was not drawn "
+                          f"({dot_path} was written): {GRAPHVIZ_HINT}, e.g. `dot -T{fmt} {dot_path} -o {path}`")
+    try:
+        r = subprocess.run([exe, f"-T{fmt}"], input=dot.encode(), capture_output=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise RenderError(f"dot took over 10 minutes on {path.name}; {dot_path} was written") from None
+    if r.returncode != 0 or not r.stdout:
+        raise RenderError(f"dot failed on {path.name} (exit {r.returncode}): "
+                          f"{r.stderr.decode(errors='replace')[:500]}")
+    return atomic_write_bytes(path, r.stdout)
 
 
 def render(circuit: Circuit, path: str | Path) -> Path:
-    """The circuit's diagram as .svg, .png or .pdf (and its .dot beside it)."""
+    """The circuit's diagram as .svg, .png or .pdf, with its .dot beside it."""
     return render_dot(to_dot(circuit), path)

@@ -1,0 +1,268 @@
+"""Set algebra over circuits of one model: which circuits hold each node and edge, overlaps, Jaccard,
+a terminal table, diff.json and an overlay diagram coloured by the subset of circuits holding each part.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+from .circuit import Circuit, edge_sort_key, node_sort_key
+from .model_graph import parse_node
+from .render import Look, plural, render_dot, to_dot
+
+DIFF_SCHEMA = "circuitsearch.diff/1"
+SINGLE_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#8c564b", "#7f7f7f"]  # one per circuit (cycled beyond 5)
+PARTIAL_COLOURS = ["#9467bd", "#17becf", "#e377c2", "#bcbd22", "#d62728", "#393b79"]  # held by some, not all
+SHARED_NODE, SHARED_EDGE = "#ffd21f", "#111111"  # shared by all: gold nodes with a heavy border, black edges
+COUNT_LIMIT = 6  # more partial subsets than this present: colour them by how many circuits hold them
+
+Subset = frozenset  # of circuit names
+
+
+def _jaccard(a: set, b: set) -> float:
+    """|a ∩ b| / |a ∪ b|; two empty sets are identical (1.0)."""
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+@dataclass
+class Diff:
+    """For every node and edge of any circuit, the frozenset of circuit names that contain it."""
+
+    names: list[str]
+    circuits: list[Circuit]
+    node_sets: dict[str, Subset]
+    edge_sets: dict[str, Subset]
+
+    @property
+    def model(self) -> str:
+        return self.circuits[0].model
+
+    @property
+    def graph(self) -> dict:
+        return self.circuits[0].graph
+
+    def _sets(self, kind: str) -> dict[str, Subset]:
+        if kind not in ("nodes", "edges"):
+            raise ValueError(f"kind must be 'nodes' or 'edges', not {kind!r}")
+        return self.node_sets if kind == "nodes" else self.edge_sets
+
+    def _check(self, names) -> set[str]:
+        names = {names} if isinstance(names, str) else set(names)
+        unknown = names - set(self.names)
+        if unknown:
+            raise KeyError(f"no circuit named {sorted(unknown)}; circuits are {self.names}")
+        return names
+
+    def members(self, name: str, kind: str = "nodes") -> set[str]:
+        """The nodes (or edges) of one circuit."""
+        return self.common([name], kind)
+
+    def common(self, names, kind: str = "nodes") -> set[str]:
+        """Intersection: held by every one of `names` (and maybe others)."""
+        names = self._check(names)
+        return {x for x, s in self._sets(kind).items() if names <= s}
+
+    def either(self, names, kind: str = "nodes") -> set[str]:
+        """Union: held by at least one of `names`."""
+        names = self._check(names)
+        return {x for x, s in self._sets(kind).items() if names & s}
+
+    def only(self, names, kind: str = "nodes") -> set[str]:
+        """Held by exactly the circuits `names`, no more, no fewer."""
+        names = self._check(names)
+        return {x for x, s in self._sets(kind).items() if s == names}
+
+    def shared(self, kind: str = "nodes") -> set[str]:
+        """Held by every circuit."""
+        return self.common(self.names, kind)
+
+    def unique(self, name: str, kind: str = "nodes") -> set[str]:
+        """Held by this circuit and no other."""
+        return self.only([name], kind)
+
+    def subsets(self, all_: bool | None = None) -> list[Subset]:
+        """Subsets of circuits, singles first, shared-by-all last; all 2^n−1 when n ≤ 4, else those present."""
+        if all_ is None:
+            all_ = len(self.names) <= 4
+        if all_:
+            found = [frozenset(c) for k in range(1, len(self.names) + 1)
+                     for c in itertools.combinations(self.names, k)]
+        else:
+            found = list(set(self.node_sets.values()) | set(self.edge_sets.values()))
+        order = {n: i for i, n in enumerate(self.names)}
+        return sorted(found, key=lambda s: (len(s), sorted(order[n] for n in s)))
+
+    def counts(self, subset: Subset) -> dict[str, int]:
+        """Heads, MLPs, other nodes (embed/logits) and edges held by exactly this subset."""
+        nodes = self.only(subset, "nodes")
+        kinds = [parse_node(n).kind for n in nodes]
+        return {"heads": kinds.count("head"), "mlps": kinds.count("mlp"),
+                "io": kinds.count("embed") + kinds.count("logits"), "edges": len(self.only(subset, "edges"))}
+
+    def jaccard(self, kind: str = "nodes") -> list[list[float]]:
+        """Pairwise Jaccard matrix in `names` order; nodes means heads and MLPs (embed/logits are in nearly all)."""
+        sets = []
+        for n in self.names:
+            s = self.members(n, kind)
+            if kind == "nodes":
+                s = {x for x in s if parse_node(x).kind in ("head", "mlp")}
+            sets.append(s)
+        return [[_jaccard(a, b) for b in sets] for a in sets]
+
+    def label(self, subset: Subset) -> str:
+        """'digits only', 'digits & words only', 'shared by all (3)'."""
+        if len(subset) == len(self.names) and len(self.names) > 1:
+            return f"shared by all {len(self.names)}"
+        return " & ".join(n for n in self.names if n in subset) + " only"
+
+    def _sorted(self, xs: set[str], kind: str) -> list[str]:
+        L = int(self.graph["n_layers"])
+        key = (lambda n: node_sort_key(n, L)) if kind == "nodes" else (lambda e: edge_sort_key(e, L))
+        return sorted(xs, key=key)
+
+    def to_json(self) -> dict:
+        """diff.json: circuits, exact-subset membership (with names), shared, unique, Jaccard matrices."""
+        circuits = [{"name": n, "task": c.task, **{k: v for k, v in c.summary().items() if k not in ("model", "task")}}
+                    for n, c in zip(self.names, self.circuits)]
+        subsets = []
+        for s in self.subsets(all_=False):
+            subsets.append({"circuits": [n for n in self.names if n in s], "label": self.label(s), **self.counts(s),
+                            "node_names": self._sorted(self.only(s, "nodes"), "nodes"),
+                            "edge_names": self._sorted(self.only(s, "edges"), "edges")})
+        return {"schema": DIFF_SCHEMA, "model": self.model, "graph": self.graph, "names": self.names,
+                "circuits": circuits, "subsets": subsets,
+                "shared": {"nodes": self._sorted(self.shared("nodes"), "nodes"),
+                           "edges": self._sorted(self.shared("edges"), "edges")},
+                "unique": {n: {"nodes": self._sorted(self.unique(n, "nodes"), "nodes"),
+                               "edges": self._sorted(self.unique(n, "edges"), "edges")} for n in self.names},
+                "jaccard": {"names": self.names, "nodes": self.jaccard("nodes"), "edges": self.jaccard("edges")}}
+
+
+def _default_names(circuits: list[Circuit]) -> list[str]:
+    tasks = [c.task for c in circuits]
+    if len(set(tasks)) == len(tasks):
+        return tasks
+    return [chr(ord("A") + i) if i < 26 else f"c{i + 1}" for i in range(len(circuits))]
+
+
+def diff_circuits(circuits: list[Circuit], names: list[str] | None = None) -> Diff:
+    """Diff 2+ circuits of one model and graph; names default to their tasks (or A, B, C … if tasks repeat)."""
+    circuits = list(circuits)
+    if len(circuits) < 2:
+        raise ValueError(f"a diff needs at least 2 circuits, got {len(circuits)}")
+    names = list(names) if names is not None else _default_names(circuits)
+    if len(names) != len(circuits) or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"need one distinct, non-empty name per circuit; got {names} for {len(circuits)} circuits")
+    first, name0 = circuits[0], names[0]
+    for c, n in zip(circuits[1:], names[1:]):
+        if c.model != first.model:
+            raise ValueError(f"cannot diff circuits of different models: {name0} is on {first.model!r}, "
+                             f"{n} on {c.model!r}")
+        if c.graph != first.graph:
+            keys = sorted(k for k in set(c.graph) | set(first.graph) if c.graph.get(k) != first.graph.get(k))
+            detail = ", ".join(f"{k}: {first.graph.get(k)!r} vs {c.graph.get(k)!r}" for k in keys)
+            raise ValueError(f"cannot diff circuits over different graphs of {first.model!r}: {name0} and {n} "
+                             f"differ in {detail}")
+    node_sets: dict[str, set] = {}
+    edge_sets: dict[str, set] = {}
+    graph = first.model_graph
+    for c, n in zip(circuits, names):
+        for x in c.nodes:
+            node_sets.setdefault(x, set()).add(n)
+        for e in c.effective_edges(graph):
+            edge_sets.setdefault(e, set()).add(n)
+    L = graph.n_layers
+    return Diff(names, circuits,
+                {x: frozenset(node_sets[x]) for x in sorted(node_sets, key=lambda x: node_sort_key(x, L))},
+                {e: frozenset(edge_sets[e]) for e in sorted(edge_sets, key=lambda e: edge_sort_key(e, L))})
+
+
+def format_table(diff: Diff) -> str:
+    """Terminal text: the circuits, counts per exact subset (heads, MLPs, edges), Jaccard matrices."""
+    w = max(len(diff.label(s)) for s in diff.subsets())
+    g = diff.graph
+    out = [f"{len(diff.names)} circuits on {diff.model} ({g['n_layers']} layers x {g['n_heads']} heads)"]
+    nw = max(len(n) for n in diff.names)
+    for n, c in zip(diff.names, diff.circuits):
+        s = c.summary()
+        faith = f"faithfulness {s['faithfulness']:.3f}" if isinstance(s["faithfulness"], (int, float)) else ""
+        out.append(f"  {n:<{nw}}  {s['heads']:>4} heads {s['mlps']:>3} MLPs {s['edges']:>6} edges  "
+                   f"{'node-level  ' if c.node_level else ''}{faith}")
+    out += ["", f"  {'held by exactly':<{w}}  {'heads':>6} {'MLPs':>5} {'edges':>7}"]
+    for s in diff.subsets():
+        k = diff.counts(s)
+        out.append(f"  {diff.label(s):<{w}}  {k['heads']:>6} {k['mlps']:>5} {k['edges']:>7}")
+    for kind, title in (("nodes", "Jaccard, heads and MLPs"), ("edges", "Jaccard, edges")):
+        m = diff.jaccard(kind)
+        cw = max(nw, 5)
+        out += ["", f"  {title}", "  " + " " * nw + "".join(f"  {n:>{cw}}" for n in diff.names)]
+        out += ["  " + f"{n:<{nw}}" + "".join(f"  {x:>{cw}.2f}" for x in row) for n, row in zip(diff.names, m)]
+    return "\n".join(out) + "\n"
+
+
+def _lighten(c: str, t: float = 0.45) -> str:
+    return "#" + "".join(f"{round(int(c[i:i + 2], 16) + t * (255 - int(c[i:i + 2], 16))):02x}" for i in (1, 3, 5))
+
+
+def subset_colours(diff: Diff) -> dict[Subset, str]:
+    """A colour per subset present: one per circuit, distinct ones for partial overlaps, black for all."""
+    single = {n: SINGLE_COLOURS[i % len(SINGLE_COLOURS)] for i, n in enumerate(diff.names)}
+    present = diff.subsets(all_=False)
+    partial = [s for s in present if 1 < len(s) < len(diff.names)]
+    by_count = len(partial) > COUNT_LIMIT
+    out = {}
+    for s in present:
+        if len(s) == len(diff.names):
+            out[s] = SHARED_EDGE
+        elif len(s) == 1:
+            out[s] = single[next(iter(s))]
+        elif by_count:  # grey, darker the more circuits hold it
+            out[s] = _lighten("#555555", 0.8 * (1 - (len(s) - 1) / (len(diff.names) - 1)))
+        else:
+            out[s] = PARTIAL_COLOURS[partial.index(s) % len(PARTIAL_COLOURS)]
+    return out
+
+
+def overlay_dot(diff: Diff) -> str:
+    """One diagram of the union: every node and edge coloured by the subset of circuits that hold it."""
+    colours = subset_colours(diff)
+    full = len(diff.names)
+    draw_edges = not any(c.node_level for c in diff.circuits)
+    union = Circuit(diff.model, diff.graph, " vs ".join(diff.names), {n: None for n in diff.node_sets},
+                    {e: None for e in diff.edge_sets} if draw_edges else {})
+    look = Look(title=f"overlay of {len(diff.names)} circuits on {diff.model}: {', '.join(diff.names)}",
+                sizes_prefix="all circuits together: ")
+    if not draw_edges:
+        look.note = ("edges not drawn: " + ", ".join(n for n, c in zip(diff.names, diff.circuits) if c.node_level)
+                     + " is node-level (all edges between its nodes)")
+    for n, s in diff.node_sets.items():
+        look.node_fill[n] = SHARED_NODE if len(s) == full else _lighten(colours[s])
+        look.node_pen[n] = 2.5 if len(s) == full else 1.0
+    if draw_edges:
+        for e, s in diff.edge_sets.items():
+            look.edge_colour[e] = colours[s]
+            look.edge_width[e] = 2.6 if len(s) == full else 0.9 + 0.5 * (len(s) - 1)
+    by_count = len([s for s in colours if 1 < len(s) < full]) > COUNT_LIMIT
+    legend, seen = [], set()
+    for s in diff.subsets(all_=False):
+        k = diff.counts(s)
+        if by_count and 1 < len(s) < full:
+            if len(s) in seen:
+                continue
+            seen.add(len(s))
+            group = [t for t in colours if len(t) == len(s)]
+            k = {key: sum(diff.counts(t)[key] for t in group) for key in k}
+            text = f"in {len(s)} of {full}"
+        else:
+            text = diff.label(s) + (" (gold nodes, black edges)" if len(s) == full else "")
+        fill = SHARED_NODE if len(s) == full else colours[s]
+        legend.append((fill, f"{text}: " + ", ".join(plural(k[key], w) for key, w in
+                                                     (("heads", "head"), ("mlps", "MLP"), ("edges", "edge")))))
+    look.legend = legend
+    return to_dot(union, look)
+
+
+def render_overlay(diff: Diff, path: str | Path) -> Path:
+    """The overlay diagram as .svg, .png or .pdf, with its .dot beside it."""
+    return render_dot(overlay_dot(diff), path)
