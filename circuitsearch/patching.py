@@ -195,6 +195,42 @@ class Run:
 
 
 @dataclass
+class Batch:
+    """The prompt rows a forward pass runs on and how each counts in the mean metric.
+
+    Identical rows give identical results under mean and zero ablation (and under resample
+    when their corrupted prompts match too), so the evaluator runs each distinct row once and
+    weights it by how often it occurs: exact, and several times faster on tasks that repeat
+    prompts.
+    """
+
+    tokens: torch.Tensor    # [B, P]
+    answers: torch.Tensor   # [B]
+    wrong: torch.Tensor     # [B]
+    weight: torch.Tensor    # [B] occurrences of the row in the task
+    ref: torch.Tensor | None = None  # full model's log-probs per row (KL metric)
+
+    @property
+    def cols(self) -> torch.Tensor:
+        return torch.stack([self.answers, self.wrong], 1)
+
+
+def distinct_rows(task: Task, ablation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first index of each distinct row, inverse map) over the rows that determine a clean run."""
+    parts = [task.clean, task.answers[:, None], task.wrong_answers[:, None]]
+    if ablation == "resample":
+        parts.append(task.corrupted)
+    key = torch.cat(parts, 1)
+    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)
+    first = torch.full((len(uniq),), len(key), dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(len(key)), reduce="amin")
+    order = first.argsort()  # keep the task's row order
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    return first[order], rank[inverse]
+
+
+@dataclass
 class Source:
     """Ablation values (broadcastable to [B, P, ...]) for embed, head z and MLP outputs."""
 
@@ -235,19 +271,23 @@ class Evaluator:
                         ("answers", task.answers), ("wrong answers", task.wrong_answers)):
             if int(t.max()) >= vocab or int(t.min()) < 0:
                 raise ValueError(f"task {task.name!r}: {what} hold token ids outside the model's vocabulary of {vocab}")
-        self._cols = torch.stack([task.answers, task.wrong_answers], 1)  # [B, 2]
-        self._ref_logprobs = None
+        first, inverse = distinct_rows(task, ablation)
+        self.rows_inverse = inverse
+        counts = torch.bincount(inverse, minlength=len(first)).float()
+        self.batch = Batch(task.clean[first], task.answers[first], task.wrong_answers[first], counts)
+        everything = Batch(task.corrupted, task.answers, task.wrong_answers, torch.ones(len(task)))
         with torch.inference_mode():
             empty = self._empty_masks()
-            self._embed_clean = self._embed(task.clean)
+            self._embed_clean = self._embed(self.batch.tokens)
             corrupt = self._forward(None, -1, frozenset(), frozenset(), empty, self._embed(task.corrupted),
-                                    source=None, count=True)
-            self.source = self._make_source(corrupt)
+                                    source=None, count=True, batch=everything)
+            self.source = self._make_source(corrupt, first)
             self.clean_run = self._forward(None, -1, frozenset(), frozenset(), empty, self._embed_clean, count=True)
             if not self.metric.two_columns:
-                self._ref_logprobs = torch.log_softmax(self.clean_run.logits.float(), -1)
-                self._finish(self.clean_run)
-                self._finish(corrupt)
+                self.batch.ref = torch.log_softmax(self.clean_run.logits.float(), -1)
+                everything.ref = self.batch.ref[inverse]
+                self._finish(self.clean_run, self.batch)
+                self._finish(corrupt, everything)
             self.full = self.clean_run.score
             self.corrupted = corrupt.score
             self.empty = self.score(nodes=self.senders)
@@ -353,9 +393,11 @@ class Evaluator:
             x = x + self.w.W_pos[: tokens.shape[1]]
         return x
 
-    def _make_source(self, corrupt: Run) -> Source:
+    def _make_source(self, corrupt: Run, rows: torch.Tensor) -> Source:
+        """Ablation values from the corrupted run (over all the task's rows); resample keeps `rows`."""
         if self.ablation == "resample":
-            return Source("resample", corrupt.embed, corrupt.z, corrupt.mlp_out)
+            return Source("resample", corrupt.embed[rows], [t[rows] for t in corrupt.z],
+                          [None if t is None else t[rows] for t in corrupt.mlp_out])
         mean = lambda t: None if t is None else t.mean(0, keepdim=True)
         zero = lambda t: None if t is None else torch.zeros_like(t[:1])
         f = mean if self.ablation == "mean" else zero
@@ -456,9 +498,11 @@ class Evaluator:
         return bool(masks.mlps[info.layer])
 
     def _forward(self, base: Run | None, start: int, nodes: frozenset, edges: frozenset, masks: Masks,
-                 embed_live: torch.Tensor, source: Source | None = "self", count: bool = True) -> Run:
+                 embed_live: torch.Tensor, source: Source | None = "self", count: bool = True,
+                 batch: Batch | None = None) -> Run:
         """Recompute `base`'s circuit with new masks from stage `start` on (see stage_of)."""
         src = self.source if source == "self" else source
+        batch = batch or self.batch
         L = self.L
         if base is None or start < 0:
             embed = src.embed.expand_as(embed_live) if (masks.embed and src is not None) else embed_live
@@ -507,15 +551,16 @@ class Evaluator:
         last = (resid if delta is None else resid - delta[:, :, 0])[:, -1]
         normed = self._norm(last, self.w.ln_final)
         if self.metric.two_columns:
-            W = self.w.W_U[:, self._cols]  # [d, B, 2]
-            run.logits = torch.einsum("bd,dbc->bc", normed, W) + self.w.b_U[self._cols]
+            cols = batch.cols
+            W = self.w.W_U[:, cols]  # [d, B, 2]
+            run.logits = torch.einsum("bd,dbc->bc", normed, W) + self.w.b_U[cols]
         else:
             run.logits = normed @ self.w.W_U + self.w.b_U
         if count:
             self.forward_passes += 1
             self.forward_equivalents += self._cost(start)
-        if self.metric.two_columns or self._ref_logprobs is not None:
-            self._finish(run)
+        if self.metric.two_columns or batch.ref is not None:
+            self._finish(run, batch)
         return run
 
     def _cost(self, start: int) -> float:
@@ -528,10 +573,10 @@ class Evaluator:
             left = self.L - layer - 1
         return max(left, 0.0) / self.L
 
-    def _finish(self, run: Run) -> None:
-        run.per_prompt = self.metric.per_prompt(run.logits, self.task.answers, self.task.wrong_answers,
-                                                self._ref_logprobs)
-        run.score = float(run.per_prompt.mean())
+    def _finish(self, run: Run, batch: Batch) -> None:
+        """The metric per distinct row, and the score: its mean over all the task's rows."""
+        run.per_prompt = self.metric.per_prompt(run.logits, batch.answers, batch.wrong, batch.ref)
+        run.score = float((run.per_prompt * batch.weight).sum() / batch.weight.sum())
 
     def _sender_stage(self, s: int) -> int:
         return self.stage_of(self.senders[s])

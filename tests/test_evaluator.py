@@ -1,4 +1,5 @@
 """The evaluator against the plain model and a naive TransformerLens hooked forward."""
+import dataclasses
 import random
 
 import pytest
@@ -188,3 +189,24 @@ def test_smollm2_fast_path_matches_hooked_reference(smollm2, smollm2_digits):
     assert abs(fast - hooked_score(smollm2, smollm2_digits, "mean", edges=edges)) < TOL
     node = "a20.3"
     assert abs(ev.score(nodes=[node]) - ev.score(edges=out_edges(ev, node))) < TOL
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+@pytest.mark.parametrize("metric", ["logit_diff", "kl"])
+def test_repeated_prompts_run_once_and_score_as_the_plain_mean(test_model, ablation, metric):
+    base = random_task(test_model.bridge.cfg.d_vocab, n=4, seed=5)
+    # rows 0 and 2 repeat with their own corrupted prompts; row 1 repeats exactly
+    task = base.subset([0, 1, 0, 2, 1, 3, 0, 2])
+    task.corrupted[2] = base.corrupted[3]
+    ev = Evaluator(test_model, task, ablation, metric)
+    distinct = 4 if ablation != "resample" else 5
+    assert ev.batch.tokens.shape[0] == distinct and float(ev.batch.weight.sum()) == len(task)
+    rng = random.Random(3)
+    nodes = rng.sample(ev.senders, 3)
+    edges = [e for e in rng.sample(ev.graph.edges, 8) if test_model.n_kv_heads == test_model.n_heads]
+    fast = ev.score(nodes=nodes, edges=edges)
+    assert abs(fast - ev.full) > 1e-4
+    assert abs(fast - hooked_score(test_model, task, ablation, metric, nodes=nodes, edges=edges)) < TOL
+    if metric == "logit_diff":  # the corrupted run still covers every row
+        as_clean = dataclasses.replace(task, clean=task.corrupted)
+        assert abs(ev.corrupted - plain_logit_diff(test_model, as_clean)) < TOL
