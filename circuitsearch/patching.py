@@ -263,6 +263,7 @@ class Evaluator:
         self.S = len(self.senders)
         self.forward_passes = 0
         self.forward_equivalents = 0.0
+        self.backward_passes = 0
         n_ctx = self.w.rotary[0].shape[0] if self.w.rotary else (self.w.W_pos.shape[0] if self.w.W_pos is not None else None)
         if n_ctx is not None and task.seq_len > n_ctx:
             raise ValueError(f"task prompts are {task.seq_len} tokens but the model's context is {n_ctx}")
@@ -330,8 +331,10 @@ class Evaluator:
                 "faithfulness": self.faithfulness(score), "normalized": self.normalized(score)}
 
     def stats(self) -> dict:
-        return {"forward_passes": self.forward_passes,
-                "forward_equivalents": round(self.forward_equivalents, 3)}
+        out = {"forward_passes": self.forward_passes, "forward_equivalents": round(self.forward_equivalents, 3)}
+        if self.backward_passes:
+            out["backward_passes"] = self.backward_passes
+        return out
 
     def stage_of(self, name: str) -> int:
         """Where a node or edge first changes the forward pass.
@@ -347,6 +350,82 @@ class Evaluator:
         if info.kind == "head":
             return 3 * info.layer + (0 if edge else 1)
         return {"embed": -1, "mlp": 3 * info.layer + 2, "logits": 3 * self.L}[info.kind]
+
+    def receiver_gradients(self, run: Run | None = None, alpha: float = 1.0) -> dict:
+        """Gradient of the score with respect to every receiver's input, in `run`'s circuit.
+
+        Every live sender's output is mixed `alpha` of the way from its ablation value to its
+        live value (alpha = 1: the circuit itself; alpha = 0: everything ablated), which is
+        the path integrated gradients walk. One forward and one backward pass. Returns
+        {"attn": [L] x [B, P, 3, H, d], "mlp": [L] x [B, P, d], "logits": [B, d]} for the
+        distinct prompt rows, each row's gradient weighted by its share of the task.
+        """
+        if self.metric.name == "accuracy":
+            raise ValueError("accuracy has no gradient: attribute with logit_diff, prob or kl instead")
+        run = run or self.clean_run
+        masks, L, H = run.masks.copy(), self.L, self.H  # copies: normal tensors, not inference ones
+        src = self._grad_source()
+        mix = lambda live, abl: abl + alpha * (live - abl)
+        inputs = {"attn": [None] * L, "mlp": [None] * L, "logits": None}
+        with torch.enable_grad():
+            live = self._embed(self.batch.tokens).requires_grad_()
+            embed = src.embed.expand_as(live) if masks.embed else mix(live, src.embed)
+            out = [embed - src.embed]  # live - ablated output of each sender in forward order
+            resid = embed
+
+            def delta(mask):  # Σ over removed senders of (live - ablated), per receiver row
+                cols = mask.any(0).nonzero()[:, 0].tolist()
+                if not cols:
+                    return 0.0
+                return torch.einsum("rs,bpsd->bprd", mask[:, cols].float(), torch.stack([out[c] for c in cols], 2))
+
+            for l in range(L):
+                lw = self.w.layers[l]
+                d = delta(masks.e_attn[l].reshape(3 * H, self.S)[:, : len(out)])
+                x = resid[:, :, None, None, :].expand(*resid.shape[:2], 3, H, resid.shape[-1])
+                if not isinstance(d, float):
+                    x = x - d.reshape(*d.shape[:2], 3, H, d.shape[-1])
+                inputs["attn"][l] = x
+                z = self._attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
+                z = torch.where(masks.heads[l][None, None, :, None], src.z[l], mix(z, src.z[l]))
+                heads = torch.einsum("bphe,hed->bphd", z - src.z[l], lw.W_O)
+                out += list(heads.unbind(2))
+                resid = resid + torch.einsum("bphe,hed->bpd", z, lw.W_O) + lw.b_O
+                if not self.attn_only:
+                    d = delta(masks.e_mlp[l][None, : len(out)])
+                    x = resid.clone() if isinstance(d, float) else resid - d[:, :, 0]
+                    inputs["mlp"][l] = x
+                    m = self._mlp(lw, x)
+                    m = src.mlp_out[l].expand_as(m) if bool(masks.mlps[l]) else mix(m, src.mlp_out[l])
+                    out.append(m - src.mlp_out[l])
+                    resid = resid + m
+            d = delta(masks.e_logits[None])
+            x = resid[:, -1].clone() if isinstance(d, float) else (resid - d[:, :, 0])[:, -1]
+            inputs["logits"] = x
+            normed = self._norm(x, self.w.ln_final)
+            b = self.batch
+            if self.metric.two_columns:
+                logits = torch.einsum("bd,dbc->bc", normed, self.w.W_U[:, b.cols]) + self.w.b_U[b.cols]
+            else:
+                logits = normed @ self.w.W_U + self.w.b_U
+            per = self.metric.per_prompt(logits, b.answers, b.wrong, b.ref)
+            score = (per * b.weight).sum() / b.weight.sum()
+            flat = inputs["attn"] + [t for t in inputs["mlp"] if t is not None] + [x]
+            grads = torch.autograd.grad(score, flat, allow_unused=True, materialize_grads=True)
+        self.forward_passes += 1
+        self.forward_equivalents += 1.0
+        self.backward_passes += 1
+        g_attn, rest = list(grads[:L]), list(grads[L:])
+        g_mlp = [None] * L if self.attn_only else rest[:L]
+        return {"attn": g_attn, "mlp": g_mlp, "logits": rest[-1]}
+
+    def _grad_source(self) -> Source:
+        """The ablation source as ordinary tensors (the cached ones are inference tensors)."""
+        if getattr(self, "_grad_src", None) is None:
+            c = lambda t: None if t is None else t.clone()
+            s = self.source
+            self._grad_src = Source(s.kind, c(s.embed), [c(t) for t in s.z], [c(t) for t in s.mlp_out])
+        return self._grad_src
 
     # ------------------------------------------------------------------ masks
 

@@ -23,7 +23,7 @@ def prev_token_attention(cache, head):
     return torch.stack([p[:, i, i - 1] for i in range(1, p.shape[1])]).mean().item()
 
 
-@pytest.mark.parametrize("order", ["forward", "reverse", "alternate", "random:1", "random:2"])
+@pytest.mark.parametrize("order", ["forward", "reverse", "alternate", "random:1", "random:2", "attribution"])
 def test_induction_circuit_recovered(setup, order):
     model, task, cache, ev = setup
     assert ev.full > 5 and ev.faithfulness(ev.corrupted) < 0.1  # the model does induction; corruption kills it

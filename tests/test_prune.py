@@ -11,7 +11,7 @@ from circuitsearch.rundir import PruneConfig, RunDirError, run_prune
 from circuitsearch.testing import PLANTED_EDGES, PLANTED_NODES, planted_model, planted_task
 from conftest import random_task, self_task
 
-ORDERS = ["forward", "reverse", "alternate", "random:1", "random:7"]
+ORDERS = ["forward", "reverse", "alternate", "random:1", "random:7", "attribution"]
 
 
 @pytest.fixture(scope="module", params=[0, 1])

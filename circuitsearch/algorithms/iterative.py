@@ -119,6 +119,9 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str = "alter
         raise ValueError(f"max_passes must be at least 1, not {max_passes}")
     run = run if run is not None else ev.run()
     result = result or PruneResult(run)
+    if order == "attribution" and ranking is None:
+        from .attribution import attribute
+        ranking = attribute(ev, run).ranking(level)  # of the circuit this phase starts from
     replay = iter(replay)
     candidates = node_candidates if level == "nodes" else edge_candidates
     key = "nodes" if level == "nodes" else "edges"

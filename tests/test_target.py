@@ -1,0 +1,68 @@
+"""Pruning to target performances: verified, nested, and the known circuits recovered."""
+import pytest
+
+from circuitsearch.algorithms.iterative import edge_candidates
+from circuitsearch.algorithms.target import parse_targets, prune_to_targets
+from circuitsearch.models import load_model
+from circuitsearch.patching import Evaluator
+from circuitsearch.testing import PLANTED_EDGES, PLANTED_NODES, induction_task, planted_task
+from conftest import self_task
+
+
+def kept_nodes(ev, run):
+    return {n for n in ev.senders if n not in run.nodes}
+
+
+def test_planted_model_gives_exactly_the_planted_circuit():
+    ev = Evaluator(load_model("test:planted"), planted_task(n=16), "mean")
+    steps = prune_to_targets(ev, "0.97,0.9,0.8", progress=False)
+    for s in steps:
+        assert kept_nodes(ev, s.result.run) == set(PLANTED_NODES) - {"logits"}
+        assert set(edge_candidates(ev, s.result.run)) == set(PLANTED_EDGES)
+
+
+def test_induction_model_keeps_the_two_head_circuit():
+    ev = Evaluator(load_model("induction-2l"), induction_task(n=24), "mean")
+    (step,) = prune_to_targets(ev, [0.8], progress=False)
+    nodes = kept_nodes(ev, step.result.run)
+    assert {"a0.2", "a1.1"} <= nodes and len([n for n in nodes if n.startswith("a")]) <= 3
+    assert "a0.2->a1.1.k" in edge_candidates(ev, step.result.run)  # K-composition
+
+
+@pytest.mark.parametrize("level", ["nodes", "both"])
+def test_targets_are_verified_and_nested(level):
+    model = load_model("test:tiny-llama")
+    ev = Evaluator(model, self_task(model, n=8, seed=2), "mean")
+    steps = prune_to_targets(ev, [0.8, 0.95, 0.6], level=level, progress=False)
+    assert [s.target for s in steps] == [0.95, 0.8, 0.6]
+    sizes = []
+    for prev, s in zip([None] + steps[:-1], steps):
+        run = s.result.run
+        fresh = ev.faithfulness(ev.score(nodes=run.nodes, edges=run.edges))
+        assert fresh == pytest.approx(s.faithfulness, abs=1e-6) and fresh >= s.target
+        if prev is not None:  # nested: everything the bigger circuit removed stays removed
+            assert prev.result.run.nodes <= run.nodes and prev.result.run.edges <= run.edges
+        sizes.append(len(kept_nodes(ev, run)) + len(edge_candidates(ev, run)))
+        assert s.forward_passes > 0 and s.backward_passes > 0
+    assert sizes == sorted(sizes, reverse=True) and sizes[-1] < sizes[0]
+    assert sizes[0] < len(ev.senders) + len(ev.graph.edges)
+
+
+def test_refinement_never_undoes_the_target():
+    model = load_model("test:tiny-gpt")
+    ev = Evaluator(model, self_task(model, n=8, seed=4), "mean")
+    fast = prune_to_targets(ev, [0.9], level="nodes", refine=False, progress=False)[0]
+    refined = prune_to_targets(ev, [0.9], level="nodes", progress=False)[0]
+    assert refined.faithfulness >= 0.9 and fast.faithfulness >= 0.9
+    assert len(kept_nodes(ev, refined.result.run)) <= len(kept_nodes(ev, fast.result.run))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("0.9,abc", "target 'abc' is not a number"),
+    ("1.5", "outside \\(0, 1\\]"),
+    ("0", "outside \\(0, 1\\]"),
+    ("", "is not a number"),
+])
+def test_bad_targets_are_rejected(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_targets(text)
