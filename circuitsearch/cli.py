@@ -44,8 +44,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-passes", type=int, default=10)
     p.add_argument("--preset", choices=("acdc",), help="acdc: resample ablation, KL metric, edges, reverse order, "
                    "relative threshold on the KL itself (--relative, default 0.01), no absolute threshold")
+    p.add_argument("--target", help="prune to target performances instead, e.g. 0.97,0.9,0.8: for each, the "
+                   "smallest circuit verified at or above it (nested; attribution ranking, bisection, refinement)")
+    p.add_argument("--attribution", choices=("eap", "eap-ig"), default="eap-ig",
+                   help="ranking for --target and --order attribution (default eap-ig)")
+    p.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps (default 5)")
     p.add_argument("--out", default="runs/latest", help="run directory (resumes if it holds the same run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("attribute", help="attribution patching: estimated effect of every node and edge, "
+                       "from a few forward and backward passes")
+    _add_model_task(p)
+    p.add_argument("--method", choices=("eap", "eap-ig"), default="eap-ig")
+    p.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps (default 5)")
+    p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
+    p.add_argument("--metric", choices=("logit_diff", "prob", "kl"), default="logit_diff")
+    p.add_argument("--check", action="store_true", help="also ablate every node exactly and report the rank "
+                   "correlation (one forward pass per node)")
+    p.add_argument("--top", type=int, default=15, help="how many nodes and edges to list")
+    p.add_argument("--out", default="runs/attribution", help="directory for attribution.json")
 
     p = sub.add_parser("score", help="scores of the full model, the corrupted run and the empty circuit")
     _add_model_task(p)
@@ -65,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"prune": cmd_prune, "score": cmd_score, "tasks": cmd_tasks, "models": cmd_models,
-                "render": cmd_render}[args.command](args)
+                "render": cmd_render, "attribute": cmd_attribute}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
@@ -113,6 +130,8 @@ def cmd_prune(args) -> int:
     from .rundir import run_prune
 
     cfg = _config(args)
+    if args.target:
+        return _prune_targets(args, cfg)
     Thresholds(cfg.absolute, cfg.relative, cfg.on)
     check_order(cfg.order)
     c = run_prune(cfg, args.out, progress=not args.quiet)
@@ -126,6 +145,57 @@ def cmd_prune(args) -> int:
     files = [f for f in ("report.md", "circuit.json", "circuit.svg", "circuit.dot", "decisions.jsonl", "task.json")
              if (out / f).exists()]
     print(f"  files in {out}/: {', '.join(files)}")
+    return 0
+
+
+def _prune_targets(args, cfg) -> int:
+    from .algorithms.target import parse_targets
+    from .rundir import run_targets
+
+    targets = parse_targets(args.target)  # reject bad targets before loading the model
+    rows = run_targets(cfg, targets, args.out, args.attribution, args.steps, progress=not args.quiet)
+    print(f"\n{'target':>7} {'heads':>5} {'MLPs':>4} {'edges':>6} {'faithfulness':>12} {'fwd passes':>10}")
+    for r in rows:
+        print(f"{r.get('target'):>7} {r.get('heads'):>5} {r.get('mlps'):>4} {r.get('edges'):>6} "
+              f"{r.get('faithfulness', float('nan')):>12.4f} {str(r.get('forward_passes', 'resumed')):>10}")
+    print(f"  files in {args.out}/: targets.json, report.md, target-*/ (a run directory per target)")
+    return 0
+
+
+def cmd_attribute(args) -> int:
+    import time
+
+    from .algorithms.attribution import attribute
+    from .models import load_model
+    from .patching import Evaluator
+    from .rundir import PruneConfig, resolve_task
+
+    cfg = PruneConfig(model=args.model, task=args.task, n_prompts=args.n_prompts, seed=args.seed,
+                      template=args.template, corruption=args.corruption)
+    model = load_model(args.model)
+    task = resolve_task(cfg, model)
+    ev = Evaluator(model, task, args.ablation, args.metric)
+    t0 = time.perf_counter()
+    a = attribute(ev, method=args.method, steps=args.steps)
+    seconds = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    a.save(out / "attribution.json")
+    print(f"{args.method} on {task.name} ({len(task)} prompts, {args.ablation} ablation, {args.metric}): "
+          f"{len(a.nodes)} nodes, {len(a.edges)} edges from {ev.backward_passes} forward+backward passes "
+          f"in {seconds:.1f} s; full {ev.full:.3f}")
+    print(f"\n{'node':>8} {'estimated change':>16}")
+    for n in a.top("nodes", args.top):
+        print(f"{n:>8} {a.nodes[n]:>16.4f}")
+    print(f"\n{'edge':>22} {'estimated change':>16}")
+    for e in a.top("edges", args.top):
+        print(f"{e:>22} {a.edges[e]:>16.4f}")
+    if args.check:
+        from scipy.stats import spearmanr
+        exact = [ev.score(nodes=[n]) - ev.full for n in ev.senders]
+        rho = float(spearmanr([a.nodes[n] for n in ev.senders], exact)[0])
+        print(f"\nrank correlation with exact single-node ablation ({len(exact)} forward passes): {rho:.3f}")
+    print(f"\nwrote {out / 'attribution.json'}")
     return 0
 
 

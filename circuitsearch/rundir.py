@@ -250,3 +250,110 @@ def report(circuit, diagram: str | None) -> str:
               "Files: task.json (prompts), circuit.json (the circuit, schema circuitsearch.circuit/1), "
               "decisions.jsonl (every candidate tried), circuit.dot / circuit.svg (diagram).", ""]
     return "\n".join(lines)
+
+
+def circuit_state(ev, circuit) -> tuple[list[str], list[str]]:
+    """(ablated nodes, removed edges) that make `ev` score `circuit` as its run did."""
+    kept = set(circuit.nodes)
+    nodes = [n for n in ev.senders if n not in kept]
+    if circuit.node_level:
+        return nodes, []
+    from .graphs.model_graph import receiver_node, split_edge
+    keep_edges = set(circuit.edges)
+    edges = []
+    for e in ev.graph.edges:
+        src, dst = split_edge(e)
+        if src in kept and receiver_node(dst)[0] in kept and e not in keep_edges:
+            edges.append(e)
+    return nodes, edges
+
+
+def run_targets(config: PruneConfig, targets, out: str | Path, method: str = "eap-ig", steps: int = 5,
+                progress: bool = True, log=print) -> list:
+    """Nested circuits for each target into out/target-T/ (a run directory each) plus targets.json.
+
+    A killed run resumes after the last target whose circuit.json was written.
+    """
+    from .algorithms.iterative import PruneResult
+    from .algorithms.target import parse_targets, prune_to_targets
+    from .graphs.export import load_circuit
+    from .models import load_model
+    from .patching import Evaluator
+
+    targets = parse_targets(targets)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {**config.to_json(), "order": "attribution", "targets": targets, "attribution": method, "steps": steps}
+    ck = out / "checkpoint.json"
+    if ck.exists():
+        try:
+            old = json.loads(ck.read_text()).get("config")
+        except json.JSONDecodeError:
+            raise RunDirError(f"{ck} is damaged; remove the directory or choose another --out") from None
+        if old != cfg:
+            raise RunDirError(f"{out} holds a run with other settings; choose another --out, or remove it to start again")
+    elif any(out.iterdir()):
+        raise RunDirError(f"{out} is not empty and holds no target run; choose another --out or empty it")
+    atomic_write_text(ck, json.dumps({"schema": "circuitsearch.checkpoint/1", "status": "running", "config": cfg}))
+    t0 = time.time()
+    model = load_model(config.model)
+    have_task = (out / "task.json").exists()
+    task = resolve_task(config, model, out, have_task)
+    if not have_task:
+        atomic_write_text(out / "task.json", json.dumps(task.to_json()))
+    ev = Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv)
+    log(f"{model.name}: {model.n_layers} layers x {model.n_heads} heads; task {task.name}: {len(task)} prompts; "
+        f"full {config.metric} {ev.full:.3f}, empty circuit {ev.empty:.3f}; targets {', '.join(map(str, targets))}")
+    rows, start, todo = [], None, list(targets)
+    for t in targets:
+        path = out / f"target-{t}" / "circuit.json"
+        if not path.exists():
+            break
+        c = load_circuit(path)
+        nodes, edges = circuit_state(ev, c)
+        start = ev.run(nodes, edges)
+        rows.append({**c.method.get("target_search", {}), "resumed": True})
+        todo.remove(t)
+        log(f"target {t}: resumed from {path}")
+    tconf = PruneConfig(**{**config.to_json(), "order": "attribution"})
+
+    def write(step):
+        sub = out / f"target-{step.target}"
+        sub.mkdir(exist_ok=True)
+        atomic_write_text(sub / "task.json", (out / "task.json").read_text())
+        final = ev.score(nodes=step.result.run.nodes, edges=step.result.run.edges)
+        stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "target_forward_passes": step.forward_passes,
+                 "target_backward_passes": step.backward_passes}
+        c = circuit_from_result(ev, step.result, tconf, final, stats)
+        summary = step.summary(ev)
+        c.method.update(target=step.target, attribution=method, steps=steps, target_search=summary)
+        write_outputs(c, sub, log)
+        rows.append(summary)
+
+    if todo:
+        prune_to_targets(ev, todo, config.level, method, steps, progress=progress, start=start, on_target=write)
+    summary = {"schema": "circuitsearch.targets/1", "config": cfg, "targets": rows,
+               "stats": {**ev.stats(), "seconds": round(time.time() - t0, 2)}}
+    atomic_write_text(out / "targets.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "report.md", targets_report(summary))
+    atomic_write_text(ck, json.dumps({"schema": "circuitsearch.checkpoint/1", "status": "done", "config": cfg}))
+    return rows
+
+
+def targets_report(summary: dict) -> str:
+    """report.md of a target run: one row per target, links to each circuit's own report."""
+    c = summary["config"]
+    lines = [f"# Circuits at target performances: {c['task']} on {c['model']}", "",
+             f"Nested: each circuit is pruned from the one above it. Level {c['level']}, {c['ablation']} ablation, "
+             f"metric {c['metric']}; search: {c['attribution']} ranking, bisection, one refinement pass.", "",
+             "| target | heads | MLPs | edges | verified faithfulness | forward passes | backward passes | circuit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in summary["targets"]:
+        t = r.get("target")
+        lines.append(f"| {t} | {r.get('heads')} | {r.get('mlps')} | {r.get('edges')} | "
+                     f"{r.get('faithfulness', float('nan')):.4f} | {r.get('forward_passes')} | "
+                     f"{r.get('backward_passes')} | [target-{t}](target-{t}/report.md) |")
+    st = summary["stats"]
+    lines += ["", f"All targets: {st.get('forward_passes')} forward passes, {st.get('backward_passes', 0)} backward "
+              f"passes, {st.get('seconds')} s.", ""]
+    return "\n".join(lines)

@@ -66,3 +66,49 @@ def test_refinement_never_undoes_the_target():
 def test_bad_targets_are_rejected(text, message):
     with pytest.raises(ValueError, match=message):
         parse_targets(text)
+
+
+def test_target_run_directory_resumes_to_the_same_circuits(tmp_path):
+    import json
+    import shutil
+
+    from circuitsearch.graphs.export import load_circuit
+    from circuitsearch.rundir import PruneConfig, RunDirError, run_targets
+
+    cfg = PruneConfig(model="induction-2l", task="induction", level="both")
+    quiet = dict(progress=False, log=lambda *a: None)
+    whole = run_targets(cfg, "0.97,0.9,0.8", tmp_path / "a", **quiet)
+    assert [r["target"] for r in whole] == [0.97, 0.9, 0.8] and not any(r.get("resumed") for r in whole)
+    # a run killed after its first target: the later targets' directories were never written
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    for t in ("0.9", "0.8"):
+        shutil.rmtree(tmp_path / "b" / f"target-{t}")
+    again = run_targets(cfg, "0.97,0.9,0.8", tmp_path / "b", **quiet)
+    assert [r.get("resumed", False) for r in again] == [True, False, False]
+    for t in ("0.97", "0.9", "0.8"):
+        a, b = (load_circuit(tmp_path / d / f"target-{t}" / "circuit.json") for d in "ab")
+        assert a.nodes == b.nodes and a.edges == b.edges and a.scores == b.scores
+    summary = json.loads((tmp_path / "b" / "targets.json").read_text())
+    assert summary["schema"] == "circuitsearch.targets/1" and len(summary["targets"]) == 3
+    with pytest.raises(RunDirError, match="other settings"):
+        run_targets(cfg, "0.9", tmp_path / "b", **quiet)
+
+
+def test_cli_target_and_attribute(tmp_path, capsys):
+    import json
+
+    from circuitsearch.cli import main
+
+    assert main(["prune", "--model", "test:planted", "--task", "planted", "--target", "0.9",
+                 "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    assert "target-0.9" in (tmp_path / "t" / "report.md").read_text()
+    assert (tmp_path / "t" / "target-0.9" / "circuit.svg").exists()
+    assert main(["prune", "--model", "test:planted", "--task", "planted", "--target", "0.9,2",
+                 "--out", str(tmp_path / "u")]) == 2
+    assert "outside (0, 1]" in capsys.readouterr().err
+    assert main(["attribute", "--model", "test:planted", "--task", "planted", "--check",
+                 "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "rank correlation with exact single-node ablation" in out and "a1.2" in out
+    data = json.loads((tmp_path / "a" / "attribution.json").read_text())
+    assert data["schema"] == "circuitsearch.attribution/1" and set(data["nodes"]) >= {"embed", "a0.1", "m0", "a1.2"}
