@@ -74,6 +74,39 @@ def test_dangling_nodes_are_found():
     assert "a0.1" not in dangling_nodes(ev, run)
 
 
+def test_dangling_removal_keeps_the_thresholds():
+    from circuitsearch.algorithms.iterative import PruneResult, remove_dangling
+    model = load_model("test:tiny-llama")
+    ev = Evaluator(model, self_task(model, seed=1), "mean")
+    # a0.0 writes to nothing (every edge out of it removed): ablating it is exact. A layer-1 head
+    # that reads nothing live (every edge into it removed) still writes a constant that matters.
+    cut_out = [e for e in ev.graph.edges if e.startswith("a0.0->")]
+    for head in ev.graph.heads(1):
+        cut_in = [e for e in ev.graph.edges if e.split("->")[1].startswith(head + ".")]
+        run = ev.run(edges=cut_in + cut_out)
+        cost = ev.faithfulness(run.score) - ev.faithfulness(ev.extend(run, nodes=[head]).score)
+        if cost > 1e-3:
+            break
+    else:
+        pytest.fail("no layer-1 head whose constant output matters")
+    assert {head, "a0.0"} <= set(dangling_nodes(ev, run))
+    assert ev.extend(run, nodes=["a0.0"]).score == pytest.approx(run.score, abs=1e-5)
+    strict = PruneResult(run)
+    remove_dangling(ev, strict, Thresholds(None, 0.0))  # no removal may cost anything
+    assert "a0.0" in strict.run.nodes and head not in strict.run.nodes
+    loose = PruneResult(run)
+    remove_dangling(ev, loose, Thresholds(0.0, None))
+    assert {head, "a0.0"} <= loose.run.nodes
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_both_levels_end_above_the_absolute_threshold(seed):
+    model = load_model("test:tiny-gpt")
+    ev = Evaluator(model, self_task(model, seed=seed), "mean")
+    res = find_circuit(ev, "both", Thresholds(0.8), "alternate", progress=False)
+    assert ev.faithfulness(ev.score(nodes=res.ablated, edges=res.removed_edges)) >= 0.8 - 1e-6
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(absolute=1.5), "outside \\[0, 1\\]"),
     (dict(absolute=-0.1), "outside \\[0, 1\\]"),

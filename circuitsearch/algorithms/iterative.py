@@ -161,8 +161,9 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str = "alter
     return result
 
 
-def dangling_nodes(ev: Evaluator, run: Run) -> list[str]:
-    """Surviving nodes with no path to the logits, or (while embed survives) none from embed."""
+def dangling_nodes(ev: Evaluator, run: Run, from_embed: bool = True) -> list[str]:
+    """Surviving nodes with no path to the logits, or (while embed survives, unless from_embed
+    is False) none from embed."""
     g = nx.DiGraph()
     alive = [n for n in ev.senders if n not in run.nodes] + ["logits"]
     g.add_nodes_from(alive)
@@ -170,7 +171,7 @@ def dangling_nodes(ev: Evaluator, run: Run) -> list[str]:
         src, dst = split_edge(e)
         g.add_edge(src, receiver_node(dst)[0])
     to_logits = nx.ancestors(g, "logits")
-    from_embed = nx.descendants(g, "embed") if "embed" in g else None
+    from_embed = nx.descendants(g, "embed") if "embed" in g and from_embed else None
     return [n for n in alive[:-1]
             if n not in to_logits or (from_embed is not None and n != "embed" and n not in from_embed)]
 
@@ -192,7 +193,24 @@ def find_circuit(ev: Evaluator, level: str = "both", thresholds: Thresholds = Th
         prune(ev, phase, thresholds, order, max_passes, result.run, mine, on_decision,
               ranking.get(phase), progress, result)
     if level != "nodes":
-        result.dangling = dangling_nodes(ev, result.run)
-        if result.dangling:
-            result.run = ev.extend(result.run, nodes=result.dangling)
+        remove_dangling(ev, result, thresholds)
     return result
+
+
+def remove_dangling(ev: Evaluator, result: PruneResult, thresholds: Thresholds) -> None:
+    """Ablate nodes left without a path to the logits (exact: nothing downstream reads them),
+    then those without a path from embed if the thresholds accept it (they still write a
+    constant that can matter)."""
+    dangling = dangling_nodes(ev, result.run)
+    if not dangling:
+        return
+    to_logits = set(dangling_nodes(ev, result.run, from_embed=False))
+    rest = [n for n in dangling if n not in to_logits]
+    if to_logits:
+        result.run = ev.extend(result.run, nodes=sorted(to_logits, key=ev.senders.index))
+        result.dangling += [n for n in dangling if n in to_logits]
+    if rest:
+        cand = ev.extend(result.run, nodes=rest)
+        if thresholds.accepts(ev, result.run.score, cand.score):
+            result.run = cand
+            result.dangling += rest

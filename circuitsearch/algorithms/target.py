@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..patching import Evaluator, Run
 from .attribution import attribute
-from .iterative import PruneResult, Thresholds, dangling_nodes, edge_candidates, node_candidates, prune
+from .iterative import PruneResult, Thresholds, edge_candidates, node_candidates, prune, remove_dangling
 
 
 @dataclass
@@ -119,12 +119,8 @@ def prune_to_targets(ev: Evaluator, targets: list[float], level: str = "both", m
                 step.refined[phase] = len(run.nodes) + len(run.edges) - before
             result.run = run
         if level != "nodes":
-            dangling = dangling_nodes(ev, run)
-            if dangling:
-                cand = ev.extend(run, nodes=dangling)
-                if ev.faithfulness(cand.score) >= t:
-                    run, result.dangling = cand, dangling
-        result.run = run
+            remove_dangling(ev, result, Thresholds(absolute=t))
+            run = result.run
         final = ev.score(nodes=run.nodes, edges=run.edges)  # fresh, uncached verification
         step.faithfulness = ev.faithfulness(final)
         step.forward_passes = ev.forward_passes - fp
