@@ -52,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/latest", help="run directory (resumes if it holds the same run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    p = sub.add_parser("compare-orders", help="prune with several removal orders and compare the circuits: "
+                       "how often each node is kept, Jaccard, intersection and union")
+    _add_model_task(p)
+    p.add_argument("--orders", default="forward,reverse,alternate,attribution,random:1,random:2",
+                   help="comma-separated orders (default forward,reverse,alternate,attribution,random:1,random:2)")
+    p.add_argument("--level", choices=("nodes", "edges", "both"), default="both")
+    p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
+    p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy"), default="logit_diff")
+    p.add_argument("--absolute", type=_threshold, default=0.8, help="as for prune (default 0.8)")
+    p.add_argument("--relative", type=_threshold, default=None, help="as for prune (default off)")
+    p.add_argument("--max-passes", type=int, default=10)
+    p.add_argument("--out", default="runs/compare", help="directory: one run directory per order, "
+                   "comparison.json, comparison.svg, report.md (resumes)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
     p = sub.add_parser("attribute", help="attribution patching: estimated effect of every node and edge, "
                        "from a few forward and backward passes")
     _add_model_task(p)
@@ -72,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tasks", help="list the built-in tasks")
     sub.add_parser("models", help="list the models and what each needs")
 
+    p = sub.add_parser("diff", help="what circuits of one model share: counts per subset, Jaccard, overlay diagram")
+    p.add_argument("circuits", nargs="+", metavar="CIRCUIT", help="circuit.json files or run directories (2 or more)")
+    p.add_argument("--names", help="comma-separated names, one per circuit (default: their tasks)")
+    p.add_argument("--out", default="runs/diff", help="directory for diff.json and overlay.svg/.dot")
+    p.add_argument("--format", choices=("svg", "png", "pdf"), default="svg", help="overlay diagram format")
+
+    p = sub.add_parser("evaluate", help="score circuits on their own or other tasks' prompts (cross-task matrix)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories of finished prunes")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--task", help="one task to score every circuit on (built-in name or .jsonl)")
+    g.add_argument("--tasks", help="comma-separated tasks (default: the runs' own tasks)")
+    p.add_argument("--out", default="runs/crosstask.json", help="where the matrix is written as JSON")
+
     p = sub.add_parser("render", help="draw a circuit (circuit.json or a run directory) as SVG, PNG or PDF")
     p.add_argument("circuit")
     p.add_argument("--out", help="output file (.svg, .png, .pdf); default beside the circuit")
@@ -82,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"prune": cmd_prune, "score": cmd_score, "tasks": cmd_tasks, "models": cmd_models,
-                "render": cmd_render, "attribute": cmd_attribute}[args.command](args)
+                "render": cmd_render, "attribute": cmd_attribute, "diff": cmd_diff,
+                "evaluate": cmd_evaluate, "compare-orders": cmd_compare}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
@@ -142,7 +171,8 @@ def cmd_prune(args) -> int:
     print(f"  {st['forward_passes']} forward passes = {st['forward_equivalents']} full-forward equivalents, "
           f"{st['seconds']} s")
     out = Path(args.out)
-    files = [f for f in ("report.md", "circuit.json", "circuit.svg", "circuit.dot", "decisions.jsonl", "task.json")
+    files = [f for f in ("report.md", "circuit.json", "circuit.svg", "circuit.dot", "curves.png", "curves.json",
+                         "decisions.jsonl", "task.json")
              if (out / f).exists()]
     print(f"  files in {out}/: {', '.join(files)}")
     return 0
@@ -159,6 +189,22 @@ def _prune_targets(args, cfg) -> int:
         print(f"{r.get('target'):>7} {r.get('heads'):>5} {r.get('mlps'):>4} {r.get('edges'):>6} "
               f"{r.get('faithfulness', float('nan')):>12.4f} {str(r.get('forward_passes', 'resumed')):>10}")
     print(f"  files in {args.out}/: targets.json, report.md, target-*/ (a run directory per target)")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .algorithms.compare import format_comparison
+    from .rundir import PruneConfig, run_compare
+
+    cfg = PruneConfig(model=args.model, task=args.task, level=args.level, ablation=args.ablation,
+                      metric=args.metric, absolute=args.absolute, relative=args.relative,
+                      max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
+                      template=args.template, corruption=args.corruption)
+    orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    cmp = run_compare(cfg, orders, args.out, progress=not args.quiet)
+    print()
+    print(format_comparison(cmp), end="")
+    print(f"\nfiles in {args.out}/: comparison.json, comparison.svg, report.md, one run directory per order")
     return 0
 
 
@@ -212,6 +258,65 @@ def cmd_score(args) -> int:
     print(json.dumps({"model": model.name, "task": task.name, "prompts": len(task), "ablation": args.ablation,
                       "metric": args.metric, "full": ev.full, "corrupted": ev.corrupted, "empty": ev.empty,
                       "task_meta": task.meta}, indent=1))
+    return 0
+
+
+def _load_any(path: str):
+    from .graphs.export import load_circuit
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "circuit.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such circuit file or run directory (expected circuit.json in it)")
+    return load_circuit(p)
+
+
+def cmd_diff(args) -> int:
+    from .graphs.diff import diff_circuits, format_table, render_overlay
+    from .graphs.render import RenderError
+    from .io import atomic_write_text
+
+    if len(args.circuits) < 2:
+        raise ValueError("diff needs at least two circuits (circuit.json files or run directories)")
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    circuits = [_load_any(c) for c in args.circuits]
+    if names is None:
+        tasks = [c.task for c in circuits]
+        if len(set(tasks)) < len(tasks):  # same task twice (e.g. two orders): name them by their paths
+            names = [Path(c).name if Path(c).is_dir() else Path(c).parent.name for c in args.circuits]
+            names = names if len(set(names)) == len(names) else None
+    d = diff_circuits(circuits, names)
+    print(format_table(d), end="")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "diff.json", json.dumps(d.to_json(), indent=1))
+    files = ["diff.json"]
+    try:
+        render_overlay(d, out / f"overlay.{args.format}")
+        files += [f"overlay.{args.format}", "overlay.dot"]
+    except RenderError as e:
+        print(f"note: {e}", file=sys.stderr)
+        files.append("overlay.dot")
+    print(f"\nfiles in {out}/: {', '.join(f for f in files if (out / f).exists())}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import cross_task, format_matrix
+    from .io import atomic_write_text
+
+    tasks = [args.task] if args.task else ([t.strip() for t in args.tasks.split(",") if t.strip()]
+                                           if args.tasks else None)
+    ct = cross_task(args.runs, tasks)
+    print()
+    print(format_matrix(ct, "faithfulness"), end="")
+    print()
+    print(format_matrix(ct, "normalized"), end="")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps(ct.to_json(), indent=1))
+    print(f"\nwrote {out}")
     return 0
 
 

@@ -158,10 +158,13 @@ def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: di
                    meta={"n_prompts": len(ev.task), "task_meta": ev.task.meta, "model": ev.model.describe()})
 
 
-def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=print, stop_after: int | None = None):
+def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=print, stop_after: int | None = None,
+              model=None, curves: bool = True):
     """Run (or resume) a prune into `out` and write the run directory; returns the Circuit.
 
     stop_after: stop after that many new decisions, as a kill would (used by the resume test).
+    model: an already loaded model of config.model (saves the load when running several prunes).
+    curves: also write faithfulness curves (removal order and EAP-IG rankings) into the report.
     """
     from .algorithms.iterative import Thresholds, find_circuit
     from .models import load_model
@@ -171,7 +174,7 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
     out = Path(out)
     decisions, have_task = prepare(out, config)
     t0 = time.time()
-    model = load_model(config.model)
+    model = model if model is not None else load_model(config.model)
     task = resolve_task(config, model, out, have_task)
     if not have_task:
         atomic_write_text(out / "task.json", json.dumps(task.to_json()))
@@ -201,9 +204,27 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
     stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "decisions": len(result.decisions),
              "replayed": len(decisions)}
     circuit = circuit_from_result(ev, result, config, final, stats)
-    write_outputs(circuit, out, log)
+    made = write_curves(ev, result, circuit, out, log) if curves else None
+    write_outputs(circuit, out, log, made)
     dlog.checkpoint("done", {"faithfulness": circuit.scores["faithfulness"]})
     return circuit
+
+
+def write_curves(ev, result, circuit, out: Path, log=print) -> list | None:
+    """curves.json and curves.png: faithfulness against % of edges kept, for the run's removal order
+    and for the EAP-IG ranking of the full model (MIB's CPR and CMD)."""
+    from .algorithms.attribution import attribute
+    from .algorithms.curves import curves_json, faithfulness_curve, plot_curves, removal_ranking
+
+    ranked = [(f"removal order ({circuit.method['order']})", removal_ranking(ev, result.decisions, circuit)),
+              ("EAP-IG ranking", attribute(ev, method="eap-ig", steps=5).ranking("edges"))]
+    made = [faithfulness_curve(ev, r, name) for name, r in ranked]
+    atomic_write_text(out / "curves.json", json.dumps(curves_json(made), indent=1))
+    try:
+        plot_curves(made, out / "curves.png", f"{circuit.task} on {circuit.model}, {circuit.method['ablation']} ablation")
+    except ImportError as e:  # matplotlib is a dependency; a broken install still leaves curves.json
+        log(f"note: curves.png not drawn ({e})")
+    return made
 
 
 def _kept_note(task) -> str:
@@ -212,7 +233,7 @@ def _kept_note(task) -> str:
         if "n_kept" in m and "n_generated" in m else ""
 
 
-def write_outputs(circuit, out: Path, log=print) -> None:
+def write_outputs(circuit, out: Path, log=print, curves: list | None = None) -> None:
     """circuit.json, circuit.dot, the diagram and report.md of a finished run."""
     from .graphs.export import save_circuit
     from .graphs.render import RenderError, render
@@ -225,10 +246,10 @@ def write_outputs(circuit, out: Path, log=print) -> None:
         diagram = "circuit.svg"
     except RenderError as e:
         log(f"note: {e}")
-    atomic_write_text(out / "report.md", report(circuit, diagram))
+    atomic_write_text(out / "report.md", report(circuit, diagram, curves))
 
 
-def report(circuit, diagram: str | None) -> str:
+def report(circuit, diagram: str | None, curves: list | None = None) -> str:
     """report.md: what a person reads first."""
     s, m, st = circuit.scores, circuit.method, circuit.stats
     heads, mlps = circuit.heads(), circuit.mlps()
@@ -237,35 +258,30 @@ def report(circuit, diagram: str | None) -> str:
              f"(level {m['level']}, {m['ablation']} ablation, metric {m['metric']}, order {m['order']}, "
              f"thresholds {m['thresholds']}).", "",
              "| score | value |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in s.items()]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in s.items()]
     lines += ["", f"Forward passes: {st.get('forward_passes')} ({st.get('forward_equivalents')} full-forward "
               f"equivalents), {st.get('seconds')} s, {st.get('decisions')} decisions.", ""]
     if diagram:
         lines += [f"![circuit]({diagram})", ""]
+    if curves:
+        lines += ["## Faithfulness curves", "",
+                  "Normalized faithfulness (MIB) when only the top k % of the model's "
+                  f"{curves[0].n_edges} edges by a ranking are kept; CPR = area under the curve (higher is "
+                  "better), CMD = area under |1 − f| (lower is better).", "",
+                  "| ranking | " + " | ".join(f"{p:g} %" for p in curves[0].percentages) + " | CPR | CMD |",
+                  "|---|" + "---|" * (len(curves[0].percentages) + 2)]
+        lines += [f"| {c.name} | " + " | ".join(f"{f:.3f}" for f in c.faithfulness) + f" | {c.cpr:.3f} | {c.cmd:.3f} |"
+                  for c in curves]
+        lines += ["", "![faithfulness curves](curves.png)", ""]
     ranked = sorted(((n, e) for n, e in circuit.nodes.items() if e is not None), key=lambda x: -x[1])
     if ranked:
         lines += ["## Most important nodes", "", "Faithfulness lost when the node was last tried for removal.", "",
                   "| node | effect |", "|---|---|"] + [f"| {n} | {e:.4f} |" for n, e in ranked[:15]] + [""]
     lines += ["## Nodes", "", ", ".join(circuit.nodes), "",
               "Files: task.json (prompts), circuit.json (the circuit, schema circuitsearch.circuit/1), "
-              "decisions.jsonl (every candidate tried), circuit.dot / circuit.svg (diagram).", ""]
+              "decisions.jsonl (every candidate tried), circuit.dot / circuit.svg (diagram)"
+              + (", curves.json / curves.png (faithfulness curves)" if curves else "") + ".", ""]
     return "\n".join(lines)
-
-
-def circuit_state(ev, circuit) -> tuple[list[str], list[str]]:
-    """(ablated nodes, removed edges) that make `ev` score `circuit` as its run did."""
-    kept = set(circuit.nodes)
-    nodes = [n for n in ev.senders if n not in kept]
-    if circuit.node_level:
-        return nodes, []
-    from .graphs.model_graph import receiver_node, split_edge
-    keep_edges = set(circuit.edges)
-    edges = []
-    for e in ev.graph.edges:
-        src, dst = split_edge(e)
-        if src in kept and receiver_node(dst)[0] in kept and e not in keep_edges:
-            edges.append(e)
-    return nodes, edges
 
 
 def run_targets(config: PruneConfig, targets, out: str | Path, method: str = "eap-ig", steps: int = 5,
@@ -276,6 +292,7 @@ def run_targets(config: PruneConfig, targets, out: str | Path, method: str = "ea
     """
     from .algorithms.iterative import PruneResult
     from .algorithms.target import parse_targets, prune_to_targets
+    from .evaluation import circuit_state
     from .graphs.export import load_circuit
     from .models import load_model
     from .patching import Evaluator
@@ -356,4 +373,65 @@ def targets_report(summary: dict) -> str:
     st = summary["stats"]
     lines += ["", f"All targets: {st.get('forward_passes')} forward passes, {st.get('backward_passes', 0)} backward "
               f"passes, {st.get('seconds')} s.", ""]
+    return "\n".join(lines)
+
+
+def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progress: bool = True, log=print):
+    """Prune with each order into out/<order>/ (each a resumable run directory, all on the same
+    prompts), then compare: comparison.json, comparison.svg and report.md in `out`."""
+    from .algorithms.compare import compare_circuits, order_dirname, render_comparison
+    from .algorithms.iterative import Thresholds
+    from .algorithms.orders import check_order
+    from .graphs.render import RenderError
+    from .models import load_model
+    from .patching import Evaluator
+
+    Thresholds(config.absolute, config.relative, config.on)  # reject bad thresholds before loading
+    orders = [check_order(o) for o in orders]
+    if len(orders) < 2 or len(set(orders)) != len(orders):
+        raise ValueError(f"compare-orders needs at least two distinct orders, got {orders}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(config.model)
+    have_task = (out / "task.json").exists()
+    task = resolve_task(config, model, out, have_task)
+    task_text = json.dumps(task.to_json())
+    if not have_task:
+        atomic_write_text(out / "task.json", task_text)
+    circuits = []
+    for i, order in enumerate(orders):
+        sub = out / order_dirname(order)
+        sub.mkdir(exist_ok=True)
+        if not (sub / "task.json").exists():
+            atomic_write_text(sub / "task.json", task_text)
+        log(f"[{i + 1}/{len(orders)}] order {order} -> {sub}")
+        cfg = PruneConfig(**{**config.to_json(), "order": order})
+        circuits.append(run_prune(cfg, sub, progress=progress, log=lambda *a: None, model=model))
+        c = circuits[-1]
+        log(f"  {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges, faithfulness "
+            f"{c.scores['faithfulness']:.3f}, {c.stats.get('forward_passes')} forward passes")
+    ev = Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv)
+    cmp = compare_circuits(ev, circuits, orders)
+    atomic_write_text(out / "comparison.json", json.dumps(cmp.to_json(), indent=1))
+    diagram = None
+    try:
+        render_comparison(cmp, out / "comparison.svg")
+        diagram = "comparison.svg"
+    except RenderError as e:
+        log(f"note: {e}")
+    atomic_write_text(out / "report.md", comparison_report(cmp, diagram))
+    return cmp
+
+
+def comparison_report(cmp, diagram: str | None) -> str:
+    """report.md of compare-orders: the terminal table, the shaded diagram, links to each order's run."""
+    from .algorithms.compare import format_comparison, order_dirname
+
+    lines = [f"# Removal orders compared: {cmp.circuits[0].task} on {cmp.diff.model}", "", "```",
+             format_comparison(cmp).rstrip(), "```", ""]
+    if diagram:
+        lines += [f"![orders]({diagram})", ""]
+    lines += ["Each order's run: " + ", ".join(f"[{o}]({order_dirname(o)}/report.md)" for o in cmp.orders), "",
+              "comparison.json holds per-node and per-edge counts, the Jaccard matrices, and the intersection "
+              "and union circuits with their verified scores.", ""]
     return "\n".join(lines)

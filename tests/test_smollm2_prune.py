@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from circuitsearch.evaluation import cross_task
 from circuitsearch.patching import Evaluator
 from circuitsearch.rundir import PruneConfig, run_prune
 from circuitsearch.tasks.base import Task
@@ -22,3 +23,8 @@ def test_smollm2_digits_node_circuit(tmp_path, smollm2):
     ablated = [n for n in ev.senders if n not in c.nodes]
     assert ev.faithfulness(ev.score(nodes=ablated)) == pytest.approx(c.scores["faithfulness"], abs=1e-5)
     assert ev.faithfulness(ev.score(nodes=ablated)) >= 0.8
+    # cross-task: on its own prompts the circuit scores its own score; months prompts are built fresh
+    ct = cross_task([tmp_path], ["digits", "months"], model=smollm2, log=lambda *a: None)
+    assert ct.scores[0][0]["faithfulness"] == pytest.approx(c.scores["faithfulness"], abs=1e-5)
+    assert ct.prompts == {"digits": 24, "months": 24}
+    assert ct.scores[0][1]["full"] > 0 and ct.scores[0][1]["faithfulness"] < 1.5

@@ -1,0 +1,162 @@
+"""Score saved circuits on any task's data: a run's own prompts (reproduces its score) or another task's.
+
+A circuit is scored as its run scored it: same ablation and metric, everything outside it
+ablated. On its own task the run directory's task.json is used, so the score is the run's own.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .graphs.circuit import Circuit
+
+MATRIX_SCHEMA = "circuitsearch.crosstask/1"
+
+
+@dataclass
+class SavedRun:
+    """A finished run directory: its circuit and the exact task it was found on."""
+
+    path: Path
+    circuit: Circuit
+    task: object  # tasks.base.Task
+
+    @property
+    def name(self) -> str:
+        return self.circuit.task
+
+
+def load_run(path: str | Path) -> SavedRun:
+    """circuit.json + task.json of a run directory (or of the directory holding a given circuit.json)."""
+    from .graphs.export import load_circuit
+    from .tasks.base import Task
+
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    if not (path / "circuit.json").exists():
+        raise FileNotFoundError(f"{path} holds no circuit.json: give the directory of a finished prune run")
+    if not (path / "task.json").exists():
+        raise FileNotFoundError(f"{path} holds no task.json, so the circuit's own prompts are unknown")
+    try:
+        task = Task.from_json(json.loads((path / "task.json").read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / 'task.json'} is damaged ({e}); re-run the prune into a fresh --out") from None
+    return SavedRun(path, load_circuit(path / "circuit.json"), task)
+
+
+def circuit_state(ev, circuit: Circuit) -> tuple[list[str], list[str]]:
+    """(ablated nodes, removed edges) that make `ev` score `circuit` as its run did."""
+    from .graphs.model_graph import receiver_node, split_edge
+
+    kept = set(circuit.nodes)
+    nodes = [n for n in ev.senders if n not in kept]
+    if circuit.node_level:
+        return nodes, []
+    keep_edges = set(circuit.edges)
+    edges = []
+    for e in ev.graph.edges:
+        src, dst = split_edge(e)
+        if src in kept and receiver_node(dst)[0] in kept and e not in keep_edges:
+            edges.append(e)
+    return nodes, edges
+
+
+def score_on(ev, circuit: Circuit) -> dict:
+    """full, circuit, empty, faithfulness and normalized of `circuit` on the evaluator's task."""
+    if ev.graph.signature() != circuit.graph:
+        raise ValueError(f"the circuit is over graph {circuit.graph}, the model's graph is {ev.graph.signature()}")
+    nodes, edges = circuit_state(ev, circuit)
+    return ev.scores(ev.score(nodes=nodes, edges=edges))
+
+
+@dataclass
+class CrossTask:
+    """Circuit i (found on its task) scored on task j: the matrix of scores dicts, rows = circuits."""
+
+    circuits: list[str]
+    tasks: list[str]
+    scores: list[list[dict]]
+    paths: list[str] = field(default_factory=list)
+    model: str = ""
+    prompts: dict = field(default_factory=dict)
+
+    def matrix(self, key: str = "faithfulness") -> list[list[float]]:
+        return [[s[key] for s in row] for row in self.scores]
+
+    def to_json(self) -> dict:
+        return {"schema": MATRIX_SCHEMA, "model": self.model, "circuits": self.circuits, "runs": self.paths,
+                "tasks": self.tasks, "prompts": self.prompts, "faithfulness": self.matrix("faithfulness"),
+                "normalized": self.matrix("normalized"), "scores": self.scores}
+
+
+def format_matrix(ct: CrossTask, key: str = "faithfulness") -> str:
+    """Rows: circuits (by the task they were found on); columns: the task they are scored on."""
+    corner = "circuit \\ task"
+    rw = max(len(corner), *(len(c) for c in ct.circuits))
+    cw = max(7, *(len(t) for t in ct.tasks))
+    out = [f"{key} of each circuit (row) on each task's prompts (column), {ct.model}",
+           f"{corner:<{rw}}" + "".join(f"  {t:>{cw}}" for t in ct.tasks)]
+    for c, row in zip(ct.circuits, ct.matrix(key)):
+        out.append(f"{c:<{rw}}" + "".join(f"  {x:>{cw}.3f}" for x in row))
+    return "\n".join(out) + "\n"
+
+
+def _task_for(name: str, runs: list[SavedRun], model, like: SavedRun):
+    """Prompts of task `name`: a given run's task.json if one was found on it, else built with like's settings."""
+    for r in runs:
+        if r.task.name == name:
+            return r.task
+    from .rundir import PruneConfig, resolve_task
+
+    tm = like.circuit.meta.get("task_meta", {}) if isinstance(like.circuit.meta, dict) else {}
+    cfg = PruneConfig(model=model.name, task=name, n_prompts=int(like.circuit.meta.get("n_prompts", 24)),
+                      seed=int(tm.get("seed", like.circuit.method.get("seed", 0))),
+                      template=int(tm.get("template", 0)), corruption=tm.get("corruption", "random"))
+    return resolve_task(cfg, model)
+
+
+def cross_task(run_dirs: list, tasks: list[str] | None = None, model=None, log=print) -> CrossTask:
+    """Score every run's circuit on every task (default: the runs' own tasks), one model load in all.
+
+    A circuit on its own task uses its run's task.json, so the diagonal reproduces each run's score.
+    """
+    from .models import load_model
+    from .patching import Evaluator
+
+    runs = [r if isinstance(r, SavedRun) else load_run(r) for r in run_dirs]
+    if not runs:
+        raise ValueError("give at least one run directory")
+    models = {r.circuit.model for r in runs}
+    if len(models) > 1:
+        raise ValueError(f"the circuits are of different models ({', '.join(sorted(models))}); "
+                         "cross-task scores compare circuits of one model")
+    tasks = list(tasks) if tasks else list(dict.fromkeys(r.task.name for r in runs))
+    model = model or load_model(runs[0].circuit.model)
+    evs: dict = {}
+    shared: dict = {}
+    scores = []
+    for r in runs:
+        m = r.circuit.method
+        row = []
+        for t in tasks:
+            if t == r.task.name:
+                task, key = r.task, (str(r.path), m["ablation"], m["metric"])
+            else:
+                if t not in shared:
+                    shared[t] = _task_for(t, runs, model, r)
+                task, key = shared[t], (t, m["ablation"], m["metric"])
+            if key not in evs:
+                evs[key] = Evaluator(model, task, m["ablation"], m["metric"], qkv=r.circuit.graph.get("qkv", True))
+            s = score_on(evs[key], r.circuit)
+            row.append(s)
+            log(f"  {r.name} circuit on {t}: faithfulness {s['faithfulness']:.3f}")
+        scores.append(row)
+    prompts = {t: len(shared[t]) if t in shared else next(len(r.task) for r in runs if r.task.name == t)
+               for t in tasks}
+    names = [r.name for r in runs]
+    if len(set(names)) < len(names):  # several circuits of one task: name them by their run directories
+        names = [r.path.name for r in runs]
+    return CrossTask(names, tasks, scores, [str(r.path) for r in runs], runs[0].circuit.model,
+                     prompts)
