@@ -65,3 +65,12 @@ def test_acdc_preset_on_planted(tmp_path):
     assert data["method"]["ablation"] == "resample" and data["method"]["metric"] == "kl"
     assert data["method"]["thresholds"]["on"] == "metric"
     assert {"a0.1->a1.2.v", "a1.2->logits", "m0->logits"} <= set(data["edges"])
+
+
+def test_public_api_resolves_lazily():
+    code = ("import sys, circuitsearch; from circuitsearch import Circuit, diff_circuits, load_circuit; "
+            "assert 'torch' not in sys.modules, 'torch imported for graphs'; "
+            "missing = [n for n in circuitsearch.__all__ if not hasattr(circuitsearch, n)]; "
+            "assert not missing, missing")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
