@@ -12,7 +12,7 @@ from circuitsearch.tasks.base import Task
 @pytest.mark.slow
 def test_smollm2_digits_node_circuit(tmp_path, smollm2):
     cfg = PruneConfig(model="smollm2-135m", task="digits", level="nodes", n_prompts=24)
-    c = run_prune(cfg, tmp_path, progress=False, log=lambda *a: None)
+    c = run_prune(cfg, tmp_path, progress=False, log=lambda *a: None, curves=False)
     n_nodes = 1 + smollm2.n_layers * (smollm2.n_heads + 1)
     assert c.scores["faithfulness"] >= 0.8
     assert c.n_nodes - 1 <= 0.25 * n_nodes  # much smaller than the model (logits not counted)
