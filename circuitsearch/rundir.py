@@ -2,7 +2,8 @@
 
 Every decision is appended to decisions.jsonl as it is made and checkpoint.json is replaced
 atomically as the run goes, so a killed run started again with the same --out replays its
-decisions (no scoring, only the forward passes of the removals) and ends in the same circuit.
+decisions (removals applied without scoring, one forward pass per pass of the log) and ends in the
+same circuit.
 """
 from __future__ import annotations
 

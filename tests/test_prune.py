@@ -149,6 +149,12 @@ def test_killed_run_resumes_to_the_same_circuit(tmp_path):
         assert resumed.nodes.keys() == whole.nodes.keys() and resumed.edges.keys() == whole.edges.keys()
         assert resumed.scores == whole.scores
         assert (out / "decisions.jsonl").read_text() == (tmp_path / "whole" / "decisions.jsonl").read_text()
+    # replaying a finished run applies its removals without scoring them: a few passes, not one per removal
+    again = run_prune(_cfg(), tmp_path / "whole", progress=False, log=lambda *a: None, curves=False)
+    assert again.nodes.keys() == whole.nodes.keys() and again.scores == whole.scores
+    removals = sum(1 for line in (tmp_path / "whole" / "decisions.jsonl").read_text().splitlines()
+                   if '"removed": true' in line)
+    assert again.stats["forward_passes"] < min(removals, whole.stats["forward_passes"]) / 2
 
 
 def test_run_directory_contents(tmp_path):

@@ -3,8 +3,9 @@
 A removal is kept when the circuit without the candidate keeps faithfulness >= A (absolute)
 and loses at most R against the current circuit (relative); it takes effect at once. Passes
 repeat until one removes nothing or max_passes. Every decision goes to a callback, and a
-list of earlier decisions can be replayed: a resumed run repeats exactly the same forward
-passes for the removals it replays, so it ends in the same circuit.
+list of earlier decisions can be replayed: a resumed run applies the logged removals without
+scoring them (one forward pass per pass of the log, not one per removal) and ends in the same
+circuit.
 """
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str = "alter
     for p in range(max_passes):
         seq = pass_order(order, candidates(ev, run), p, ranking)
         removed_any = False
+        pending: list[str] = []  # replayed removals, applied in one forward pass before the next new decision
         bar = tqdm(seq, desc=f"{level} pass {p + 1}", unit="cand", disable=not progress, leave=False,
                    mininterval=0.5)
         for cand in bar:
@@ -139,8 +141,10 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str = "alter
                                       "it was written with other settings; start a new run directory")
                 record = logged
                 if record["removed"]:
-                    run = ev.extend(run, **{key: [cand]})
+                    pending.append(cand)
             else:
+                if pending:
+                    run, pending = ev.extend(run, **{key: pending}), []
                 new = ev.extend(run, **{key: [cand]})
                 ok = thresholds.accepts(ev, run.score, new.score)
                 record = {"phase": level, "pass": p, "candidate": cand, "before": run.score,
@@ -154,6 +158,8 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str = "alter
             removed_any |= bool(record["removed"])
             bar.set_postfix(kept=len(candidates(ev, run)) if level == "nodes" else None,
                             faith=f"{ev.faithfulness(run.score):.3f}", refresh=False)
+        if pending:
+            run = ev.extend(run, **{key: pending})
         result.passes[level] = p + 1
         if not removed_any:
             break
