@@ -7,13 +7,15 @@ faithfulness, forward passes, backward passes, full-forward equivalents, seconds
 ratios the issue sets as targets (fast path: at most 1/5 of the forward passes, a circuit at
 most 20 % larger).
 
-    python benchmarks/search_cost.py [--task digits] [--target 0.8] [--level both]
+    python benchmarks/search_cost.py [--task digits[,number-words,months]] [--target 0.8] [--level both]
+
+Several tasks give a row pair per task (one model load).
 """
 import argparse
 import time
 
 from circuitsearch.algorithms.iterative import Thresholds, edge_candidates, find_circuit
-from circuitsearch.algorithms.target import prune_to_targets
+from circuitsearch.algorithms.target import PATIENCE, prune_to_targets
 from circuitsearch.models import load_model
 from circuitsearch.patching import Evaluator
 from circuitsearch.rundir import PruneConfig, resolve_task
@@ -30,15 +32,22 @@ def row(name, ev, run, seconds, fp, fe, bp):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--task", default="digits")
+    ap.add_argument("--task", default="digits", help="a task, or several separated by commas")
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--target", type=float, default=0.8)
     ap.add_argument("--level", default="both", choices=("nodes", "edges", "both"))
     ap.add_argument("--order", default="alternate")
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--patience", type=int, default=PATIENCE, help="refinement stops after this many kept in a row")
     args = ap.parse_args()
     model = load_model(args.model)
-    task = resolve_task(PruneConfig(model=args.model, task=args.task, n_prompts=args.prompts), model)
+    tables = [compare(model, name, args) for name in args.task.split(",")]
+    print("\n\n".join(tables))
+
+
+def compare(model, name, args) -> str:
+    """Both searches on one task; the table and ratios as markdown."""
+    task = resolve_task(PruneConfig(model=args.model, task=name, n_prompts=args.prompts), model)
     rows = []
 
     ev = Evaluator(model, task, "mean")
@@ -49,26 +58,29 @@ def main():
 
     ev = Evaluator(model, task, "mean")
     fp0, fe0, t = ev.forward_passes, ev.forward_equivalents, time.perf_counter()
-    (step,) = prune_to_targets(ev, [args.target], args.level, "eap-ig", args.steps, progress=True)
+    (step,) = prune_to_targets(ev, [args.target], args.level, "eap-ig", args.steps, progress=True,
+                               patience=args.patience)
     rows.append(row("attribution + bisection + refinement", ev, step.result.run, time.perf_counter() - t,
                     ev.forward_passes - fp0, ev.forward_equivalents - fe0, ev.backward_passes))
 
-    print(f"\n{args.model}, {args.task}, {len(task)} prompts ({ev.batch.tokens.shape[0]} distinct), mean ablation, "
-          f"level {args.level}, target {args.target}\n")
-    print("| search | heads | MLPs | edges | verified faithfulness | forward passes | backward passes | "
-          "full-forward equivalents | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    lines = [f"{args.model}, {name}, {len(task)} prompts ({ev.batch.tokens.shape[0]} distinct), mean ablation, "
+             f"level {args.level}, target {args.target}", "",
+             "| search | heads | MLPs | edges | verified faithfulness | forward passes | backward passes | "
+             "full-forward equivalents | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        print(f"| {r['search']} | {r['heads']} | {r['mlps']} | {r['edges']} | {r['faithfulness']:.3f} | "
-              f"{r['forward']} | {r['backward']} | {r['fe']:.1f} | {r['seconds']:.1f} |")
+        lines.append(f"| {r['search']} | {r['heads']} | {r['mlps']} | {r['edges']} | {r['faithfulness']:.3f} | "
+                     f"{r['forward']} | {r['backward']} | {r['fe']:.1f} | {r['seconds']:.1f} |")
     it, fast = rows
-    print(f"\nforward passes, fast / iterative: {fast['forward'] / it['forward']:.3f} (target <= 0.2); "
-          f"with each backward pass counted as two forward passes: "
-          f"{(fast['forward'] + 2 * fast['backward']) / it['forward']:.3f}")
     size = "edges" if args.level != "nodes" else "nodes"
-    print(f"circuit size ({size}), fast / iterative: {fast[size] / max(it[size], 1):.3f} (target <= 1.2); "
-          f"nodes: {fast['nodes'] / max(it['nodes'], 1):.3f}")
-
+    lines += ["", f"forward passes, fast / iterative: {fast['forward'] / it['forward']:.3f} (target <= 0.2); "
+              f"with each backward pass counted as two forward passes: "
+              f"{(fast['forward'] + 2 * fast['backward']) / it['forward']:.3f}",
+              f"circuit size ({size}), fast / iterative: {fast[size] / max(it[size], 1):.3f} (target <= 1.2); "
+              f"nodes: {fast['nodes'] / max(it['nodes'], 1):.3f}"]
+    table = "\n".join(lines)
+    print("\n" + table, flush=True)
+    return table
 
 if __name__ == "__main__":
     main()

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attribution", choices=("eap", "eap-ig"), default="eap-ig",
                    help="ranking for --target and --order attribution (default eap-ig)")
     p.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps (default 5)")
+    p.add_argument("--patience", type=int, default=30,
+                   help="--target: the refinement pass stops after this many candidates kept in a row "
+                   "(default 30; 0 = try every candidate)")
     p.add_argument("--out", default="runs/latest", help="run directory (resumes if it holds the same run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -183,7 +186,11 @@ def _prune_targets(args, cfg) -> int:
     from .rundir import run_targets
 
     targets = parse_targets(args.target)  # reject bad targets before loading the model
-    rows = run_targets(cfg, targets, args.out, args.attribution, args.steps, progress=not args.quiet)
+    if args.patience < 0:
+        raise ValueError(f"--patience {args.patience} is negative: give the number of candidates kept in a row "
+                         "after which refinement stops, or 0 to try every candidate")
+    rows = run_targets(cfg, targets, args.out, args.attribution, args.steps, progress=not args.quiet,
+                       patience=args.patience or None)
     print(f"\n{'target':>7} {'heads':>5} {'MLPs':>4} {'edges':>6} {'faithfulness':>12} {'fwd passes':>10}")
     for r in rows:
         print(f"{r.get('target'):>7} {r.get('heads'):>5} {r.get('mlps'):>4} {r.get('edges'):>6} "

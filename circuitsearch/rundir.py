@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import __version__
 from .io import atomic_write_text
@@ -70,6 +71,8 @@ class DecisionLog:
     n: int = 0
     phase: str = ""
     started: float = field(default_factory=time.time)
+    meter: Callable[[], dict] | None = None  # this session's cost so far (forward passes, seconds)
+    earlier: dict = field(default_factory=dict)  # cost of earlier sessions of this run, from the checkpoint
 
     def __post_init__(self):
         self._f = open(self.out / "decisions.jsonl", "a")
@@ -83,20 +86,28 @@ class DecisionLog:
             os.fsync(self._f.fileno())
             self.checkpoint("running")
 
+    def spent(self) -> dict:
+        """Cost of the run over all its sessions: earlier ones (as last checkpointed) plus this one."""
+        now = self.meter() if self.meter is not None else {}
+        return {k: round(self.earlier.get(k, 0) + now.get(k, 0), 3) for k in {**self.earlier, **now}}
+
     def checkpoint(self, status: str, extra: dict | None = None) -> None:
         atomic_write_text(self.out / "checkpoint.json", json.dumps(
             {"schema": "circuitsearch.checkpoint/1", "status": status, "config": self.config,
-             "decisions": self.n, "phase": self.phase, "version": __version__, **(extra or {})}, indent=1))
+             "decisions": self.n, "phase": self.phase, "version": __version__, "spent": self.spent(),
+             **(extra or {})}, indent=1))
 
     def close(self) -> None:
         os.fsync(self._f.fileno())
         self._f.close()
 
 
-def prepare(out: Path, config: PruneConfig) -> tuple[list[dict], bool]:
-    """Check `out` against `config`; return the decisions to replay and whether task.json exists."""
+def prepare(out: Path, config: PruneConfig) -> tuple[list[dict], bool, dict]:
+    """Check `out` against `config`; return the decisions to replay, whether task.json exists and
+    what earlier sessions spent."""
     out.mkdir(parents=True, exist_ok=True)
     ck = out / "checkpoint.json"
+    old = {}
     if ck.exists():
         try:
             old = json.loads(ck.read_text())
@@ -112,7 +123,7 @@ def prepare(out: Path, config: PruneConfig) -> tuple[list[dict], bool]:
     decisions = read_decisions(out / "decisions.jsonl")
     # keep only the complete prefix on disk, so the appended log stays one line per decision
     atomic_write_text(out / "decisions.jsonl", "".join(json.dumps(d) + "\n" for d in decisions))
-    return decisions, (out / "task.json").exists()
+    return decisions, (out / "task.json").exists(), dict(old.get("spent", {})) if decisions else {}
 
 
 def resolve_task(config: PruneConfig, model, out: Path | None = None, task_file_exists: bool = False):
@@ -173,7 +184,7 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
 
     thresholds = Thresholds(config.absolute, config.relative, config.on)  # reject bad thresholds before loading
     out = Path(out)
-    decisions, have_task = prepare(out, config)
+    decisions, have_task, earlier = prepare(out, config)
     t0 = time.time()
     model = model if model is not None else load_model(config.model)
     task = resolve_task(config, model, out, have_task)
@@ -185,7 +196,8 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
         f"{ev.corrupted:.3f}, empty circuit {ev.empty:.3f}")
     if decisions:
         log(f"resuming {out}: replaying {len(decisions)} decisions")
-    dlog = DecisionLog(out, config.to_json(), n=len(decisions))
+    dlog = DecisionLog(out, config.to_json(), n=len(decisions), earlier=earlier,
+                       meter=lambda: {**ev.stats(), "seconds": time.time() - t0})
     hook = dlog
     if stop_after is not None:
         def hook(record, _n=[0]):
@@ -204,6 +216,8 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
     final = ev.score(nodes=result.ablated, edges=result.removed_edges)  # fresh re-score, no cached state
     stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "decisions": len(result.decisions),
              "replayed": len(decisions)}
+    if decisions:  # a resumed run: what this session spent, and the whole run's cost as far as checkpointed
+        stats["all_sessions"] = dlog.spent()
     circuit = circuit_from_result(ev, result, config, final, stats)
     made = write_curves(ev, result, circuit, out, log) if curves else None
     write_outputs(circuit, out, log, made)
@@ -262,6 +276,11 @@ def report(circuit, diagram: str | None, curves: list | None = None) -> str:
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in s.items()]
     lines += ["", f"Forward passes: {st.get('forward_passes')} ({st.get('forward_equivalents')} full-forward "
               f"equivalents), {st.get('seconds')} s, {st.get('decisions')} decisions.", ""]
+    if st.get("all_sessions"):
+        a = st["all_sessions"]
+        lines[-1:-1] = [f"Resumed run: {st.get('replayed')} decisions replayed. Over all its sessions (as far as "
+                        f"checkpointed): {a.get('forward_passes')} forward passes ({a.get('forward_equivalents')} "
+                        f"full-forward equivalents), {round(a.get('seconds', 0), 1)} s."]
     if diagram:
         lines += [f"![circuit]({diagram})", ""]
     if curves:
@@ -286,7 +305,7 @@ def report(circuit, diagram: str | None, curves: list | None = None) -> str:
 
 
 def run_targets(config: PruneConfig, targets, out: str | Path, method: str = "eap-ig", steps: int = 5,
-                progress: bool = True, log=print) -> list:
+                progress: bool = True, log=print, patience: int | None = 30) -> list:
     """Nested circuits for each target into out/target-T/ (a run directory each) plus targets.json.
 
     A killed run resumes after the last target whose circuit.json was written.
@@ -301,7 +320,8 @@ def run_targets(config: PruneConfig, targets, out: str | Path, method: str = "ea
     targets = parse_targets(targets)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = {**config.to_json(), "order": "attribution", "targets": targets, "attribution": method, "steps": steps}
+    cfg = {**config.to_json(), "order": "attribution", "targets": targets, "attribution": method, "steps": steps,
+           "patience": patience}
     ck = out / "checkpoint.json"
     if ck.exists():
         try:
@@ -349,7 +369,8 @@ def run_targets(config: PruneConfig, targets, out: str | Path, method: str = "ea
         rows.append(summary)
 
     if todo:
-        prune_to_targets(ev, todo, config.level, method, steps, progress=progress, start=start, on_target=write)
+        prune_to_targets(ev, todo, config.level, method, steps, progress=progress, start=start, patience=patience,
+                         on_target=write)
     summary = {"schema": "circuitsearch.targets/1", "config": cfg, "targets": rows,
                "stats": {**ev.stats(), "seconds": round(time.time() - t0, 2)}}
     atomic_write_text(out / "targets.json", json.dumps(summary, indent=1))
@@ -363,7 +384,10 @@ def targets_report(summary: dict) -> str:
     c = summary["config"]
     lines = [f"# Circuits at target performances: {c['task']} on {c['model']}", "",
              f"Nested: each circuit is pruned from the one above it. Level {c['level']}, {c['ablation']} ablation, "
-             f"metric {c['metric']}; search: {c['attribution']} ranking, bisection, one refinement pass.", "",
+             f"metric {c['metric']}; search: {c['attribution']} ranking, bisection rounds (re-attributing each "
+             f"smaller circuit), then one galloping refinement pass that stops after {c.get('patience') or 'no'} "
+             "candidates kept in a row. Effects of candidates the refinement never scored alone are "
+             "attribution estimates.", "",
              "| target | heads | MLPs | edges | verified faithfulness | forward passes | backward passes | circuit |",
              "|---|---|---|---|---|---|---|---|"]
     for r in summary["targets"]:

@@ -146,6 +146,8 @@ def test_killed_run_resumes_to_the_same_circuit(tmp_path):
             f.write('{"phase": "nod')
         resumed = run_prune(_cfg(), out, progress=False, log=lambda *a: None)
         assert resumed.stats["replayed"] == k
+        # the cost reported is the whole run's, not only the resumed session's
+        assert resumed.stats["all_sessions"]["forward_passes"] > resumed.stats["forward_passes"]
         assert resumed.nodes.keys() == whole.nodes.keys() and resumed.edges.keys() == whole.edges.keys()
         assert resumed.scores == whole.scores
         assert (out / "decisions.jsonl").read_text() == (tmp_path / "whole" / "decisions.jsonl").read_text()
@@ -155,6 +157,8 @@ def test_killed_run_resumes_to_the_same_circuit(tmp_path):
     removals = sum(1 for line in (tmp_path / "whole" / "decisions.jsonl").read_text().splitlines()
                    if '"removed": true' in line)
     assert again.stats["forward_passes"] < min(removals, whole.stats["forward_passes"]) / 2
+    assert again.stats["all_sessions"]["forward_passes"] >= whole.stats["forward_passes"] + again.stats["forward_passes"]
+    assert "Over all its sessions" in (tmp_path / "whole" / "report.md").read_text()
 
 
 def test_run_directory_contents(tmp_path):

@@ -2,7 +2,7 @@
 import pytest
 
 from circuitsearch.algorithms.iterative import edge_candidates
-from circuitsearch.algorithms.target import parse_targets, prune_to_targets
+from circuitsearch.algorithms.target import bisect_remove, gallop_remove, parse_targets, prune_to_targets
 from circuitsearch.models import load_model
 from circuitsearch.patching import Evaluator
 from circuitsearch.testing import PLANTED_EDGES, PLANTED_NODES, induction_task, planted_task
@@ -112,3 +112,28 @@ def test_cli_target_and_attribute(tmp_path, capsys):
     assert "rank correlation with exact single-node ablation" in out and "a1.2" in out
     data = json.loads((tmp_path / "a" / "attribution.json").read_text())
     assert data["schema"] == "circuitsearch.attribution/1" and set(data["nodes"]) >= {"embed", "a0.1", "m0", "a1.2"}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_galloping_refinement_finds_the_planted_circuit_in_any_order(seed):
+    import random
+    ev = Evaluator(load_model("test:planted"), planted_task(n=16), "mean")
+    order = list(ev.senders)
+    random.Random(seed).shuffle(order)
+    run, info = gallop_remove(ev, ev.run(), order, "nodes", 0.8, patience=None)
+    assert kept_nodes(ev, run) == set(PLANTED_NODES) - {"logits"}
+    assert ev.faithfulness(run.score) >= 0.8 and info["tried"] == len(order)
+    assert info["removed"] == len(order) - len(kept_nodes(ev, run))
+    # patience: with the planted nodes first, one kept in a row already ends the pass
+    first = sorted(order, key=lambda n: n not in PLANTED_NODES)
+    _, short = gallop_remove(ev, ev.run(), first, "nodes", 0.8, patience=1)
+    assert short == {"candidates": len(order), "removed": 0, "scores": 1, "tried": 1}
+
+
+def test_bisection_removes_the_longest_passing_prefix():
+    ev = Evaluator(load_model("test:planted"), planted_task(n=16), "mean")
+    planted = set(PLANTED_NODES) - {"logits"}
+    order = [n for n in ev.senders if n not in planted] + sorted(planted)
+    run, info = bisect_remove(ev, ev.run(), order, "nodes", 0.8)
+    assert kept_nodes(ev, run) == planted and info["removed"] == len(order) - len(planted)
+    assert info["scores"] <= len(order).bit_length() + 1

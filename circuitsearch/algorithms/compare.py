@@ -53,8 +53,9 @@ class Comparison:
 
     def to_json(self) -> dict:
         def brief(c: Circuit) -> dict:
+            cost = c.stats.get("all_sessions") or c.stats  # a resumed run's cost is that of all its sessions
             return {**{k: v for k, v in c.summary().items() if k not in ("model", "task")},
-                    "forward_passes": c.stats.get("forward_passes"), "seconds": c.stats.get("seconds")}
+                    "forward_passes": cost.get("forward_passes"), "seconds": cost.get("seconds")}
 
         return {"schema": SCHEMA, "model": self.diff.model, "task": self.circuits[0].task,
                 "method": {k: v for k, v in self.circuits[0].method.items() if k not in ("order", "passes",
@@ -128,8 +129,11 @@ def format_comparison(cmp: Comparison) -> str:
         if name == "intersection":
             out.append("")
         s = c.summary()
+        cost = c.stats.get("all_sessions") or c.stats
+        seconds = cost.get("seconds", "")
         out.append(f"  {name:<{ow}} {s['heads']:>5} {s['mlps']:>4} {s['edges']:>6} {s['faithfulness']:>12.3f} "
-                   f"{str(c.stats.get('forward_passes', '')):>10} {str(c.stats.get('seconds', '')):>8}")
+                   f"{str(cost.get('forward_passes', '')):>10} "
+                   f"{str(round(seconds, 1) if isinstance(seconds, float) else seconds):>8}")
     m = cmp.diff.jaccard("nodes")
     cw = max(6, *(len(o) for o in cmp.orders))
     out += ["", "  Jaccard between orders, heads and MLPs", "  " + " " * ow + "".join(f" {o:>{cw}}" for o in cmp.orders)]

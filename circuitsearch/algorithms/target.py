@@ -4,11 +4,16 @@ Targets are taken from the highest down and nested: each circuit is pruned from 
 before, so a lower target gives a subset. For each target and each level (nodes, then
 edges among the surviving nodes) the fast path is:
 
-1. attribute the current circuit (EAP-IG) and rank its candidates, most important first;
-2. bisect on k, the number of top candidates kept, for the smallest k whose verified score
-   (the evaluator, not the estimate) meets the target: about log2(n) forward passes;
-3. refine: one iterative pruning pass over the survivors, least important first, with the
-   target as the absolute threshold.
+1. attribute the current circuit (EAP-IG) and order its candidates by estimated gain from
+   removal: those whose removal should raise the score first, the most important last;
+2. bisect on how many of that order to remove (equivalently, how many top candidates to
+   keep): the largest prefix whose verified score (the evaluator, not the estimate) meets
+   the target, about log2(n) forward passes. Re-attribute the smaller circuit and repeat
+   while a round still removes something worth a round (at least 2 and 2 % of candidates);
+3. refine: one iterative pass over the survivors in the order of a fresh attribution,
+   removing galloping chunks (a chunk that passes doubles the next one, one that fails is
+   halved; a single candidate that fails is kept). It stops after `patience` kept
+   candidates in a row: the rest of the order is what attribution deems most important.
 
 Every circuit it returns has been scored by the evaluator and meets its target.
 """
@@ -22,7 +27,10 @@ from tqdm.auto import tqdm
 
 from ..patching import Evaluator, Run
 from .attribution import attribute
-from .iterative import PruneResult, Thresholds, edge_candidates, node_candidates, prune, remove_dangling
+from .iterative import PruneResult, Thresholds, edge_candidates, node_candidates, remove_dangling
+
+MAX_ROUNDS = 8
+PATIENCE = 30
 
 
 @dataclass
@@ -32,8 +40,8 @@ class TargetStep:
     target: float
     result: PruneResult
     faithfulness: float
-    bisect: dict = field(default_factory=dict)    # level -> {"candidates", "kept", "scores"}
-    refined: dict = field(default_factory=dict)   # level -> candidates removed by refinement
+    bisect: dict = field(default_factory=dict)    # level -> [{"candidates", "removed", "scores"} per round]
+    refined: dict = field(default_factory=dict)   # level -> {"candidates", "removed", "scores"}
     forward_passes: int = 0
     backward_passes: int = 0
     seconds: float = 0.0
@@ -66,35 +74,76 @@ def parse_targets(text: str | list) -> list[float]:
     return sorted(set(out), reverse=True)
 
 
-def bisect_keep(ev: Evaluator, run: Run, ranked: list[str], level: str, target: float) -> tuple[Run, dict]:
-    """The circuit keeping the fewest top-ranked candidates (others removed) that verifies >= target.
+def removal_order(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", steps: int = 5) -> tuple[list[str], dict]:
+    """`run`'s candidates at `level`, best to remove first (estimated score gain from removal,
+    highest first), and the estimates as faithfulness drops."""
+    attr = attribute(ev, run, method, steps)
+    est = attr.nodes if level == "nodes" else attr.edges
+    present = node_candidates(ev, run) if level == "nodes" else edge_candidates(ev, run)
+    gain = {c: est[c] if ev.metric.higher_is_better else -est[c] for c in present if c in est}
+    scale = ev.full - ev.empty
+    drops = {c: -g / scale if scale else None for c, g in gain.items()}
+    return sorted(gain, key=lambda c: -gain[c]), drops  # stable: ties keep forward order
 
-    `ranked` is most important first. Assumes faithfulness grows with k only for the search;
-    the result is always verified, and keeping everything (the current circuit) is the fallback.
+
+def bisect_remove(ev: Evaluator, run: Run, order: list[str], level: str, target: float) -> tuple[Run, dict]:
+    """The circuit removing the longest prefix of `order` that verifies >= target.
+
+    Bisection assumes the score falls as the prefix grows; it need not, but every circuit
+    returned is verified, and removing nothing (the current circuit) is the fallback.
     """
-    key = "nodes" if level == "nodes" else "edges"
-    lo, hi = 0, len(ranked)
-    best = run
-    tried = {}
+    lo, hi, best, scored = 0, len(order), run, 0
     while lo < hi:
-        mid = (lo + hi) // 2
-        cand = ev.extend(run, **{key: ranked[mid:]})
-        f = ev.faithfulness(cand.score)
-        tried[mid] = f
-        if f >= target:
-            hi, best = mid, cand
+        mid = (lo + hi + 1) // 2
+        cand = ev.extend(run, **{level: order[:mid]})
+        scored += 1
+        if ev.faithfulness(cand.score) >= target:
+            lo, best = mid, cand
         else:
-            lo = mid + 1
-    return best, {"candidates": len(ranked), "kept": hi, "scores": len(tried)}
+            hi = mid - 1
+    return best, {"candidates": len(order), "removed": lo, "scores": scored}
+
+
+def gallop_remove(ev: Evaluator, run: Run, order: list[str], level: str, target: float,
+                  patience: int | None = PATIENCE, result: PruneResult | None = None) -> tuple[Run, dict]:
+    """One pass over `order` removing chunks that keep the verified score >= target.
+
+    A chunk that passes doubles the next chunk; one that fails halves it; a single candidate
+    that fails is kept. Stops after `patience` candidates kept in a row (None: never).
+    Decisions and measured effects go to `result`.
+    """
+    i, size, streak, scored, removed = 0, 1, 0, 0, 0
+    while i < len(order) and (patience is None or streak < patience):
+        chunk = order[i:i + size]
+        cand = ev.extend(run, **{level: chunk})
+        scored += 1
+        ok = ev.faithfulness(cand.score) >= target
+        if result is not None and (ok or len(chunk) == 1):
+            drop = ev.faithfulness(run.score) - ev.faithfulness(cand.score)
+            for c in chunk:
+                result.decisions.append({"phase": level, "pass": "refine", "candidate": c, "before": run.score,
+                                         "score": cand.score, "faithfulness": ev.faithfulness(cand.score),
+                                         "removed": ok, "chunk": len(chunk)})
+                if len(chunk) == 1:
+                    result.effects[c] = drop
+        if ok:
+            run, i, removed, streak, size = cand, i + len(chunk), removed + len(chunk), 0, size * 2
+        elif size > 1:
+            size //= 2
+        else:
+            i, streak = i + 1, streak + 1
+    return run, {"candidates": len(order), "removed": removed, "scores": scored, "tried": i}
 
 
 def prune_to_targets(ev: Evaluator, targets: list[float], level: str = "both", method: str = "eap-ig",
                      steps: int = 5, refine: bool = True, progress: bool = True,
-                     start: Run | None = None,
+                     start: Run | None = None, patience: int | None = PATIENCE, max_rounds: int = MAX_ROUNDS,
                      on_target: Callable[[TargetStep], None] | None = None) -> list[TargetStep]:
     """Nested circuits for `targets` (highest first), each verified >= its target."""
     if level not in ("nodes", "edges", "both"):
         raise ValueError(f"unknown level {level!r}; choose nodes, edges or both")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be at least 1 (or None for a full pass), not {patience}")
     targets = parse_targets(targets)
     run = start if start is not None else ev.run()
     out = []
@@ -105,22 +154,32 @@ def prune_to_targets(ev: Evaluator, targets: list[float], level: str = "both", m
         fp, bp, t0 = ev.forward_passes, ev.backward_passes, time.perf_counter()
         result = PruneResult(run)
         step = TargetStep(t, result, ev.faithfulness(run.score))
+        estimates: dict = {}
         for phase in (("nodes", "edges") if level == "both" else (level,)):
-            cands = node_candidates(ev, run) if phase == "nodes" else edge_candidates(ev, run)
-            attr = attribute(ev, run, method, steps)
-            present = set(cands)
-            ranking = [c for c in attr.ranking(phase) if c in present]  # least important first
-            run, step.bisect[phase] = bisect_keep(ev, run, ranking[::-1], phase, t)
+            rounds = step.bisect[phase] = []
+            bar = tqdm(total=max_rounds + refine, desc=f"target {t} {phase}", unit="round",
+                       disable=not progress, leave=False)
+            for _ in range(max_rounds):
+                order, drops = removal_order(ev, run, phase, method, steps)
+                estimates.update(drops)
+                run, info = bisect_remove(ev, run, order, phase, t)
+                rounds.append(info)
+                bar.update()
+                bar.set_postfix(kept=len(order) - info["removed"], faith=f"{ev.faithfulness(run.score):.3f}")
+                if info["removed"] < max(2, len(order) // 50):
+                    break
             if refine:
-                before = len(run.nodes) + len(run.edges)
-                r = prune(ev, phase, Thresholds(absolute=t), "attribution", max_passes=1, run=run,
-                          ranking=ranking, progress=progress, result=result)
-                run = r.run
-                step.refined[phase] = len(run.nodes) + len(run.edges) - before
+                order, drops = removal_order(ev, run, phase, method, steps)
+                estimates.update(drops)
+                run, step.refined[phase] = gallop_remove(ev, run, order, phase, t, patience, result)
+                bar.update()
+            bar.close()
             result.run = run
         if level != "nodes":
             remove_dangling(ev, result, Thresholds(absolute=t))
             run = result.run
+        for c, d in estimates.items():  # kept candidates never scored alone: the attribution estimate
+            result.effects.setdefault(c, d)
         final = ev.score(nodes=run.nodes, edges=run.edges)  # fresh, uncached verification
         step.faithfulness = ev.faithfulness(final)
         step.forward_passes = ev.forward_passes - fp
