@@ -219,15 +219,8 @@ def cmd_attribute(args) -> int:
     import time
 
     from .algorithms.attribution import attribute
-    from .models import load_model
-    from .patching import Evaluator
-    from .rundir import PruneConfig, resolve_task
 
-    cfg = PruneConfig(model=args.model, task=args.task, n_prompts=args.n_prompts, seed=args.seed,
-                      template=args.template, corruption=args.corruption)
-    model = load_model(args.model)
-    task = resolve_task(cfg, model)
-    ev = Evaluator(model, task, args.ablation, args.metric)
+    model, task, ev = _evaluator(args)
     t0 = time.perf_counter()
     a = attribute(ev, method=args.method, steps=args.steps)
     seconds = time.perf_counter() - t0
@@ -252,7 +245,8 @@ def cmd_attribute(args) -> int:
     return 0
 
 
-def cmd_score(args) -> int:
+def _evaluator(args):
+    """The model, task and evaluator that --model, --task, --ablation, --metric and friends name."""
     from .models import load_model
     from .patching import Evaluator
     from .rundir import PruneConfig, resolve_task
@@ -261,7 +255,11 @@ def cmd_score(args) -> int:
                       template=args.template, corruption=args.corruption)
     model = load_model(args.model)
     task = resolve_task(cfg, model)
-    ev = Evaluator(model, task, args.ablation, args.metric)
+    return model, task, Evaluator(model, task, args.ablation, args.metric)
+
+
+def cmd_score(args) -> int:
+    model, task, ev = _evaluator(args)
     print(json.dumps({"model": model.name, "task": task.name, "prompts": len(task), "ablation": args.ablation,
                       "metric": args.metric, "full": ev.full, "corrupted": ev.corrupted, "empty": ev.empty,
                       "task_meta": task.meta}, indent=1))

@@ -248,19 +248,26 @@ def _kept_note(task) -> str:
         if "n_kept" in m and "n_generated" in m else ""
 
 
+def _render_or_note(draw, obj, path: Path, log) -> str | None:
+    """Draw `obj` to `path` and return its file name, or log why not (no Graphviz) and return None."""
+    from .graphs.render import RenderError
+
+    try:
+        draw(obj, path)
+        return path.name
+    except RenderError as e:
+        log(f"note: {e}")
+        return None
+
+
 def write_outputs(circuit, out: Path, log=print, curves: list | None = None) -> None:
     """circuit.json, circuit.dot, the diagram and report.md of a finished run."""
     from .graphs.export import save_circuit
-    from .graphs.render import RenderError, render
+    from .graphs.render import render
 
     save_circuit(circuit, out / "circuit.json")
     save_circuit(circuit, out / "circuit.dot")
-    diagram = None
-    try:
-        render(circuit, out / "circuit.svg")
-        diagram = "circuit.svg"
-    except RenderError as e:
-        log(f"note: {e}")
+    diagram = _render_or_note(render, circuit, out / "circuit.svg", log)
     atomic_write_text(out / "report.md", report(circuit, diagram, curves))
 
 
@@ -407,7 +414,6 @@ def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progres
     from .algorithms.compare import compare_circuits, order_dirname, render_comparison
     from .algorithms.iterative import Thresholds
     from .algorithms.orders import check_order
-    from .graphs.render import RenderError
     from .models import load_model
     from .patching import Evaluator
 
@@ -438,12 +444,7 @@ def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progres
     ev = Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv)
     cmp = compare_circuits(ev, circuits, orders)
     atomic_write_text(out / "comparison.json", json.dumps(cmp.to_json(), indent=1))
-    diagram = None
-    try:
-        render_comparison(cmp, out / "comparison.svg")
-        diagram = "comparison.svg"
-    except RenderError as e:
-        log(f"note: {e}")
+    diagram = _render_or_note(render_comparison, cmp, out / "comparison.svg", log)
     atomic_write_text(out / "report.md", comparison_report(cmp, diagram))
     return cmp
 

@@ -34,6 +34,7 @@ def test_listings_do_not_import_transformer_lens():
     (["prune", "--order", "sideways"], "unknown order 'sideways'"),
     (["prune", "--model", "test:planted", "--task", "no-such-task"], "no-such-task"),
     (["score", "--model", "gpt5-ultra"], "unknown model 'gpt5-ultra'"),
+    (["prune", "--target", "0.8", "--patience", "-1"], "--patience -1 is negative"),
 ])
 def test_bad_input_gives_a_clear_error(args, message, capsys, tmp_path):
     code = main(args + ["--out", str(tmp_path / "o")] if args[0] == "prune" else args)
