@@ -137,3 +137,20 @@ def test_bisection_removes_the_longest_passing_prefix():
     run, info = bisect_remove(ev, ev.run(), order, "nodes", 0.8)
     assert kept_nodes(ev, run) == planted and info["removed"] == len(order) - len(planted)
     assert info["scores"] <= len(order).bit_length() + 1
+
+
+@pytest.mark.parametrize("metric", ["logit_diff", "kl"])
+def test_removal_order_puts_estimated_gains_first_and_drops_in_faithfulness(metric):
+    from circuitsearch.algorithms.attribution import attribute
+    from circuitsearch.algorithms.target import removal_order
+    model = load_model("test:tiny-llama")
+    ev = Evaluator(model, self_task(model, n=8, seed=2), "mean", metric)
+    run = ev.run()
+    order, drops = removal_order(ev, run, "nodes")
+    est = attribute(ev, run).nodes
+    sign = 1 if ev.metric.higher_is_better else -1
+    gains = [sign * est[n] for n in order]
+    assert sorted(order) == sorted(est) and gains == sorted(gains, reverse=True)
+    for n in order:  # a drop is the faithfulness the estimate says the removal costs
+        assert drops[n] == pytest.approx(ev.faithfulness(run.score) - ev.faithfulness(run.score + est[n]))
+        assert (drops[n] > 0) == (sign * est[n] < 0) or abs(est[n]) < 1e-12

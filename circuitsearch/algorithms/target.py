@@ -81,8 +81,8 @@ def removal_order(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", s
     est = attr.nodes if level == "nodes" else attr.edges
     present = node_candidates(ev, run) if level == "nodes" else edge_candidates(ev, run)
     gain = {c: est[c] if ev.metric.higher_is_better else -est[c] for c in present if c in est}
-    scale = ev.full - ev.empty
-    drops = {c: -g / scale if scale else None for c, g in gain.items()}
+    base = ev.faithfulness(run.score)
+    drops = {c: base - ev.faithfulness(run.score + est[c]) for c in gain}
     return sorted(gain, key=lambda c: -gain[c]), drops  # stable: ties keep forward order
 
 
