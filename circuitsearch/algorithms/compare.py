@@ -53,7 +53,7 @@ class Comparison:
 
     def to_json(self) -> dict:
         def brief(c: Circuit) -> dict:
-            cost = c.stats.get("all_sessions") or c.stats  # a resumed run's cost is that of all its sessions
+            cost = run_cost(c)
             return {**{k: v for k, v in c.summary().items() if k not in ("model", "task")},
                     "forward_passes": cost.get("forward_passes"), "seconds": cost.get("seconds")}
 
@@ -119,6 +119,11 @@ def compare_orders(ev, orders=DEFAULT_ORDERS, level: str = "both", thresholds: T
     return compare_circuits(ev, circuits, orders)
 
 
+def run_cost(c: Circuit) -> dict:
+    """Forward passes and seconds that found `c`: over all sessions when its run was resumed."""
+    return c.stats.get("all_sessions") or c.stats
+
+
 def format_comparison(cmp: Comparison) -> str:
     """Terminal text: one row per order, Jaccard between orders, intersection/union, order-dependent nodes."""
     ow = max(12, *(len(o) for o in cmp.orders))
@@ -129,7 +134,7 @@ def format_comparison(cmp: Comparison) -> str:
         if name == "intersection":
             out.append("")
         s = c.summary()
-        cost = c.stats.get("all_sessions") or c.stats
+        cost = run_cost(c)
         seconds = cost.get("seconds", "")
         out.append(f"  {name:<{ow}} {s['heads']:>5} {s['mlps']:>4} {s['edges']:>6} {s['faithfulness']:>12.3f} "
                    f"{str(cost.get('forward_passes', '')):>10} "

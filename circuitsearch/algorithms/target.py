@@ -142,6 +142,8 @@ def prune_to_targets(ev: Evaluator, targets: list[float], level: str = "both", m
     """Nested circuits for `targets` (highest first), each verified >= its target."""
     if level not in ("nodes", "edges", "both"):
         raise ValueError(f"unknown level {level!r}; choose nodes, edges or both")
+    if max_rounds < 1:
+        raise ValueError(f"max_rounds must be at least 1, not {max_rounds}")
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be at least 1 (or None for a full pass), not {patience}")
     targets = parse_targets(targets)
@@ -169,8 +171,9 @@ def prune_to_targets(ev: Evaluator, targets: list[float], level: str = "both", m
                 if info["removed"] < max(2, len(order) // 50):
                     break
             if refine:
-                order, drops = removal_order(ev, run, phase, method, steps)
-                estimates.update(drops)
+                if rounds[-1]["removed"]:  # the circuit changed since it was last attributed
+                    order, drops = removal_order(ev, run, phase, method, steps)
+                    estimates.update(drops)
                 run, step.refined[phase] = gallop_remove(ev, run, order, phase, t, patience, result)
                 bar.update()
             bar.close()
