@@ -1,10 +1,12 @@
 """The evaluator: scores any circuit (ablated nodes, removed edges) on a task, fast.
 
-It reads the model's weights once from the TransformerBridge and drives the layers itself,
-so a change at layer l recomputes only layers l..L-1 from the cached residual stream of the
-circuit it extends, every head can take its own q, k and v input (path patching), and logit
-difference reads just two unembedding columns. `circuitsearch.reference` checks it against
-a plain TransformerLens hooked forward.
+It drives the forward engine layer by layer, so a change at layer l recomputes only layers
+l..L-1 from the cached residual stream of the circuit it extends, every head can take its own
+q, k and v input (path patching), and logit difference reads just two unembedding columns.
+`circuitsearch.reference` checks it against a plain TransformerLens hooked forward.
+
+A circuit is two masks over the graph index: ablated nodes and removed edges (the latter
+dense, receiver × sender). Names are turned into indices once, where they enter.
 
 Semantics (design.md): an ablated node's output is replaced by its ablation value (mean over
 the corrupted prompts per position, the aligned corrupted prompt, or zero). A removed edge
@@ -13,174 +15,40 @@ place of its live output in the current (pruned) run.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 
-from .graphs.model_graph import ModelGraph, parse_node, receiver_node, split_edge
+from .engine import Engine, Weights
+from .graphs.index import EMBED, HEAD, GraphIndex, index_of
+from .graphs.model_graph import ModelGraph
 from .metrics import Metric, faithfulness, get_metric, normalized
 from .models import Model
 from .tasks.base import Task
 
 ABLATIONS = ("mean", "resample", "zero")
-_QKV = {"q": 0, "k": 1, "v": 2}
-_ACT = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
-        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
-
-
-# --------------------------------------------------------------------------- weights
-
-@dataclass
-class LayerWeights:
-    ln1: tuple | None
-    W_Q: torch.Tensor  # [H, d, dh]
-    b_Q: torch.Tensor  # [H, dh]
-    W_K: torch.Tensor  # [H, d, dh], expanded to one copy per query head
-    b_K: torch.Tensor
-    W_V: torch.Tensor
-    b_V: torch.Tensor
-    W_O: torch.Tensor  # [H, dh, d]
-    b_O: torch.Tensor  # [d]
-    W_qkv: torch.Tensor | None = None  # [d, (H + 2 * n_kv) * dh]: shared-input projection, kv heads grouped
-    b_qkv: torch.Tensor | None = None
-    n_kv: int = 0
-    W_gate_in: torch.Tensor | None = None  # [d, 2 * d_mlp] gate and in fused into one GEMM
-    b_gate_in: torch.Tensor | None = None
-    ln2: tuple | None = None
-    W_in: torch.Tensor | None = None    # [d, d_mlp]
-    b_in: torch.Tensor | None = None
-    W_gate: torch.Tensor | None = None  # [d, d_mlp] for gated MLPs
-    W_out: torch.Tensor | None = None   # [d_mlp, d]
-    b_out: torch.Tensor | None = None
-
-
-@dataclass
-class Weights:
-    """Everything the forward pass needs, as plain tensors."""
-
-    layers: list[LayerWeights]
-    W_E: torch.Tensor
-    W_pos: torch.Tensor | None
-    ln_final: tuple | None
-    W_U: torch.Tensor  # [d, vocab]
-    b_U: torch.Tensor  # [vocab]
-    norm: str | None   # "LN", "RMS" or None
-    eps: float
-    act: str
-    attn_scale: float
-    rotary: tuple | None  # (cos [n_ctx, rd], sin [n_ctx, rd], style "half" | "adjacent")
-
-
-def _norm_params(module) -> tuple | None:
-    inner = getattr(module, "original_component", module)
-    w = getattr(inner, "weight", None)
-    if w is None:
-        return None
-    b = getattr(inner, "bias", None)
-    return (w.detach().float(), None if b is None else b.detach().float())
-
-
-def _zeros_if_none(t, shape):
-    return torch.zeros(shape) if t is None else t.detach().float()
-
-
-def extract_weights(model: Model) -> Weights:
-    """Read the bridge's (unprocessed) weights into a Weights record."""
-    b, cfg = model.bridge, model.bridge.cfg
-    H, d = cfg.n_heads, cfg.d_model
-    n_kv = cfg.n_key_value_heads or H
-    rep = H // n_kv
-    layers = []
-    for blk in b.blocks:
-        a = blk.attn
-        dh = a.W_Q.shape[-1]
-        expand = lambda t: t.detach().float().repeat_interleave(rep, dim=0)
-        lw = LayerWeights(
-            ln1=_norm_params(blk.ln1) if hasattr(blk, "ln1") else None,
-            W_Q=a.W_Q.detach().float(), b_Q=_zeros_if_none(a.b_Q, (H, dh)),
-            W_K=expand(a.W_K), b_K=expand(a.b_K) if a.b_K is not None else torch.zeros(H, dh),
-            W_V=expand(a.W_V), b_V=expand(a.b_V) if a.b_V is not None else torch.zeros(H, dh),
-            W_O=a.W_O.detach().float(), b_O=_zeros_if_none(a.b_O, (d,)), n_kv=n_kv)
-        flat = lambda t: t.detach().float().permute(1, 0, 2).reshape(d, -1)
-        kvb = lambda t: torch.zeros(n_kv * dh) if t is None else t.detach().float().reshape(-1)
-        lw.W_qkv = torch.cat([flat(a.W_Q), flat(a.W_K), flat(a.W_V)], 1).contiguous()
-        lw.b_qkv = torch.cat([lw.b_Q.reshape(-1), kvb(a.b_K), kvb(a.b_V)])
-        if not cfg.attn_only:
-            m = blk.mlp
-            lw.ln2 = _norm_params(blk.ln2)
-            lw.W_in = m.W_in.detach().float()
-            lw.b_in = _zeros_if_none(m.b_in, (lw.W_in.shape[1],))
-            lw.W_gate = m.W_gate.detach().float() if cfg.gated_mlp else None
-            lw.W_out = m.W_out.detach().float()
-            lw.b_out = _zeros_if_none(m.b_out, (d,))
-            if lw.W_gate is not None:
-                lw.W_gate_in = torch.cat([lw.W_gate, lw.W_in], 1).contiguous()
-                lw.b_gate_in = torch.cat([torch.zeros(lw.W_in.shape[1]), lw.b_in])
-        layers.append(lw)
-    norm = cfg.normalization_type.upper() if cfg.normalization_type else None
-    if norm not in (None, "LN", "RMS"):
-        raise NotImplementedError(f"normalization {cfg.normalization_type!r} is not supported by the evaluator")
-    inner_attn = getattr(b.blocks[0].attn, "original_component", None)
-    scale = getattr(inner_attn, "scaling", None)
-    if scale is None:
-        scale = 1.0 / getattr(inner_attn, "scale", math.sqrt(layers[0].W_Q.shape[-1]))
-    rotary = None
-    if (cfg.positional_embedding_type or "standard") == "rotary":
-        rotary = _rotary_tables(model, cfg.n_ctx if cfg.n_ctx <= 4096 else 4096)
-    W_pos = None
-    if (cfg.positional_embedding_type or "standard") == "standard":
-        W_pos = b.W_pos.detach().float()
-    return Weights(layers=layers, W_E=b.W_E.detach().float(), W_pos=W_pos,
-                   ln_final=_norm_params(b.ln_final) if hasattr(b, "ln_final") else None,
-                   W_U=b.W_U.detach().float(), b_U=_zeros_if_none(getattr(b, "b_U", None), (b.W_U.shape[1],)),
-                   norm=norm, eps=float(cfg.eps), act=cfg.act_fn, attn_scale=float(scale), rotary=rotary)
-
-
-def _rotary_tables(model: Model, n_ctx: int) -> tuple:
-    om = model.bridge.original_model
-    native = getattr(om, "rotary", None)
-    if native is not None:  # TransformerLens native: adjacent pairs rotate together
-        return native.cos_cached.float(), native.sin_cached.float(), "adjacent"
-    rot = om.model.rotary_emb
-    inner = getattr(rot, "original_component", rot)
-    inv_freq = inner.inv_freq.float()
-    scaling = float(getattr(inner, "attention_scaling", 1.0))
-    freqs = torch.outer(torch.arange(n_ctx).float(), inv_freq)
-    emb = torch.cat([freqs, freqs], -1)  # HF Llama: first and second halves rotate together
-    return emb.cos() * scaling, emb.sin() * scaling, "half"
 
 
 # --------------------------------------------------------------------------- state
 
 @dataclass
 class Masks:
-    """What a circuit removes: ablated nodes and removed edges, as boolean tensors.
+    """What a circuit removes: `ablated` [N] nodes (logits never) and `removed` [R, S] edges,
+    by receiver row and sender column of the graph index."""
 
-    Senders are indexed in forward order (embed, then each layer's heads and MLP).
-    """
-
-    embed: bool
-    heads: torch.Tensor    # [L, H] ablated heads
-    mlps: torch.Tensor     # [L] ablated MLPs
-    e_attn: torch.Tensor   # [L, 3, H, S] removed edges into q/k/v receivers
-    e_mlp: torch.Tensor    # [L, S] removed edges into MLPs
-    e_logits: torch.Tensor  # [S] removed edges into the logits
+    ablated: torch.Tensor
+    removed: torch.Tensor
 
     def copy(self) -> "Masks":
-        return Masks(self.embed, self.heads.clone(), self.mlps.clone(), self.e_attn.clone(),
-                     self.e_mlp.clone(), self.e_logits.clone())
+        return Masks(self.ablated.clone(), self.removed.clone())
 
 
 @dataclass
 class Run:
     """One forward pass of a circuit, cached layer by layer so that extensions start midway."""
 
-    nodes: frozenset          # ablated nodes
-    edges: frozenset          # removed edges
+    index: GraphIndex
     masks: Masks
     embed: torch.Tensor       # [B, P, d] embed output (after ablation)
     resid_pre: list           # [L] input of each layer
@@ -192,6 +60,33 @@ class Run:
     per_prompt: torch.Tensor | None = None  # metric per prompt
     logits: torch.Tensor | None = None      # answer-position logits ([B, 2] or [B, vocab])
     diffs: dict = field(default_factory=dict)  # sender index -> live - ablated output
+    _names: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def nodes(self) -> frozenset:
+        """Names of the ablated nodes."""
+        if "nodes" not in self._names:
+            self._names["nodes"] = frozenset(self.index.names(self.masks.ablated.nonzero()[:, 0], "nodes"))
+        return self._names["nodes"]
+
+    @property
+    def edges(self) -> frozenset:
+        """Names of the removed edges (every edge ever removed, also those of nodes ablated since)."""
+        if "edges" not in self._names:
+            self._names["edges"] = frozenset(self.index.names(self.removed_edges().nonzero()[:, 0], "edges"))
+        return self._names["edges"]
+
+    def removed_edges(self) -> torch.Tensor:
+        """The removed-edge mask over the index's edges [E]."""
+        return self.masks.removed[self.index.edge_recv, self.index.edge_src]
+
+    def present_edges(self) -> torch.Tensor:
+        """Edges still in the circuit [E]: not removed, both ends alive."""
+        return self.index.present_edges(self.masks.ablated, self.removed_edges())
+
+    def present_nodes(self) -> torch.Tensor:
+        """Senders still in the circuit [S] (not ablated)."""
+        return ~self.masks.ablated[: self.index.S]
 
 
 @dataclass
@@ -240,38 +135,42 @@ class Source:
     mlp_out: list
 
 
+def _ids(items, lookup) -> torch.Tensor:
+    """Names or indices (any iterable, or a tensor of indices) as a 1-d index tensor."""
+    if isinstance(items, torch.Tensor):
+        return items.reshape(-1).long()
+    return torch.tensor([i if isinstance(i, int) else lookup(i) for i in items], dtype=torch.long)
+
+
 class Evaluator:
     """Scores circuits of `model` on `task`; every algorithm talks to the model through this.
 
-    score(nodes, edges) ablates the given nodes and removes the given edges. For search,
-    run(...) returns a cached Run and extend(run, nodes=..., edges=...) scores a circuit that
-    removes a little more, recomputing only from the earliest layer the change touches.
+    score(nodes, edges) ablates the given nodes and removes the given edges (names or graph
+    index ids). For search, run(...) returns a cached Run and extend(run, nodes=..., edges=...)
+    scores a circuit that removes a little more, recomputing only from the earliest layer the
+    change touches.
     """
 
     def __init__(self, model: Model, task: Task, ablation: str = "mean", metric: str = "logit_diff",
-                 qkv: bool = True, weights: Weights | None = None):
+                 qkv: bool = True, weights: Weights | None = None, engine: Engine | None = None):
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
         self.model, self.task, self.ablation = model, task, ablation
         self.metric: Metric = get_metric(metric)
-        self.w = weights or extract_weights(model)
+        self.engine = engine or Engine(model, weights)
+        self.w = self.engine.w
         self.L, self.H = model.n_layers, model.n_heads
         self.attn_only = model.attn_only
         self.graph = ModelGraph(self.L, self.H, self.attn_only, qkv)
-        self.senders = self.graph.inner_nodes
+        self.index = index_of(self.graph)
+        self.senders = self.index.senders
         self.sender_index = {s: i for i, s in enumerate(self.senders)}
-        self.S = len(self.senders)
+        self.S = self.index.S
+        self._layout()
         self.forward_passes = 0
         self.forward_equivalents = 0.0
         self.backward_passes = 0
-        n_ctx = self.w.rotary[0].shape[0] if self.w.rotary else (self.w.W_pos.shape[0] if self.w.W_pos is not None else None)
-        if n_ctx is not None and task.seq_len > n_ctx:
-            raise ValueError(f"task prompts are {task.seq_len} tokens but the model's context is {n_ctx}")
-        vocab = self.w.W_E.shape[0]
-        for what, t in (("clean prompts", task.clean), ("corrupted prompts", task.corrupted),
-                        ("answers", task.answers), ("wrong answers", task.wrong_answers)):
-            if int(t.max()) >= vocab or int(t.min()) < 0:
-                raise ValueError(f"task {task.name!r}: {what} hold token ids outside the model's vocabulary of {vocab}")
+        self._check_task(task)
         first, inverse = distinct_rows(task, ablation)
         self.rows_inverse = inverse
         counts = torch.bincount(inverse, minlength=len(first)).float()
@@ -279,11 +178,10 @@ class Evaluator:
         everything = Batch(task.corrupted, task.answers, task.wrong_answers, torch.ones(len(task)))
         with torch.inference_mode():
             empty = self._empty_masks()
-            self._embed_clean = self._embed(self.batch.tokens)
-            corrupt = self._forward(None, -1, frozenset(), frozenset(), empty, self._embed(task.corrupted),
-                                    source=None, count=True, batch=everything)
+            self._embed_clean = self.engine.embed(self.batch.tokens)
+            corrupt = self._forward(None, -1, empty, self.engine.embed(task.corrupted), source=None, batch=everything)
             self.source = self._make_source(corrupt, first)
-            self.clean_run = self._forward(None, -1, frozenset(), frozenset(), empty, self._embed_clean, count=True)
+            self.clean_run = self._forward(None, -1, empty, self._embed_clean)
             if not self.metric.two_columns:
                 self.batch.ref = torch.log_softmax(self.clean_run.logits.float(), -1)
                 everything.ref = self.batch.ref[inverse]
@@ -293,31 +191,98 @@ class Evaluator:
             self.corrupted = corrupt.score
             self.empty = self.score(nodes=self.senders)
 
+    def _check_task(self, task: Task) -> None:
+        """Token ids inside the model's vocabularies (prompts: input, answers: output) and context."""
+        n_ctx = self.engine.n_ctx
+        if n_ctx is not None and task.seq_len > n_ctx:
+            raise ValueError(f"task prompts are {task.seq_len} tokens but the model's context is {n_ctx}")
+        for what, t, vocab, side in (("clean prompts", task.clean, self.engine.d_vocab_in, "input"),
+                                     ("corrupted prompts", task.corrupted, self.engine.d_vocab_in, "input"),
+                                     ("answers", task.answers, self.engine.d_vocab_out, "output"),
+                                     ("wrong answers", task.wrong_answers, self.engine.d_vocab_out, "output")):
+            if int(t.max()) >= vocab or int(t.min()) < 0:
+                raise ValueError(f"task {task.name!r}: {what} hold token ids outside the model's vocabulary "
+                                 f"(its {side} vocabulary is ids 0..{vocab - 1}); was the task made with another "
+                                 "model's tokenizer?")
+
+    def _layout(self) -> None:
+        """Where each layer's heads, MLP and receivers sit in the index (ids, as tensors and slices)."""
+        ix, H = self.index, self.H
+        self._heads = []       # layer -> slice of its heads' node ids
+        self._mlp = []         # layer -> node id of its MLP (or None)
+        self._attn_rows = []   # layer -> [3H] receiver rows of its heads' q, k, v inputs (q of all heads first)
+        self._mlp_row = []     # layer -> receiver row of its MLP
+        qkv = self.graph.qkv
+        for l in range(self.L):
+            first = ix.node_id[f"a{l}.0"]
+            self._heads.append(slice(first, first + H))
+            self._mlp.append(None if self.attn_only else ix.node_id[f"m{l}"])
+            rows = [ix.receiver_id[f"a{l}.{h}.{x}" if qkv else f"a{l}.{h}"] for x in "qkv" for h in range(H)]
+            self._attn_rows.append(torch.tensor(rows, dtype=torch.long))
+            self._mlp_row.append(None if self.attn_only else ix.receiver_id[f"m{l}"])
+        self._logits_row = ix.receiver_id["logits"]
+        self._node_stage = torch.tensor(ix.node_stage, dtype=torch.long)
+        self._edge_stage = torch.tensor(ix.edge_stage, dtype=torch.long)
+
     # ------------------------------------------------------------------ public API
 
-    def score(self, nodes: Iterable[str] = (), edges: Iterable[str] = ()) -> float:
+    def score(self, nodes: Iterable = (), edges: Iterable = ()) -> float:
         """Metric with `nodes` ablated and `edges` removed (everything else live)."""
         return self.run(nodes, edges).score
 
-    def run(self, nodes: Iterable[str] = (), edges: Iterable[str] = ()) -> Run:
+    def run(self, nodes: Iterable = (), edges: Iterable = ()) -> Run:
         """A cached run of the full model with `nodes` ablated and `edges` removed."""
         return self.extend(self.clean_run, nodes, edges)
 
-    def extend(self, run: Run, nodes: Iterable[str] = (), edges: Iterable[str] = ()) -> Run:
-        """The run of `run`'s circuit with `nodes` also ablated and `edges` also removed."""
-        nodes = [n for n in nodes if n not in run.nodes]
-        edges = [e for e in edges if e not in run.edges]
-        if not nodes and not edges:
+    def extend(self, run: Run, nodes: Iterable = (), edges: Iterable = ()) -> Run:
+        """The run of `run`'s circuit with `nodes` also ablated and `edges` also removed.
+
+        Nodes and edges are names or graph index ids (lists or 1-d tensors).
+        """
+        ix = self.index
+        n = _ids(nodes, ix.node)
+        e = _ids(edges, ix.edge)
+        if len(n):
+            if bool((n == ix.logits).any()):
+                raise ValueError("the logits node cannot be ablated; remove its incoming edges instead")
+            n = n[~run.masks.ablated[n]]
+        if len(e):
+            e = e[~run.masks.removed[ix.edge_recv[e], ix.edge_src[e]]]
+        if not len(n) and not len(e):
             return run
         masks = run.masks.copy()
         start = 3 * self.L
-        for n in nodes:
-            start = min(start, self._apply_node(masks, n))
-        for e in edges:
-            start = min(start, self._apply_edge(masks, e))
+        if len(n):
+            masks.ablated[n] = True
+            start = min(start, int(self._node_stage[n].min()))
+        if len(e):
+            masks.removed[ix.edge_recv[e], ix.edge_src[e]] = True
+            start = min(start, int(self._edge_stage[e].min()))
         with torch.inference_mode():
-            return self._forward(run, start, run.nodes | frozenset(nodes), run.edges | frozenset(edges),
-                                 masks, self._embed_clean, count=True)
+            return self._forward(run, start, masks, self._embed_clean)
+
+    def rescore(self, run: Run) -> float:
+        """`run`'s circuit scored afresh from the full model (no state shared with `run`)."""
+        return self.extend(self.clean_run, run.masks.ablated.nonzero()[:, 0],
+                           run.removed_edges().nonzero()[:, 0]).score
+
+    def circuit_masks(self, circuit) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ablated node ids, removed edge ids) that make this evaluator score a saved `circuit`
+        as its run did."""
+        if self.graph.signature() != circuit.graph:
+            raise ValueError(f"the circuit is over graph {circuit.graph}, the model's graph is {self.graph.signature()}")
+        m = self.index.masks_of(circuit.nodes, None if circuit.node_level else circuit.edges)
+        return m.ablated[: self.S].nonzero()[:, 0], m.removed.nonzero()[:, 0]
+
+    def circuit_state(self, circuit) -> tuple[list[str], list[str]]:
+        """circuit_masks as names: (ablated nodes, removed edges)."""
+        nodes, edges = self.circuit_masks(circuit)
+        return self.index.names(nodes, "nodes"), self.index.names(edges, "edges")
+
+    def score_circuit(self, circuit) -> dict:
+        """full, circuit, empty, corrupted, faithfulness and normalized of a saved `circuit` on this task."""
+        nodes, edges = self.circuit_masks(circuit)
+        return self.scores(self.score(nodes=nodes, edges=edges))
 
     def faithfulness(self, score: float) -> float:
         return faithfulness(self.metric, score, self.full, self.empty)
@@ -337,19 +302,10 @@ class Evaluator:
         return out
 
     def stage_of(self, name: str) -> int:
-        """Where a node or edge first changes the forward pass.
-
-        -1 the embedding; 3l the inputs of layer l's heads (edges into q/k/v); 3l+1 the heads'
-        outputs (ablating a head reuses the layer's attention); 3l+2 its MLP; 3L the logits.
-        """
-        edge = "->" in name
-        if edge:
-            name = split_edge(name)[1]
-        node, _ = receiver_node(name)
-        info = parse_node(node, self.L)
-        if info.kind == "head":
-            return 3 * info.layer + (0 if edge else 1)
-        return {"embed": -1, "mlp": 3 * info.layer + 2, "logits": 3 * self.L}[info.kind]
+        """Where a node or edge first changes the forward pass (see graphs.index)."""
+        if "->" in name:
+            return self.index.edge_stage[self.index.edge(name)]
+        return self.index.node_stage[self.index.node(name)]
 
     def receiver_gradients(self, run: Run | None = None, alpha: float = 1.0) -> dict:
         """Gradient of the score with respect to every receiver's input, in `run`'s circuit.
@@ -363,13 +319,17 @@ class Evaluator:
         if self.metric.name == "accuracy":
             raise ValueError("accuracy has no gradient: attribute with logit_diff, prob or kl instead")
         run = run or self.clean_run
-        masks, L, H = run.masks.copy(), self.L, self.H  # copies: normal tensors, not inference ones
+        eng, L, H = self.engine, self.L, self.H
+        ablated = run.masks.ablated.clone()  # copies: normal tensors, not inference ones
+        removed = run.masks.removed.clone()
         src = self._grad_source()
         mix = lambda live, abl: abl + alpha * (live - abl)
         inputs = {"attn": [None] * L, "mlp": [None] * L, "logits": None}
         with torch.enable_grad():
-            live = self._embed(self.batch.tokens).requires_grad_()
-            embed = src.embed.expand_as(live) if masks.embed else mix(live, src.embed)
+            live = eng.embed(self.batch.tokens).requires_grad_()
+            # torch.where keeps the graph attached to `live` when embed is ablated, so every receiver
+            # input still requires grad (its gradient is what we want, not the embedding's)
+            embed = torch.where(ablated[0], src.embed, mix(live, src.embed))
             out = [embed - src.embed]  # live - ablated output of each sender in forward order
             resid = embed
 
@@ -380,34 +340,27 @@ class Evaluator:
                 return torch.einsum("rs,bpsd->bprd", mask[:, cols].float(), torch.stack([out[c] for c in cols], 2))
 
             for l in range(L):
-                lw = self.w.layers[l]
-                d = delta(masks.e_attn[l].reshape(3 * H, self.S)[:, : len(out)])
+                lw = eng.layer(l)
+                d = delta(removed[self._attn_rows[l]][:, : len(out)])
                 x = resid[:, :, None, None, :].expand(*resid.shape[:2], 3, H, resid.shape[-1])
                 if not isinstance(d, float):
                     x = x - d.reshape(*d.shape[:2], 3, H, d.shape[-1])
                 inputs["attn"][l] = x
-                z = self._attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
-                z = torch.where(masks.heads[l][None, None, :, None], src.z[l], mix(z, src.z[l]))
-                heads = torch.einsum("bphe,hed->bphd", z - src.z[l], lw.W_O)
-                out += list(heads.unbind(2))
-                resid = resid + torch.einsum("bphe,hed->bpd", z, lw.W_O) + lw.b_O
+                z = eng.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
+                z = torch.where(ablated[self._heads[l]][None, None, :, None], src.z[l], mix(z, src.z[l]))
+                out += list(eng.head_outputs(lw, z - src.z[l]).unbind(2))
+                resid = eng.add_heads(resid, lw, z)
                 if not self.attn_only:
-                    d = delta(masks.e_mlp[l][None, : len(out)])
-                    x = resid.clone() if isinstance(d, float) else resid - d[:, :, 0]
-                    inputs["mlp"][l] = x
-                    m = self._mlp(lw, x)
-                    m = src.mlp_out[l].expand_as(m) if bool(masks.mlps[l]) else mix(m, src.mlp_out[l])
+                    d = delta(removed[self._mlp_row[l]][None, : len(out)])
+                    x = inputs["mlp"][l] = resid.clone() if isinstance(d, float) else resid - d[:, :, 0]
+                    m = eng.mlp(lw, x)
+                    m = src.mlp_out[l].expand_as(m) if bool(ablated[self._mlp[l]]) else mix(m, src.mlp_out[l])
                     out.append(m - src.mlp_out[l])
                     resid = resid + m
-            d = delta(masks.e_logits[None])
-            x = resid[:, -1].clone() if isinstance(d, float) else (resid - d[:, :, 0])[:, -1]
-            inputs["logits"] = x
-            normed = self._norm(x, self.w.ln_final)
+            d = delta(removed[self._logits_row][None])
+            x = inputs["logits"] = resid[:, -1].clone() if isinstance(d, float) else (resid - d[:, :, 0])[:, -1]
             b = self.batch
-            if self.metric.two_columns:
-                logits = torch.einsum("bd,dbc->bc", normed, self.w.W_U[:, b.cols]) + self.w.b_U[b.cols]
-            else:
-                logits = normed @ self.w.W_U + self.w.b_U
+            logits = eng.unembed(x, b.cols if self.metric.two_columns else None)
             per = self.metric.per_prompt(logits, b.answers, b.wrong, b.ref)
             score = (per * b.weight).sum() / b.weight.sum()
             flat = inputs["attn"] + [t for t in inputs["mlp"] if t is not None] + [x]
@@ -419,6 +372,10 @@ class Evaluator:
         g_mlp = [None] * L if self.attn_only else rest[:L]
         return {"attn": g_attn, "mlp": g_mlp, "logits": rest[-1]}
 
+    def sender_diffs(self, run: Run) -> torch.Tensor:
+        """live − ablated output of every sender in `run`, stacked [B, P, S, d]."""
+        return torch.stack([self._sender_diff(run, s) for s in range(self.S)], 2)
+
     def _grad_source(self) -> Source:
         """The ablation source as ordinary tensors (the cached ones are inference tensors)."""
         if getattr(self, "_grad_src", None) is None:
@@ -427,50 +384,11 @@ class Evaluator:
             self._grad_src = Source(s.kind, c(s.embed), [c(t) for t in s.z], [c(t) for t in s.mlp_out])
         return self._grad_src
 
-    # ------------------------------------------------------------------ masks
-
-    def _empty_masks(self) -> Masks:
-        L, H, S = self.L, self.H, self.S
-        z = lambda *s: torch.zeros(*s, dtype=torch.bool)
-        return Masks(False, z(L, H), z(L), z(L, 3, H, S), z(L, S), z(S))
-
-    def _apply_node(self, masks: Masks, name: str) -> int:
-        self.graph.check_node(name)
-        info = parse_node(name, self.L)
-        if info.kind == "embed":
-            masks.embed = True
-        elif info.kind == "head":
-            masks.heads[info.layer, info.head] = True
-        elif info.kind == "mlp":
-            masks.mlps[info.layer] = True
-        else:
-            raise ValueError("the logits node cannot be ablated; remove its incoming edges instead")
-        return self.stage_of(name)
-
-    def _apply_edge(self, masks: Masks, edge: str) -> int:
-        self.graph.check_edge(edge)
-        src, dst = split_edge(edge)
-        s = self.sender_index[src]
-        node, inp = receiver_node(dst)
-        info = parse_node(node, self.L)
-        if info.kind == "head":
-            if self.graph.qkv:
-                masks.e_attn[info.layer, _QKV[inp], info.head, s] = True
-            else:
-                masks.e_attn[info.layer, :, info.head, s] = True
-        elif info.kind == "mlp":
-            masks.e_mlp[info.layer, s] = True
-        else:
-            masks.e_logits[s] = True
-        return self.stage_of(edge)
-
     # ------------------------------------------------------------------ forward
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.w.W_E[tokens]
-        if self.w.W_pos is not None:
-            x = x + self.w.W_pos[: tokens.shape[1]]
-        return x
+    def _empty_masks(self) -> Masks:
+        ix = self.index
+        return Masks(torch.zeros(ix.N, dtype=torch.bool), torch.zeros(ix.R, ix.S, dtype=torch.bool))
 
     def _make_source(self, corrupt: Run, rows: torch.Tensor) -> Source:
         """Ablation values from the corrupted run (over all the task's rows); resample keeps `rows`."""
@@ -482,159 +400,89 @@ class Evaluator:
         f = mean if self.ablation == "mean" else zero
         return Source(self.ablation, f(corrupt.embed), [f(t) for t in corrupt.z], [f(t) for t in corrupt.mlp_out])
 
-    def _norm(self, x: torch.Tensor, params: tuple | None) -> torch.Tensor:
-        if self.w.norm is None:
-            return x
-        w, b = params if params is not None else (None, None)
-        if self.w.norm == "LN":
-            return F.layer_norm(x, (x.shape[-1],), w, b, self.w.eps)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.w.eps)
-        return x if w is None else x * w
-
-    def _rope(self, x: torch.Tensor) -> torch.Tensor:
-        cos, sin, style = self.w.rotary
-        P, rd = x.shape[1], cos.shape[-1]
-        cos, sin = cos[:P, None, :], sin[:P, None, :]
-        xr, xp = x[..., :rd], x[..., rd:]
-        if style == "half":
-            x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
-            rot = torch.cat([-x2, x1], -1)
-        else:
-            rot = torch.stack([-xr[..., 1::2], xr[..., 0::2]], -1).flatten(-2)
-        out = xr * cos + rot * sin
-        return torch.cat([out, xp], -1) if xp.shape[-1] else out
-
-    def _proj(self, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, params) -> torch.Tensor:
-        x = self._norm(x, params)
-        eq = "bpd,hde->bphe" if x.dim() == 3 else "bphd,hde->bphe"
-        return torch.einsum(eq, x, W) + b
-
-    def _attention(self, lw: LayerWeights, xq, xk=None, xv=None) -> torch.Tensor:
-        """z [B, P, H, dh] of every head; one shared input [B, P, d], or q, k, v inputs [B, P, H, d]."""
-        if xk is None:  # shared input: one GEMM, keys and values per kv head
-            B, P, _ = xq.shape
-            H, dh = self.H, lw.W_Q.shape[-1]
-            qkv = self._norm(xq, lw.ln1) @ lw.W_qkv + lw.b_qkv
-            q = qkv[..., : H * dh].view(B, P, H, dh)
-            k, v = qkv[..., H * dh:].view(B, P, 2, lw.n_kv, dh).unbind(2)
-            rep = H // lw.n_kv
-            if rep > 1:
-                k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
-        else:
-            q = self._proj(xq, lw.W_Q, lw.b_Q, lw.ln1)
-            k = self._proj(xk, lw.W_K, lw.b_K, lw.ln1)
-            v = self._proj(xv, lw.W_V, lw.b_V, lw.ln1)
-        if self.w.rotary is not None:
-            q, k = self._rope(q), self._rope(k)
-        scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.w.attn_scale
-        P = q.shape[1]
-        mask = torch.ones(P, P, dtype=torch.bool).triu(1)
-        scores = scores.masked_fill(mask, float("-inf"))
-        return torch.einsum("bhqk,bkhe->bqhe", scores.softmax(-1), v)
-
-    def _mlp(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        h = self._norm(x, lw.ln2)
-        act = _ACT[self.w.act]
-        if lw.W_gate_in is not None:
-            gate, pre = (h @ lw.W_gate_in + lw.b_gate_in).chunk(2, -1)
-            post = act(gate) * pre
-        else:
-            post = act(h @ lw.W_in + lw.b_in)
-        return post @ lw.W_out + lw.b_out
-
     def _sender_diff(self, run: Run, s: int) -> torch.Tensor:
         """live − ablated output of sender s in `run` (cached in run.diffs)."""
         d = run.diffs.get(s)
         if d is None:
-            info = parse_node(self.senders[s], self.L)
-            if info.kind == "embed":
+            ix = self.index
+            kind, layer = ix.node_kind[s], ix.node_layer[s]
+            if kind == EMBED:
                 d = run.embed - self.source.embed
-            elif info.kind == "head":
-                zl = run.z[info.layer][:, :, info.head] - self.source.z[info.layer][:, :, info.head]
-                d = zl @ self.w.layers[info.layer].W_O[info.head]
+            elif kind == HEAD:
+                h = ix.node_head[s]
+                zl = run.z[layer][:, :, h] - self.source.z[layer][:, :, h]
+                d = zl @ self.w.layers[layer].W_O[h]
             else:
-                d = run.mlp_out[info.layer] - self.source.mlp_out[info.layer]
+                d = run.mlp_out[layer] - self.source.mlp_out[layer]
             run.diffs[s] = d
         return d
 
-    def _delta(self, run: Run, mask: torch.Tensor) -> torch.Tensor | None:
-        """Σ over removed senders of (live − ablated), per receiver row of mask [R, S] -> [B, P, R, d]."""
-        cols = mask.any(0)
-        if not bool(cols.any()):
-            return None
-        idx = [int(s) for s in cols.nonzero()[:, 0] if not self._is_ablated(run.masks, int(s))]
+    def _delta(self, run: Run, rows) -> torch.Tensor | None:
+        """Σ over removed live senders of (live − ablated), per receiver in `rows` -> [B, P, len(rows), d]."""
+        mask = run.masks.removed[[rows] if isinstance(rows, int) else rows]
+        idx = (mask.any(0) & ~run.masks.ablated[: self.S]).nonzero()[:, 0].tolist()
         if not idx:
             return None
         D = torch.stack([self._sender_diff(run, s) for s in idx], 2)  # [B, P, n, d]
         return torch.einsum("rs,bpsd->bprd", mask[:, idx].to(D.dtype), D)
 
-    def _is_ablated(self, masks: Masks, s: int) -> bool:
-        info = parse_node(self.senders[s], self.L)
-        if info.kind == "embed":
-            return masks.embed
-        if info.kind == "head":
-            return bool(masks.heads[info.layer, info.head])
-        return bool(masks.mlps[info.layer])
-
-    def _forward(self, base: Run | None, start: int, nodes: frozenset, edges: frozenset, masks: Masks,
-                 embed_live: torch.Tensor, source: Source | None = "self", count: bool = True,
-                 batch: Batch | None = None) -> Run:
-        """Recompute `base`'s circuit with new masks from stage `start` on (see stage_of)."""
+    def _forward(self, base: Run | None, start: int, masks: Masks, embed_live: torch.Tensor,
+                 source: Source | None = "self", count: bool = True, batch: Batch | None = None) -> Run:
+        """Recompute `base`'s circuit with new masks from stage `start` on (see graphs.index)."""
         src = self.source if source == "self" else source
         batch = batch or self.batch
-        L = self.L
+        eng, L = self.engine, self.L
+        ablated, removed = masks.ablated, masks.removed
+        abl = ablated.tolist()
         if base is None or start < 0:
-            embed = src.embed.expand_as(embed_live) if (masks.embed and src is not None) else embed_live
-            run = Run(nodes, edges, masks, embed, [None] * L, [None] * L, [None] * L, [None] * L)
+            embed = src.embed.expand_as(embed_live) if (abl[0] and src is not None) else embed_live
+            run = Run(self.index, masks, embed, [None] * L, [None] * L, [None] * L, [None] * L)
             start = -1
         else:
-            run = Run(nodes, edges, masks, base.embed, list(base.resid_pre), list(base.z),
+            run = Run(self.index, masks, base.embed, list(base.resid_pre), list(base.z),
                       list(base.resid_mid), list(base.mlp_out))
-            run.diffs = {s: d for s, d in base.diffs.items() if self._sender_stage(s) < start}
+            stage = self.index.node_stage
+            run.diffs = {s: d for s, d in base.diffs.items() if stage[s] < start}
+        edges = bool(removed.any())
         first = max(start, 0) // 3
         if first >= L:
             resid = base.final
         else:
             resid = run.embed if first == 0 and start <= 0 else run.resid_pre[first]
         for l in range(first, L):
-            lw = self.w.layers[l]
+            lw = eng.layer(l)
             stage = start - 3 * l if l == first else -1  # where this layer's recomputation begins
+            heads = self._heads[l]
             if stage <= 1:
                 if stage <= 0:
                     run.resid_pre[l] = resid
-                    delta = self._delta(run, masks.e_attn[l].reshape(3 * self.H, self.S)) if edges else None
+                    delta = self._delta(run, self._attn_rows[l]) if edges else None
                     if delta is None:
-                        z = self._attention(lw, resid)
+                        z = eng.attention(lw, resid)
                     else:
                         delta = delta.reshape(*delta.shape[:2], 3, self.H, delta.shape[-1])
                         x = resid[:, :, None, None, :] - delta  # [B, P, 3, H, d]
-                        z = self._attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
+                        z = eng.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
                 else:
                     z = run.z[l]
-                if src is not None and bool(masks.heads[l].any()):
-                    z = torch.where(masks.heads[l][None, None, :, None], src.z[l], z)
+                if src is not None and any(abl[heads]):
+                    z = torch.where(ablated[heads][None, None, :, None], src.z[l], z)
                 run.z[l] = z
-                resid = run.resid_pre[l] + torch.einsum("bphe,hed->bpd", z, lw.W_O) + lw.b_O
+                resid = eng.add_heads(run.resid_pre[l], lw, z)
                 run.resid_mid[l] = resid
             else:
                 resid = run.resid_mid[l]
             if not self.attn_only:
-                delta = self._delta(run, masks.e_mlp[l][None]) if edges else None
-                out = self._mlp(lw, resid if delta is None else resid - delta[:, :, 0])
-                if src is not None and bool(masks.mlps[l]):
+                delta = self._delta(run, self._mlp_row[l]) if edges else None
+                out = eng.mlp(lw, resid if delta is None else resid - delta[:, :, 0])
+                if src is not None and abl[self._mlp[l]]:
                     out = src.mlp_out[l].expand_as(out)
                 run.mlp_out[l] = out
                 resid = resid + out
         run.final = resid
-        delta = self._delta(run, masks.e_logits[None]) if edges else None
+        delta = self._delta(run, self._logits_row) if edges else None
         last = (resid if delta is None else resid - delta[:, :, 0])[:, -1]
-        normed = self._norm(last, self.w.ln_final)
-        if self.metric.two_columns:
-            cols = batch.cols
-            W = self.w.W_U[:, cols]  # [d, B, 2]
-            run.logits = torch.einsum("bd,dbc->bc", normed, W) + self.w.b_U[cols]
-        else:
-            run.logits = normed @ self.w.W_U + self.w.b_U
+        run.logits = eng.unembed(last, batch.cols if self.metric.two_columns else None)
         if count:
             self.forward_passes += 1
             self.forward_equivalents += self._cost(start)
@@ -656,6 +504,3 @@ class Evaluator:
         """The metric per distinct row, and the score: its mean over all the task's rows."""
         run.per_prompt = self.metric.per_prompt(run.logits, batch.answers, batch.wrong, batch.ref)
         run.score = float((run.per_prompt * batch.weight).sum() / batch.weight.sum())
-
-    def _sender_stage(self, s: int) -> int:
-        return self.stage_of(self.senders[s])

@@ -35,7 +35,7 @@ def ablation_source(model: Model, task: Task, ablation: str) -> dict[str, torch.
 
 
 def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Iterable[str] = (),
-                  edges: Iterable[str] = (), qkv: bool = True, source: dict | None = None) -> torch.Tensor:
+                  edges: Iterable[str] = (), source: dict | None = None) -> torch.Tensor:
     """Answer-position logits [n, vocab] of the clean prompts with nodes ablated and edges removed.
 
     source: ablation_source(...) computed once by the caller; computed here if not given."""
@@ -48,9 +48,10 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
     removed = defaultdict(list)  # receiver -> senders
     for e in edges:
         s, r = split_edge(e)
-        if not qkv and r.endswith(".q"):
+        node, inp = receiver_node(r)
+        if inp is None and parse_node(node).kind == "head":  # one receiver per head: q, k and v together
             for x in "qkv":
-                removed[r[:-1] + x].append(s)
+                removed[f"{node}.{x}"].append(s)
         else:
             removed[r].append(s)
 
@@ -143,11 +144,10 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
 
 
 def hooked_score(model: Model, task: Task, ablation: str = "mean", metric: str = "logit_diff",
-                 nodes: Iterable[str] = (), edges: Iterable[str] = (), qkv: bool = True,
-                 source: dict | None = None) -> float:
+                 nodes: Iterable[str] = (), edges: Iterable[str] = (), source: dict | None = None) -> float:
     """The metric of hooked_logits, computed on the whole vocabulary."""
     m = get_metric(metric)
-    logits = hooked_logits(model, task, ablation, nodes, edges, qkv, source)
+    logits = hooked_logits(model, task, ablation, nodes, edges, source)
     ref = None
     if metric == "kl":
         with torch.no_grad():

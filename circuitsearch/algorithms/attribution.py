@@ -77,6 +77,24 @@ def attribute(ev: Evaluator, run: Run | None = None, method: str = "eap-ig", ste
     if steps < 1:
         raise ValueError(f"EAP-IG needs at least 1 step, not {steps}")
     run = run or ev.clean_run
+    est = edge_estimates(ev, run, method, steps)
+    ix = ev.index
+    present = run.present_edges().nonzero()[:, 0].tolist()
+    values = est.tolist()
+    edges = {ix.edges[i]: values[i] for i in present}
+    nodes = {n: 0.0 for n in ix.senders if n not in run.nodes}
+    for e, v in edges.items():
+        src = e.split("->", 1)[0]
+        if src in nodes:
+            nodes[src] += v
+    return Attribution(method, steps, nodes, edges,
+                       {"ablated_nodes": sorted(run.nodes), "removed_edges": int(run.removed_edges().sum())})
+
+
+def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int = 5) -> torch.Tensor:
+    """Estimated change of the score when each edge of the graph index is removed from `run`'s circuit [E]
+    (edges no longer present get the estimate of removing them again: meaningless, filter them)."""
+    steps = 1 if method == "eap" else steps
     L, H, S = ev.L, ev.H, ev.S
     grads = None
     for k in range(1, steps + 1):
@@ -87,50 +105,19 @@ def attribute(ev: Evaluator, run: Run | None = None, method: str = "eap-ig", ste
             grads = {"attn": [a + b for a, b in zip(grads["attn"], g["attn"])],
                      "mlp": [None if a is None else a + b for a, b in zip(grads["mlp"], g["mlp"])],
                      "logits": grads["logits"] + g["logits"]}
+    ix = ev.index
     with torch.inference_mode():
-        D = torch.stack([ev._sender_diff(run, s) for s in range(S)], 2)  # [B, P, S, d] live - ablated
+        D = ev.sender_diffs(run)  # [B, P, S, d] live - ablated
         scale = -1.0 / steps
-        edges: dict[str, float] = {}
-        qkv = "qkv" if ev.graph.qkv else None
+        est = torch.zeros(ix.R, S, dtype=D.dtype)  # receiver row x sender
         for l in range(L):
             n = 1 + l * (H + (0 if ev.attn_only else 1))  # senders before layer l's heads
-            G = grads["attn"][l].flatten(2, 3)  # [B, P, 3H, d]
-            E = torch.einsum("bprd,bpsd->rs", G, D[:, :, :n]).view(3, H, n) * scale
-            for h in range(H):
-                for xi, x in enumerate("qkv"):
-                    if qkv is None and xi > 0:
-                        continue
-                    row = E[:, h].sum(0) if qkv is None else E[xi, h]
-                    for s, v in enumerate(row.tolist()):
-                        edges[f"{ev.senders[s]}->a{l}.{h}.{x}"] = v
+            G = grads["attn"][l].flatten(2, 3)  # [B, P, 3H, d], q of every head, then k, then v
+            E = torch.einsum("bprd,bpsd->rs", G, D[:, :, :n]) * scale
+            est[:, :n].index_add_(0, ev._attn_rows[l], E)  # one receiver per head: q, k and v summed
             if not ev.attn_only:
-                row = torch.einsum("bpd,bpsd->s", grads["mlp"][l], D[:, :, : n + H]) * scale
-                for s, v in enumerate(row.tolist()):
-                    edges[f"{ev.senders[s]}->m{l}"] = v
-        row = torch.einsum("bd,bsd->s", grads["logits"], D[:, -1]) * scale
-        for s, v in enumerate(row.tolist()):
-            edges[f"{ev.senders[s]}->logits"] = v
-    present = _present_edges(ev, run)
-    edges = {e: edges[e] for e in ev.graph.edges if e in present}
-    nodes = {n: 0.0 for n in ev.senders if n not in run.nodes}
-    for e, v in edges.items():
-        src = e.split("->", 1)[0]
-        if src in nodes:
-            nodes[src] += v
-    return Attribution(method, steps, nodes, edges,
-                       {"ablated_nodes": sorted(run.nodes), "removed_edges": len(run.edges)})
+                est[ev._mlp_row[l], : n + H] = torch.einsum("bpd,bpsd->s", grads["mlp"][l], D[:, :, : n + H]) * scale
+        est[ev._logits_row] = torch.einsum("bd,bsd->s", grads["logits"], D[:, -1]) * scale
+    return est[ix.edge_recv, ix.edge_src]
 
 
-def _present_edges(ev: Evaluator, run: Run) -> set[str]:
-    """Edges whose removal would still change something: not removed, both ends alive."""
-    from ..graphs.model_graph import receiver_node
-
-    out = set()
-    for e in ev.graph.edges:
-        if e in run.edges:
-            continue
-        src, dst = e.split("->", 1)
-        if src in run.nodes or receiver_node(dst)[0] in run.nodes:
-            continue
-        out.add(e)
-    return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..graphs.model_graph import receiver_node, split_edge
+import torch
 
 PERCENTAGES = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
 SCHEMA = "circuitsearch.curves/1"
@@ -54,10 +54,18 @@ def circuit_of_top(ev, keep: set[str]) -> tuple[list[str], list[str]]:
 
     A sender with no kept out-edge is ablated (the same as removing all its out-edges, and cheaper).
     """
-    live = {split_edge(e)[0] for e in keep}
-    ablated = [n for n in ev.senders if n not in live]
-    removed = [e for e in ev.graph.edges if e not in keep and split_edge(e)[0] in live]
-    return ablated, removed
+    nodes, edges = _top_masks(ev, ev.index.edge_ids(keep))
+    return ev.index.names(nodes, "nodes"), ev.index.names(edges, "edges")
+
+
+def _top_masks(ev, keep_ids) -> tuple:
+    """circuit_of_top as index ids: (ablated sender ids, removed edge ids)."""
+    ix = ev.index
+    keep = torch.zeros(ix.E, dtype=torch.bool)
+    keep[torch.as_tensor(keep_ids, dtype=torch.long)] = True
+    live = torch.zeros(ix.N, dtype=torch.bool)
+    live[ix.edge_src[keep]] = True
+    return (~live[: ix.S]).nonzero()[:, 0], (~keep & live[ix.edge_src]).nonzero()[:, 0]
 
 
 def faithfulness_curve(ev, ranking: list[str], name: str = "ranking",
@@ -75,9 +83,10 @@ def faithfulness_curve(ev, ranking: list[str], name: str = "ranking",
     n = len(edges)
     fp0 = ev.forward_passes
     kept, f, ratio = [], [], []
+    best_ids = ev.index.edge_ids(best_first)
     for p in percentages:
         k = int(p / 100 * n)
-        nodes, removed = circuit_of_top(ev, set(best_first[:k]))
+        nodes, removed = _top_masks(ev, best_ids[:k])
         s = ev.score(nodes=nodes, edges=removed)
         kept.append(k)
         f.append(ev.normalized(s))
@@ -85,19 +94,19 @@ def faithfulness_curve(ev, ranking: list[str], name: str = "ranking",
     return Curve(name, list(percentages), kept, f, ratio, n, ev.forward_passes - fp0)
 
 
-def removal_ranking(ev, decisions: list[dict], circuit) -> list[str]:
+def removal_ranking(ev, decisions: list, circuit) -> list[str]:
     """A run's edges, least important first: edges outside the circuit that no decision named, then
     edges of ablated nodes in the order the nodes went, edges in the order they were removed, and
     the circuit's edges by |effect|."""
+    ix = ev.index
     by_node: dict[str, list[str]] = {}
-    for e in ev.graph.edges:
-        src, dst = split_edge(e)
-        by_node.setdefault(src, []).append(e)
-        by_node.setdefault(receiver_node(dst)[0], []).append(e)
+    for e, s, r in zip(ix.edges, ix.edge_src.tolist(), ix.edge_dst_node.tolist()):
+        by_node.setdefault(ix.nodes[s], []).append(e)
+        by_node.setdefault(ix.nodes[r], []).append(e)
     removed: list[str] = []
     for d in decisions:
-        if d.get("removed"):
-            removed += by_node.get(d["candidate"], []) if d["phase"] == "nodes" else [d["candidate"]]
+        if d.removed:
+            removed += by_node.get(d.candidate, []) if d.phase == "nodes" else [d.candidate]
     for n in circuit.method.get("dangling_removed") or []:
         removed += by_node.get(n, [])
     kept = circuit.effective_edges()

@@ -21,16 +21,17 @@ class NodeInfo:
 
     name: str
     kind: str
-    layer: int
+    layer: int | None
     head: int | None = None
 
 
 def parse_node(name: str, n_layers: int | None = None) -> NodeInfo:
-    """Parse a node name (`embed`, `a9.1`, `m3`, `logits`); logits sit at layer n_layers."""
+    """Parse a node name (`embed`, `a9.1`, `m3`, `logits`); logits sit at layer n_layers (None when
+    n_layers is not given: its layer is unknown without the model)."""
     if name == "embed":
         return NodeInfo(name, "embed", -1)
     if name == "logits":
-        return NodeInfo(name, "logits", n_layers if n_layers is not None else 10**6)
+        return NodeInfo(name, "logits", n_layers)
     m = _HEAD.match(name)
     if m:
         return NodeInfo(name, "head", int(m.group(1)), int(m.group(2)))
@@ -67,7 +68,7 @@ class ModelGraph:
     """Nodes and edges of a model with n_layers layers of n_heads heads.
 
     attn_only models have no MLP nodes. qkv=True gives heads separate q, k, v receivers;
-    qkv=False gives one receiver per head (named `a{l}.{h}.q`, standing for all three).
+    qkv=False gives one receiver per head, named as the head (`a4.4->a9.1`: q, k and v together).
     On grouped-query models every query head still has its own k and v receivers: the
     shared key/value projection is computed once per query head, so patching `a9.1.k`
     leaves `a9.0.k` untouched.
@@ -111,7 +112,7 @@ class ModelGraph:
     def receivers_of(self, node: str) -> list[str]:
         info = parse_node(node, self.n_layers)
         if info.kind == "head":
-            return [f"{node}.{x}" for x in ("qkv" if self.qkv else "q")]
+            return [f"{node}.{x}" for x in "qkv"] if self.qkv else [node]
         if info.kind in ("mlp", "logits"):
             return [node]
         return []
