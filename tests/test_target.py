@@ -3,9 +3,9 @@ import pytest
 
 from circuitsearch.algorithms.iterative import edge_candidates
 from circuitsearch.algorithms.target import bisect_remove, gallop_remove, parse_targets, prune_to_targets
-from circuitsearch.models import load_model
+from circuitsearch.catalogue import load_model
 from circuitsearch.patching import Evaluator
-from circuitsearch.testing import PLANTED_EDGES, PLANTED_NODES, induction_task, planted_task
+from circuitsearch.toys import PLANTED_EDGES, PLANTED_NODES, induction_task, planted_task
 from conftest import self_task
 
 
@@ -73,7 +73,7 @@ def test_target_run_directory_resumes_to_the_same_circuits(tmp_path):
     import shutil
 
     from circuitsearch.graphs.export import load_circuit
-    from circuitsearch.rundir import PruneConfig, RunDirError, run_targets
+    from circuitsearch.runs import PruneConfig, RunDirError, run_targets
 
     cfg = PruneConfig(model="induction-2l", task="induction", level="both")
     quiet = dict(progress=False, log=lambda *a: None)
@@ -154,3 +154,49 @@ def test_removal_order_puts_estimated_gains_first_and_drops_in_faithfulness(metr
     for n in order:  # a drop is the faithfulness the estimate says the removal costs
         assert drops[n] == pytest.approx(ev.faithfulness(run.score) - ev.faithfulness(run.score + est[n]))
         assert (drops[n] > 0) == (sign * est[n] < 0) or abs(est[n]) < 1e-12
+
+
+def test_target_search_resumes_mid_target_from_its_decision_log(tmp_path, monkeypatch):
+    """Killed after k logged decisions (inside a target, before any checkpoint of it), the target
+    search replays its log and ends in the same circuits, scoring only what the log lacks."""
+    import json
+
+    from circuitsearch.graphs.export import load_circuit
+    from circuitsearch.runs import PruneConfig, run_targets
+    from circuitsearch.runs.store import DecisionLog, read_decisions
+
+    cfg = PruneConfig(model="induction-2l", task="induction", level="both")
+    quiet = dict(progress=False, log=lambda *a: None)
+    run_targets(cfg, "0.9,0.8", tmp_path / "whole", **quiet)
+    logged = read_decisions(tmp_path / "whole" / "decisions.jsonl")
+    c = load_circuit(tmp_path / "whole" / "target-0.8" / "circuit.json")
+    estimated = c.method.get("estimated_effects", [])
+    single = {d["candidate"] for d in logged if d["target"] == 0.8 and d["pass"] == "refine" and d["chunk"] == 1}
+    assert estimated and set(estimated) <= set(c.nodes) | set(c.edges)  # marked, and only what the circuit holds
+    assert not set(estimated) & single  # a candidate scored alone has a measured effect, not an estimate
+    assert c.method["order"] == "gain" and c.method["attribution"] == "eap-ig"
+    assert {d["target"] for d in logged} == {0.9, 0.8} and {d["pass"] for d in logged} >= {"bisect:0", "refine"}
+    record = DecisionLog.record
+    for k in (1, 7, len(logged) - 2):
+        out = tmp_path / f"killed{k}"
+        written = []
+
+        def killing(self, decision, written=written, k=k):
+            record(self, decision)
+            written.append(decision)
+            if len(written) >= k:
+                raise KeyboardInterrupt("killed")
+
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+            m.setattr(DecisionLog, "record", killing)
+            run_targets(cfg, "0.9,0.8", out, **quiet)
+        assert len(read_decisions(out / "decisions.jsonl")) == k
+        run_targets(cfg, "0.9,0.8", out, **quiet)
+        for t in ("0.9", "0.8"):
+            a, b = (load_circuit(d / f"target-{t}" / "circuit.json") for d in (tmp_path / "whole", out))
+            assert a.nodes.keys() == b.nodes.keys() and a.edges.keys() == b.edges.keys()
+            assert a.scores["faithfulness"] == pytest.approx(b.scores["faithfulness"], abs=1e-6)
+        assert len(read_decisions(out / "decisions.jsonl")) == len(logged)
+        if k > 5:  # replayed verdicts are not scored again: the resumed session runs fewer forward passes
+            spent = lambda d: json.loads((d / "targets.json").read_text())["stats"]["forward_passes"]
+            assert spent(out) < spent(tmp_path / "whole")

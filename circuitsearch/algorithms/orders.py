@@ -1,5 +1,8 @@
 """Removal orders: the sequence in which a pruning pass tries its candidates.
 
+An order is parsed once from its name (`parse_order`) into an object that, given a pass's
+candidates (graph index ids in forward order), returns them in the order to try.
+
 Forward order is the order of the forward pass: layer by layer from the embedding up, and
 within a layer the heads by index, then the MLP (which reads them). Edges go by receiver in
 forward order, then sender in forward order. Reverse is exactly that sequence backwards
@@ -8,53 +11,126 @@ forward order, then sender in forward order. Reverse is exactly that sequence ba
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 ORDERS = ("forward", "reverse", "alternate", "random:SEED", "file:PATH", "attribution")
 
 
-def check_order(order: str) -> str:
-    """Reject an order name that is not one of ORDERS, with the list in the message."""
-    if order in ("forward", "reverse", "alternate", "attribution"):
+@dataclass(frozen=True)
+class Order:
+    """Base: `name` as the user wrote it; `sequence` orders one pass's candidates."""
+
+    name: str
+
+    def prepare(self, ev, run, level: str) -> "Order":
+        """The order ready for a phase starting from `run` (orders that rank the circuit do it here)."""
+        return self
+
+    def sequence(self, candidates: list[int], pass_index: int) -> list[int]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Forward(Order):
+    def sequence(self, candidates, pass_index):
+        return list(candidates)
+
+
+@dataclass(frozen=True)
+class Reverse(Order):
+    def sequence(self, candidates, pass_index):
+        return candidates[::-1]
+
+
+@dataclass(frozen=True)
+class Alternate(Order):
+    """Reverse on even passes, forward on odd ones."""
+
+    def sequence(self, candidates, pass_index):
+        return candidates[::-1] if pass_index % 2 == 0 else list(candidates)
+
+
+@dataclass(frozen=True)
+class Shuffled(Order):
+    """random:SEED: a fresh shuffle each pass, seeded by the order's name and the pass."""
+
+    def sequence(self, candidates, pass_index):
+        seq = list(candidates)
+        random.Random(f"{self.name}:{pass_index}").shuffle(seq)
+        return seq
+
+
+@dataclass(frozen=True)
+class Listed(Order):
+    """A fixed list of ids (from a file, or a ranking): tried in that order; candidates it does
+    not list are skipped."""
+
+    ids: tuple = ()
+
+    def sequence(self, candidates, pass_index):
+        present = set(candidates)
+        return [c for c in self.ids if c in present]
+
+
+@dataclass(frozen=True)
+class FromFile(Order):
+    """file:PATH: one node or edge name a line ('#' starts a comment line), tried in that order."""
+
+    path: str = ""
+
+    def prepare(self, ev, run, level):
+        names = read_order_file(self.path)
+        lookup = ev.index.node_id if level == "nodes" else ev.index.edge_id
+        return Listed(self.name, tuple(lookup[n] for n in names if n in lookup))
+
+
+@dataclass(frozen=True)
+class ByMagnitude(Order):
+    """attribution: the circuit's candidates ranked by |attribution estimate|, least important first
+    (the target search ranks by signed gain instead: see target.removal_order)."""
+
+    method: str = "eap-ig"
+    steps: int = 5
+    ranking: tuple | None = None  # names, least important first (given instead of computed)
+
+    def prepare(self, ev, run, level):
+        from .attribution import attribute
+
+        names = self.ranking if self.ranking is not None else attribute(ev, run, self.method, self.steps).ranking(level)
+        lookup = ev.index.node_id if level == "nodes" else ev.index.edge_id
+        return Listed(self.name, tuple(lookup[n] for n in names))
+
+
+def parse_order(order: "str | Order", attribution: str = "eap-ig", steps: int = 5) -> Order:
+    """The Order object an order name means; ValueError naming the choices for anything else."""
+    if isinstance(order, Order):
         return order
+    simple = {"forward": Forward, "reverse": Reverse, "alternate": Alternate}
+    if order in simple:
+        return simple[order](order)
+    if order == "attribution":
+        return ByMagnitude(order, attribution, steps)
     if order.startswith("random:"):
         try:
             int(order.split(":", 1)[1])
         except ValueError:
             raise ValueError(f"bad order {order!r}: random needs an integer seed, e.g. random:1") from None
-        return order
+        return Shuffled(order)
     if order.startswith("file:"):
         path = Path(order.split(":", 1)[1])
         if not path.exists():
             raise ValueError(f"order file {str(path)!r} does not exist")
-        return order
+        return FromFile(order, str(path))
     raise ValueError(f"unknown order {order!r}; choose forward, reverse, alternate, random:SEED, "
                      "file:PATH (one node or edge name a line) or attribution")
 
 
+def check_order(order: str) -> str:
+    """Reject an order name that is not one of ORDERS, with the list in the message."""
+    parse_order(order)
+    return order
+
+
 def read_order_file(path: str | Path) -> list[str]:
     return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-
-
-def pass_order(order: str, candidates: list[str], pass_index: int, ranking: list[str] | None = None) -> list[str]:
-    """The candidates (given in forward order) in the order pass number `pass_index` tries them.
-
-    alternate = reverse on even passes, forward on odd ones; random:SEED reshuffles each pass;
-    file:PATH and attribution try the names in the listed order (attribution: least important
-    first, from `ranking`) and skip candidates not listed.
-    """
-    if order == "forward":
-        return list(candidates)
-    if order == "reverse":
-        return candidates[::-1]
-    if order == "alternate":
-        return candidates[::-1] if pass_index % 2 == 0 else list(candidates)
-    if order.startswith("random:"):
-        seq = list(candidates)
-        random.Random(f"{order}:{pass_index}").shuffle(seq)
-        return seq
-    listed = read_order_file(order.split(":", 1)[1]) if order.startswith("file:") else ranking
-    if listed is None:
-        raise ValueError(f"order {order!r} needs a ranking")
-    present = set(candidates)
-    return [c for c in listed if c in present]

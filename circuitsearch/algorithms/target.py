@@ -15,7 +15,10 @@ edges among the surviving nodes) the fast path is:
    halved; a single candidate that fails is kept). It stops after `patience` kept
    candidates in a row: the rest of the order is what attribution deems most important.
 
-Every circuit it returns has been scored by the evaluator and meets its target.
+Every circuit it returns has been scored by the evaluator and meets its target. Every scored
+circuit is a Decision (a bisection step: "remove the first `chunk` of this round's order"; a
+refinement chunk), so a killed target search replays its log and resumes mid-target: the
+attributions are recomputed (they are deterministic), the logged verdicts are not re-scored.
 """
 from __future__ import annotations
 
@@ -27,7 +30,8 @@ from tqdm.auto import tqdm
 
 from ..patching import Evaluator, Run
 from .attribution import attribute
-from .iterative import PruneResult, Thresholds, edge_candidates, node_candidates, remove_dangling
+from .iterative import candidate_ids, edge_candidates
+from .search import Decision, PruneResult, Replay, Thresholds, phases, run_phases
 
 MAX_ROUNDS = 8
 PATIENCE = 30
@@ -75,78 +79,137 @@ def parse_targets(text: str | list) -> list[float]:
 
 
 def removal_order(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", steps: int = 5) -> tuple[list[str], dict]:
-    """`run`'s candidates at `level`, best to remove first (estimated score gain from removal,
-    highest first), and the estimates as faithfulness drops."""
+    """gain_order with names: `run`'s candidates at `level`, best to remove first, and the drops."""
+    ids, drops = gain_order(ev, run, level, method, steps)
+    return ev.index.names(ids, level), drops
+
+
+def _ids(ev: Evaluator, order: list, level: str) -> list[int]:
+    """Names or index ids of one level as index ids (names are checked against the graph)."""
+    return ev.index.node_ids(order) if level == "nodes" else ev.index.edge_ids(order)
+
+
+def gain_order(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", steps: int = 5) -> tuple[list[int], dict]:
+    """`run`'s candidates at `level` (index ids), best to remove first by estimated gain: the signed
+    score change their removal should bring, highest first (removals that should raise the score
+    first). Also the estimates as faithfulness drops, by name. (The attribution *order* of
+    iterative pruning ranks by |estimate| instead: orders.ByMagnitude.)"""
     attr = attribute(ev, run, method, steps)
     est = attr.nodes if level == "nodes" else attr.edges
-    present = node_candidates(ev, run) if level == "nodes" else edge_candidates(ev, run)
-    gain = {c: est[c] if ev.metric.higher_is_better else -est[c] for c in present if c in est}
+    names = ev.index.nodes if level == "nodes" else ev.index.edges
+    present = [c for c in candidate_ids(run, level) if names[c] in est]
+    sign = 1.0 if ev.metric.higher_is_better else -1.0
+    gain = {c: sign * est[names[c]] for c in present}
     base = ev.faithfulness(run.score)
-    drops = {c: base - ev.faithfulness(run.score + est[c]) for c in gain}
-    return sorted(gain, key=lambda c: -gain[c]), drops  # stable: ties keep forward order
+    drops = {names[c]: base - ev.faithfulness(run.score + est[names[c]]) for c in present}
+    return sorted(present, key=lambda c: -gain[c]), drops  # stable: ties keep forward order
 
 
-def bisect_remove(ev: Evaluator, run: Run, order: list[str], level: str, target: float) -> tuple[Run, dict]:
-    """The circuit removing the longest prefix of `order` that verifies >= target.
+class _Scorer:
+    """Scores a removal from `run` for the target search, or takes its verdict from the replayed log;
+    logs every new decision. Replayed removals are applied lazily, in one forward pass."""
+
+    def __init__(self, ev: Evaluator, level: str, target: float, replay: Replay, on_decision, result: PruneResult):
+        self.ev, self.level, self.target, self.replay = ev, level, target, replay
+        self.on_decision, self.result = on_decision, result
+        self.names = ev.index.nodes if level == "nodes" else ev.index.edges
+
+    def try_remove(self, run: Run, ids: list[int], pass_: str, first: int) -> tuple[bool, Run | None, Decision]:
+        """Whether removing `ids` from `run` keeps the target; the new run if scored (None if replayed)."""
+        ev = self.ev
+        name = self.names[ids[first]]
+        logged = self.replay.take(self.level, pass_, name, len(ids), self.target)
+        if logged is not None:
+            self.result.decisions.append(logged)
+            return logged.removed, None, logged
+        cand = ev.extend(run, **{self.level: ids})
+        ok = ev.faithfulness(cand.score) >= self.target
+        d = Decision(self.level, pass_, name, run.score, cand.score, ev.faithfulness(cand.score), ok, len(ids),
+                     self.target)
+        self.result.decisions.append(d)
+        if self.on_decision is not None:
+            self.on_decision(d)
+        return ok, cand, d
+
+
+def bisect_remove(ev: Evaluator, run: Run, order: list[int], level: str, target: float,
+                  scorer: _Scorer | None = None, round_: int = 0) -> tuple[Run, dict]:
+    """The circuit removing the longest prefix of `order` (index ids) that verifies >= target.
 
     Bisection assumes the score falls as the prefix grows; it need not, but every circuit
     returned is verified, and removing nothing (the current circuit) is the fallback.
     """
+    scorer = scorer or _Scorer(ev, level, target, Replay(), None, PruneResult(run))
+    order = _ids(ev, order, level)
     lo, hi, best, scored = 0, len(order), run, 0
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        cand = ev.extend(run, **{level: order[:mid]})
-        scored += 1
-        if ev.faithfulness(cand.score) >= target:
+        ok, cand, _ = scorer.try_remove(run, order[:mid], f"bisect:{round_}", mid - 1)
+        scored += cand is not None
+        if ok:
             lo, best = mid, cand
         else:
             hi = mid - 1
+    if best is None:  # the longest passing prefix was replayed, not scored: apply it
+        best = ev.extend(run, **{level: order[:lo]})
     return best, {"candidates": len(order), "removed": lo, "scores": scored}
 
 
-def gallop_remove(ev: Evaluator, run: Run, order: list[str], level: str, target: float,
-                  patience: int | None = PATIENCE, result: PruneResult | None = None) -> tuple[Run, dict]:
-    """One pass over `order` removing chunks that keep the verified score >= target.
+def gallop_remove(ev: Evaluator, run: Run, order: list[int], level: str, target: float,
+                  patience: int | None = PATIENCE, result: PruneResult | None = None,
+                  scorer: _Scorer | None = None) -> tuple[Run, dict]:
+    """One pass over `order` (index ids) removing chunks that keep the verified score >= target.
 
     A chunk that passes doubles the next chunk; one that fails halves it; a single candidate
     that fails is kept. Stops after `patience` candidates kept in a row (None: never).
     Decisions and measured effects go to `result`.
     """
+    result = result if result is not None else PruneResult(run)
+    scorer = scorer or _Scorer(ev, level, target, Replay(), None, result)
+    names = scorer.names
+    order = _ids(ev, order, level)
     i, size, streak, scored, removed = 0, 1, 0, 0, 0
+    pending: list[int] = []  # replayed removals not applied yet
     while i < len(order) and (patience is None or streak < patience):
         chunk = order[i:i + size]
-        cand = ev.extend(run, **{level: chunk})
-        scored += 1
-        ok = ev.faithfulness(cand.score) >= target
-        if result is not None and (ok or len(chunk) == 1):
-            drop = ev.faithfulness(run.score) - ev.faithfulness(cand.score)
-            for c in chunk:
-                result.decisions.append({"phase": level, "pass": "refine", "candidate": c, "before": run.score,
-                                         "score": cand.score, "faithfulness": ev.faithfulness(cand.score),
-                                         "removed": ok, "chunk": len(chunk)})
-                if len(chunk) == 1:
-                    result.effects[c] = drop
+        logged_only = len(scorer.replay) > 0
+        if pending and not logged_only:
+            run, pending = ev.extend(run, **{level: pending}), []
+        ok, cand, d = scorer.try_remove(run, chunk, "refine", 0)
+        scored += cand is not None
+        if len(chunk) == 1:
+            result.effects[names[chunk[0]]] = ev.faithfulness(d.before) - ev.faithfulness(d.score)
         if ok:
-            run, i, removed, streak, size = cand, i + len(chunk), removed + len(chunk), 0, size * 2
+            if cand is None:
+                pending += chunk
+            else:
+                run = cand
+            i, removed, streak, size = i + len(chunk), removed + len(chunk), 0, size * 2
         elif size > 1:
             size //= 2
         else:
             i, streak = i + 1, streak + 1
+    if pending:
+        run = ev.extend(run, **{level: pending})
     return run, {"candidates": len(order), "removed": removed, "scores": scored, "tried": i}
 
 
 def prune_to_targets(ev: Evaluator, targets: list[float], level: str = "both", method: str = "eap-ig",
                      steps: int = 5, refine: bool = True, progress: bool = True,
                      start: Run | None = None, patience: int | None = PATIENCE, max_rounds: int = MAX_ROUNDS,
-                     on_target: Callable[[TargetStep], None] | None = None) -> list[TargetStep]:
-    """Nested circuits for `targets` (highest first), each verified >= its target."""
-    if level not in ("nodes", "edges", "both"):
-        raise ValueError(f"unknown level {level!r}; choose nodes, edges or both")
+                     on_target: Callable[[TargetStep], None] | None = None, replay=(),
+                     on_decision: Callable[[Decision], None] | None = None) -> list[TargetStep]:
+    """Nested circuits for `targets` (highest first), each verified >= its target.
+
+    replay: decisions of an interrupted session (see module docstring); on_decision gets every new one.
+    """
+    phases(level)
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be at least 1, not {max_rounds}")
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be at least 1 (or None for a full pass), not {patience}")
     targets = parse_targets(targets)
+    replay = replay if isinstance(replay, Replay) else Replay(replay)
     run = start if start is not None else ev.run()
     out = []
     for t in targets:
@@ -154,17 +217,18 @@ def prune_to_targets(ev: Evaluator, targets: list[float], level: str = "both", m
             raise ValueError(f"the circuit to prune from scores faithfulness {ev.faithfulness(run.score):.3f}, "
                              f"below the target {t}: targets must be reachable (the full model scores 1.0)")
         fp, bp, t0 = ev.forward_passes, ev.backward_passes, time.perf_counter()
-        result = PruneResult(run)
-        step = TargetStep(t, result, ev.faithfulness(run.score))
-        estimates: dict = {}
-        for phase in (("nodes", "edges") if level == "both" else (level,)):
-            rounds = step.bisect[phase] = []
-            bar = tqdm(total=max_rounds + refine, desc=f"target {t} {phase}", unit="round",
+        step = TargetStep(t, PruneResult(run), ev.faithfulness(run.score))
+
+        def phase(p: str, result: PruneResult, t=t, step=step) -> None:
+            scorer = _Scorer(ev, p, t, replay, on_decision, result)
+            run = result.run
+            rounds = step.bisect[p] = []
+            bar = tqdm(total=max_rounds + refine, desc=f"target {t} {p}", unit="round",
                        disable=not progress, leave=False)
-            for _ in range(max_rounds):
-                order, drops = removal_order(ev, run, phase, method, steps)
-                estimates.update(drops)
-                run, info = bisect_remove(ev, run, order, phase, t)
+            for r in range(max_rounds):
+                order, drops = gain_order(ev, run, p, method, steps)
+                result.estimates.update(drops)
+                run, info = bisect_remove(ev, run, order, p, t, scorer, r)
                 rounds.append(info)
                 bar.update()
                 bar.set_postfix(kept=len(order) - info["removed"], faith=f"{ev.faithfulness(run.score):.3f}")
@@ -172,19 +236,18 @@ def prune_to_targets(ev: Evaluator, targets: list[float], level: str = "both", m
                     break
             if refine:
                 if rounds[-1]["removed"]:  # the circuit changed since it was last attributed
-                    order, drops = removal_order(ev, run, phase, method, steps)
-                    estimates.update(drops)
-                run, step.refined[phase] = gallop_remove(ev, run, order, phase, t, patience, result)
+                    order, drops = gain_order(ev, run, p, method, steps)
+                    result.estimates.update(drops)
+                run, step.refined[p] = gallop_remove(ev, run, order, p, t, patience, result, scorer)
                 bar.update()
             bar.close()
             result.run = run
-        if level != "nodes":
-            remove_dangling(ev, result, Thresholds(absolute=t))
-            run = result.run
-        for c, d in estimates.items():  # kept candidates never scored alone: the attribution estimate
-            result.effects.setdefault(c, d)
-        final = ev.score(nodes=run.nodes, edges=run.edges)  # fresh, uncached verification
-        step.faithfulness = ev.faithfulness(final)
+
+        result = run_phases(ev, level, phase, Thresholds(absolute=t), start=run)
+        for c in result.effects:  # measured drops win over estimates
+            result.estimates.pop(c, None)
+        step.result, run = result, result.run
+        step.faithfulness = ev.faithfulness(result.final)
         step.forward_passes = ev.forward_passes - fp
         step.backward_passes = ev.backward_passes - bp
         step.seconds = time.perf_counter() - t0
