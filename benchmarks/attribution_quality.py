@@ -14,9 +14,7 @@ import time
 from scipy.stats import pearsonr, spearmanr
 
 from circuitsearch.algorithms.attribution import attribute
-from circuitsearch.models import load_model
-from circuitsearch.patching import Evaluator
-from circuitsearch.rundir import PruneConfig, resolve_task
+from circuitsearch.config import PruneConfig, build
 
 
 def main():
@@ -28,9 +26,8 @@ def main():
     ap.add_argument("--edges", type=int, default=300)
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
-    model = load_model(args.model)
-    task = resolve_task(PruneConfig(model=args.model, task=args.task, n_prompts=args.prompts), model)
-    ev = Evaluator(model, task, args.ablation)
+    model, task, ev = build(PruneConfig(model=args.model, task=args.task, n_prompts=args.prompts,
+                                        ablation=args.ablation))
 
     fp, t = ev.forward_passes, time.perf_counter()
     exact_nodes = {n: ev.score(nodes=[n]) - ev.full for n in ev.senders}

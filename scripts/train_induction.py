@@ -22,7 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from circuitsearch.models import INDUCTION_CONFIG, INDUCTION_WEIGHTS, build_test_model, load_induction_model
+from circuitsearch.models import build_test_model
+from circuitsearch.toys import INDUCTION_CONFIG, INDUCTION_WEIGHTS, load_induction_model
 
 SEED, STEPS, BATCH, LR = 0, 1000, 64, 3e-3
 LASSO, LASSO_START, LASSO_RAMP = 0.1, 400, 300

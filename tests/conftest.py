@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from circuitsearch.models import load_model
+from circuitsearch.catalogue import load_model
 from circuitsearch.tasks.base import Task, build_task
 
 

@@ -4,9 +4,9 @@ import torch
 from scipy.stats import spearmanr
 
 from circuitsearch.algorithms.attribution import Attribution, attribute
-from circuitsearch.models import load_model
+from circuitsearch.catalogue import load_model
 from circuitsearch.patching import ABLATIONS, Evaluator
-from circuitsearch.testing import PLANTED_EDGES, PLANTED_NODES, planted_task
+from circuitsearch.toys import PLANTED_EDGES, PLANTED_NODES, planted_task
 from conftest import self_task
 
 

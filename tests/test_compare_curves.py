@@ -3,18 +3,31 @@ import json
 
 import pytest
 
-from circuitsearch.algorithms.compare import compare_orders, order_dirname
+from circuitsearch.algorithms.compare import compare_circuits, order_dirname
 from circuitsearch.algorithms.curves import (PERCENTAGES, area, circuit_of_top, faithfulness_curve,
                                              removal_ranking)
 from circuitsearch.algorithms.iterative import Thresholds, find_circuit
 from circuitsearch.algorithms.attribution import attribute
 from circuitsearch.cli import main
-from circuitsearch.models import load_model
+from circuitsearch.catalogue import load_model
 from circuitsearch.patching import Evaluator
-from circuitsearch.testing import PLANTED_EDGES, PLANTED_NODES, planted_model, planted_task
+from circuitsearch.runs import PruneConfig, circuit_from_result
+from circuitsearch.toys import PLANTED_EDGES, PLANTED_NODES, planted_model, planted_task
 from conftest import self_task
 
 ORDERS = ["forward", "reverse", "alternate", "random:1", "random:2"]
+
+
+def compare_orders(ev, orders, level, thresholds, progress=False):
+    """Prune with each order from the full model (one evaluator and thresholds) and compare."""
+    circuits = []
+    for order in orders:
+        res = find_circuit(ev, level, thresholds, order, progress=progress)
+        cfg = PruneConfig(model=ev.model.name, task=ev.task.name, level=level, ablation=ev.ablation,
+                          metric=ev.metric.name, absolute=thresholds.absolute, relative=thresholds.relative,
+                          on=thresholds.on, order=order, qkv=ev.graph.qkv)
+        circuits.append(circuit_from_result(ev, res, cfg, ev.score(nodes=res.ablated, edges=res.removed_edges), {}))
+    return compare_circuits(ev, circuits, orders)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +130,6 @@ def test_keeping_edges_equals_removing_the_rest(graded):
 
 def test_removal_ranking_puts_the_circuit_on_top(graded):
     res = find_circuit(graded, "both", Thresholds(0.7), "reverse", progress=False)
-    from circuitsearch.rundir import PruneConfig, circuit_from_result
     c = circuit_from_result(graded, res, PruneConfig(model="m", task="t", order="reverse"), res.run.score, {})
     r = removal_ranking(graded, res.decisions, c)
     assert sorted(r) == sorted(graded.graph.edges)  # a total order over every edge
@@ -132,7 +144,7 @@ def test_bad_ranking_is_refused(planted):
 
 
 def test_prune_report_shows_curves(tmp_path):
-    from circuitsearch.rundir import PruneConfig, run_prune
+    from circuitsearch.runs import run_prune
     run_prune(PruneConfig(model="test:planted", task="planted", n_prompts=10), tmp_path, progress=False,
               log=lambda *a: None)
     data = json.loads((tmp_path / "curves.json").read_text())

@@ -5,10 +5,10 @@ import pytest
 
 from circuitsearch.cli import main
 from circuitsearch.evaluation import cross_task, format_matrix, load_run, score_on
-from circuitsearch.models import load_model
+from circuitsearch.catalogue import load_model
 from circuitsearch.patching import Evaluator
-from circuitsearch.rundir import PruneConfig, run_prune
-from circuitsearch.testing import planted_task
+from circuitsearch.runs import PruneConfig, run_prune
+from circuitsearch.toys import planted_task
 
 QUIET = dict(progress=False, log=lambda *a: None)
 

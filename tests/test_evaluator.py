@@ -78,7 +78,7 @@ def grouped_uniform(edges, n_heads, n_kv):
 
 
 def test_grouped_query_edges_match_hooked_reference():
-    from circuitsearch.models import load_model
+    from circuitsearch.catalogue import load_model
     model = load_model("test:tiny-llama")
     task = random_task(model.bridge.cfg.d_vocab, seed=3)
     ev = Evaluator(model, task, "mean")

@@ -96,7 +96,7 @@ def test_networkx_round_trip_is_exact_with_parallel_qkv_edges():
     c.edges["a1.0->m1"] = None
     c.edges["m2->logits"] = 0.5
     g = c.to_networkx()
-    assert isinstance(g, nx.MultiDiGraph)
+    assert isinstance(g, nx.MultiDiGraph) and g.number_of_edges() == len(c.edges)
     assert g.number_of_edges("a0.1", "a2.0") == 3
     assert {d["input"] for _, _, d in g.edges("a0.1", data=True)} == {"q", "k", "v"}
     assert g.nodes["embed"]["layer"] == -1 and g.nodes["logits"]["layer"] == 3
@@ -112,6 +112,7 @@ def test_node_level_circuit_means_every_edge_between_kept_nodes():
     expected = [e for e in graph.edges if split_edge(e)[0] in c.nodes
                 and receiver_node(split_edge(e)[1])[0] in c.nodes]
     assert list(c.effective_edges(graph)) == expected and c.n_edges == len(expected) > 0
+    assert list(c.effective_edges()) == expected  # the graph rebuilt from the circuit's signature
     with pytest.raises(ValueError, match="not this circuit's graph"):
         c.effective_edges(ModelGraph(5, 4))
     edge_level = make_circuit(n_layers=5, n_heads=3)
@@ -193,12 +194,14 @@ def test_wrong_kind_of_file_is_refused(tmp_path, content, message):
     (lambda d: d.pop("nodes"), "required field\\(s\\) 'nodes' missing"),
     (lambda d: d.update(extra=1), "unknown field\\(s\\) 'extra'"),
     (lambda d: d.update(edges=[]), "'edges' is missing or not a dict"),
+    (lambda d: d.update(nodes=[1, 2]), "'nodes' is missing or not a dict"),
     (lambda d: d["graph"].update(n_layers="4"), "'n_layers' must be int, got '4'"),
     (lambda d: d["graph"].update(qkv=1), "'qkv' must be bool, got 1"),
     (lambda d: d["graph"].update(colour="red"), "'colour' must be absent"),
     (lambda d: d["graph"].pop("n_heads"), "graph signature .* is not valid \\(KeyError"),
     (lambda d: d["nodes"].update({"head7": 0.1}), "unknown node name 'head7'"),
     (lambda d: d["nodes"].update({"a9.0": 0.1}), "'a9.0' is not in this model"),
+    (lambda d: d["edges"].update({"a0.0->a9.9.q": None}), "not in this model"),
     (lambda d: d["nodes"].update({"embed": "big"}), "effect of node 'embed' must be a number"),
     (lambda d: d["edges"].update({"a3.0->a1.0.q": None}), "a3.0 does not feed a1.0.q"),
     (lambda d: d["edges"].update({"embed->a1.0.x": None}), "unknown node name 'a1.0.x'"),
@@ -386,6 +389,13 @@ def test_big_circuit_renders_to_svg(tmp_path):
     root = ET.parse(tmp_path / "big.svg").getroot()
     width_pt = float(root.get("width").removesuffix("pt"))
     assert width_pt < 1200  # as wide as one layer of 9 heads and an MLP, not as wide as its edges
+
+
+def test_big_node_level_circuit_renders_every_node(tmp_path):
+    c = make_circuit(n_layers=30, n_heads=9, keep=0.45, seed=5, level="nodes")
+    assert len(c.nodes) >= 100
+    assert set(c.nodes) <= set(_svg_texts(render(c, tmp_path / "c.svg")))
+    assert (tmp_path / "c.dot").exists()
 
 
 def test_overlay_renders_every_node_with_a_legend(tmp_path):

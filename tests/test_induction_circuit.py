@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from circuitsearch.algorithms.iterative import Thresholds, edge_candidates, find_circuit
-from circuitsearch.models import load_model
+from circuitsearch.catalogue import load_model
 from circuitsearch.patching import Evaluator
-from circuitsearch.testing import induction_task
+from circuitsearch.toys import induction_task
 
 PREV_TOKEN_HEAD = "a0.2"  # attends to the previous token (0.88 on average, scripts/train_induction.py)
 

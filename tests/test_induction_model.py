@@ -3,7 +3,7 @@ previous-token head in layer 0 and an induction head in layer 1."""
 import pytest
 import torch
 
-from circuitsearch.models import load_induction_model
+from circuitsearch.toys import load_induction_model
 
 PREV_TOKEN_HEAD = (0, 2)  # layer 0, head 2: attends to position i-1
 INDUCTION_HEAD = (1, 1)   # layer 1, head 1: attends to the token after the previous occurrence

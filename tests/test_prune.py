@@ -5,10 +5,11 @@ import pytest
 
 from circuitsearch.algorithms.iterative import (Thresholds, dangling_nodes, edge_candidates, find_circuit,
                                                  prune)
-from circuitsearch.models import load_model
+from circuitsearch.catalogue import load_model
 from circuitsearch.patching import Evaluator
-from circuitsearch.rundir import PruneConfig, RunDirError, run_prune
-from circuitsearch.testing import PLANTED_EDGES, PLANTED_NODES, planted_model, planted_task
+from circuitsearch.runs import PruneConfig, RunDirError, run_prune
+from circuitsearch.runs.store import DecisionLog
+from circuitsearch.toys import PLANTED_EDGES, PLANTED_NODES, planted_model, planted_task
 from conftest import random_task, self_task
 
 ORDERS = ["forward", "reverse", "alternate", "random:1", "random:7", "attribution"]
@@ -59,11 +60,11 @@ def test_relative_zero_accepts_no_loss():
     model = load_model("test:tiny-llama")
     ev = Evaluator(model, self_task(model, seed=3), "mean")
     res = prune(ev, "nodes", Thresholds(None, 0.0), "forward", progress=False)
-    removed = [d for d in res.decisions if d["removed"]]
-    rejected = [d for d in res.decisions if not d["removed"]]
+    removed = [d for d in res.decisions if d.removed]
+    rejected = [d for d in res.decisions if not d.removed]
     assert rejected, "some removal must cost something on a random model"
-    assert all(ev.faithfulness(d["score"]) >= ev.faithfulness(d["before"]) for d in removed)
-    assert all(ev.faithfulness(d["score"]) < ev.faithfulness(d["before"]) for d in rejected)
+    assert all(ev.faithfulness(d.score) >= ev.faithfulness(d.before) for d in removed)
+    assert all(ev.faithfulness(d.score) < ev.faithfulness(d.before) for d in rejected)
 
 
 def test_dangling_nodes_are_found():
@@ -132,14 +133,27 @@ def _cfg(**kw):
     return PruneConfig(model="test:planted", task="planted", n_prompts=12, **kw)
 
 
-def test_killed_run_resumes_to_the_same_circuit(tmp_path):
+def kill_after(monkeypatch, k):
+    """Make the decision log raise KeyboardInterrupt once k new decisions are written, as a kill would."""
+    record, written = DecisionLog.record, []
+
+    def killing(self, decision):
+        record(self, decision)
+        written.append(decision)
+        if len(written) >= k:
+            raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(DecisionLog, "record", killing)
+
+
+def test_killed_run_resumes_to_the_same_circuit(tmp_path, monkeypatch):
     whole = run_prune(_cfg(), tmp_path / "whole", progress=False, log=lambda *a: None)
     n_decisions = whole.stats["decisions"]
     assert n_decisions > 30
     for k in (1, 17, n_decisions - 3):
         out = tmp_path / f"killed{k}"
-        with pytest.raises(KeyboardInterrupt):
-            run_prune(_cfg(), out, progress=False, log=lambda *a: None, stop_after=k)
+        with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+            kill_after(m, k)
+            run_prune(_cfg(), out, progress=False, log=lambda *a: None)
         assert len((out / "decisions.jsonl").read_text().splitlines()) == k
         assert not (out / "circuit.json").exists()
         with open(out / "decisions.jsonl", "a") as f:  # a kill in the middle of writing a line
@@ -183,3 +197,16 @@ def test_run_directory_of_other_settings_is_refused(tmp_path):
     run_prune(_cfg(), tmp_path, progress=False, log=lambda *a: None)
     with pytest.raises(RunDirError, match="absolute: 0.8 there, 0.9 now"):
         run_prune(_cfg(absolute=0.9), tmp_path, progress=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("error, status", [(KeyboardInterrupt, "interrupted"), (RuntimeError, "failed")])
+def test_decision_log_is_closed_on_every_path(tmp_path, error, status):
+    log = DecisionLog(tmp_path, {"model": "m"})
+    with pytest.raises(error):
+        with log:
+            log.record({"phase": "nodes", "candidate": "a0.0", "removed": True})
+            raise error("stop")
+    assert log._f.closed
+    checkpoint = json.loads((tmp_path / "checkpoint.json").read_text())
+    assert checkpoint["status"] == status and checkpoint["decisions"] == 1 and checkpoint["config"] == {"model": "m"}
+    assert len((tmp_path / "decisions.jsonl").read_text().splitlines()) == 1

@@ -5,7 +5,7 @@ import pytest
 
 from circuitsearch.evaluation import cross_task
 from circuitsearch.patching import Evaluator
-from circuitsearch.rundir import PruneConfig, run_prune
+from circuitsearch.runs import PruneConfig, run_prune
 from circuitsearch.tasks.base import Task
 
 

@@ -2,21 +2,18 @@
 orders, the circuits kept by every order (intersection) and by any (union) with verified scores,
 and which nodes depend on the order.
 
-Built on graphs.diff (one set algebra for circuits) and evaluation.score_on (one scorer).
+Built on graphs.diff (one set algebra for circuits) and Evaluator.score_circuit (one scorer).
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from ..graphs.circuit import Circuit
 from ..graphs.diff import Diff, diff_circuits
 from ..graphs.model_graph import parse_node
 from ..graphs.render import Look, _blend, plural, render_dot, to_dot
-from .iterative import Thresholds, find_circuit
 
 SCHEMA = "circuitsearch.comparison/1"
-DEFAULT_ORDERS = ("forward", "reverse", "alternate", "attribution", "random:1", "random:2")
 SHADE_LIGHT, SHADE_DARK = "#f4f4f4", "#2b6cb0"  # kept by one order ... kept by all
 
 
@@ -74,8 +71,6 @@ class Comparison:
 
 def _combined(ev, diff: Diff, which: str, like: Circuit) -> Circuit:
     """The intersection or union circuit, scored fresh by the evaluator."""
-    from ..evaluation import score_on
-
     k = len(diff.names)
     keep = (lambda s: len(s) == k) if which == "intersection" else (lambda s: True)
     nodes = {n: None for n, s in diff.node_sets.items() if keep(s)}
@@ -84,7 +79,7 @@ def _combined(ev, diff: Diff, which: str, like: Circuit) -> Circuit:
     edges = {} if node_level else {e: None for e, s in diff.edge_sets.items() if keep(s)}
     method = {**like.method, "order": which, "level": "nodes" if node_level else like.method.get("level")}
     c = Circuit(model=like.model, graph=like.graph, task=like.task, nodes=nodes, edges=edges, method=method)
-    c.scores = score_on(ev, c)
+    c.scores = ev.score_circuit(c)
     return c
 
 
@@ -95,28 +90,6 @@ def compare_circuits(ev, circuits: list[Circuit], orders: list[str]) -> Comparis
     d = diff_circuits(circuits, orders)
     return Comparison(list(orders), list(circuits), d, _combined(ev, d, "intersection", circuits[0]),
                       _combined(ev, d, "union", circuits[0]))
-
-
-def compare_orders(ev, orders=DEFAULT_ORDERS, level: str = "both", thresholds: Thresholds = Thresholds(),
-                   max_passes: int = 10, progress: bool = True) -> Comparison:
-    """Prune with each order from the full model (same evaluator and thresholds) and compare."""
-    from ..rundir import PruneConfig, circuit_from_result
-
-    orders = list(orders)
-    if len(set(orders)) != len(orders) or len(orders) < 2:
-        raise ValueError(f"give at least two distinct orders, got {orders}")
-    circuits = []
-    for order in orders:
-        fp0, fe0, t0 = ev.forward_passes, ev.forward_equivalents, time.perf_counter()
-        res = find_circuit(ev, level, thresholds, order, max_passes, progress=progress)
-        final = ev.score(nodes=res.ablated, edges=res.removed_edges)
-        stats = {"forward_passes": ev.forward_passes - fp0, "forward_equivalents": round(ev.forward_equivalents - fe0, 3),
-                 "seconds": round(time.perf_counter() - t0, 2)}
-        cfg = PruneConfig(model=ev.model.name, task=ev.task.name, level=level, ablation=ev.ablation,
-                          metric=ev.metric.name, absolute=thresholds.absolute, relative=thresholds.relative,
-                          on=thresholds.on, order=order, max_passes=max_passes, qkv=ev.graph.qkv)
-        circuits.append(circuit_from_result(ev, res, cfg, final, stats))
-    return compare_circuits(ev, circuits, orders)
 
 
 def run_cost(c: Circuit) -> dict:

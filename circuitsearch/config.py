@@ -1,0 +1,76 @@
+"""A run's settings (PruneConfig) and the one way from settings to model, task and evaluator.
+
+Below the command layer: runs/, cli, evaluation and benchmarks/ all build through here, so a
+setting means the same thing everywhere. Heavy imports wait until something is built.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class PruneConfig:
+    """Everything that determines a prune run's result."""
+
+    model: str = "smollm2-135m"
+    task: str = "digits"
+    level: str = "both"
+    ablation: str = "mean"
+    metric: str = "logit_diff"
+    absolute: float | None = 0.8
+    relative: float | None = None
+    on: str = "faithfulness"
+    order: str = "alternate"
+    max_passes: int = 10
+    n_prompts: int = 24
+    seed: int = 0
+    template: int = 0
+    corruption: str = "random"
+    qkv: bool = True
+    attribution: str = "eap-ig"  # the ranking of --order attribution and of target searches
+    steps: int = 5               # its EAP-IG integration steps
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def resolve_task(config: PruneConfig, model, task_file: str | Path | None = None):
+    """The task of a run: a saved task.json if given, else a toy task, a JSONL file or a built-in."""
+    from . import toys
+    from .tasks.base import Task, TaskError
+
+    if task_file is not None:
+        return Task.from_json(json.loads(Path(task_file).read_text()))
+    name = config.task
+    if name.endswith(".jsonl"):
+        from .tasks.base import load_task
+        if model.tokenizer is None:
+            raise TaskError(f"model {model.name!r} has no tokenizer, so it cannot read text task files")
+        return load_task(name, model.tokenizer)
+    if name in toys.TASKS:
+        return toys.TASKS[name][0](n=config.n_prompts, seed=config.seed)
+    if model.tokenizer is None:
+        raise TaskError(f"task {name!r} is made of text, but model {model.name!r} has no tokenizer: "
+                        f"use --task {' or '.join(toys.TASKS)} with test models")
+    from .tasks import get_task
+    return get_task(name, model.tokenizer, n=config.n_prompts, seed=config.seed, template=config.template,
+                    corruption=config.corruption, model=model)
+
+
+def evaluator(config: PruneConfig, model, task):
+    """The Evaluator of `task` on `model` with the config's ablation, metric and graph (qkv)."""
+    from .patching import Evaluator
+
+    return Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv)
+
+
+def build(config: PruneConfig, model=None, task_file: str | Path | None = None):
+    """(model, task, evaluator) of a config; `model` saves the load when it is already loaded,
+    `task_file` (a saved task.json) replaces building the task."""
+    from .catalogue import load_model
+
+    model = model if model is not None else load_model(config.model)
+    task = resolve_task(config, model, task_file)
+    return model, task, evaluator(config, model, task)
