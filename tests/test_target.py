@@ -172,8 +172,9 @@ def test_target_search_resumes_mid_target_from_its_decision_log(tmp_path, monkey
     c = load_circuit(tmp_path / "whole" / "target-0.8" / "circuit.json")
     estimated = c.method.get("estimated_effects", [])
     single = {d["candidate"] for d in logged if d["target"] == 0.8 and d["pass"] == "refine" and d["chunk"] == 1}
-    assert estimated and set(estimated) <= set(c.nodes) | set(c.edges)  # marked, and only what the circuit holds
-    assert not set(estimated) & single  # a candidate scored alone has a measured effect, not an estimate
+    # every effect in the circuit is either measured (the candidate was scored alone) or marked as an estimate
+    held = {n: e for n, e in {**c.nodes, **c.edges}.items() if e is not None}
+    assert held and set(held) == single & set(held) | set(estimated) and not set(estimated) & single
     assert c.method["order"] == "gain" and c.method["attribution"] == "eap-ig"
     assert {d["target"] for d in logged} == {0.9, 0.8} and {d["pass"] for d in logged} >= {"bisect:0", "refine"}
     record = DecisionLog.record
@@ -200,3 +201,20 @@ def test_target_search_resumes_mid_target_from_its_decision_log(tmp_path, monkey
         if k > 5:  # replayed verdicts are not scored again: the resumed session runs fewer forward passes
             spent = lambda d: json.loads((d / "targets.json").read_text())["stats"]["forward_passes"]
             assert spent(out) < spent(tmp_path / "whole")
+
+
+def test_estimated_effects_are_marked_apart_from_measured_ones():
+    """With patience 1 the refinement scores few candidates alone: the rest of the circuit's effects are
+    attribution estimates, and circuit.json says which (method.estimated_effects)."""
+    from circuitsearch.config import PruneConfig
+    from circuitsearch.runs import circuit_from_result
+    model = load_model("test:tiny-llama")
+    ev = Evaluator(model, self_task(model, n=8, seed=2), "mean")
+    step = prune_to_targets(ev, [0.9], level="both", progress=False, patience=1)[0]
+    res = step.result
+    assert res.estimates and not set(res.estimates) & set(res.effects)
+    c = circuit_from_result(ev, res, PruneConfig(model="test:tiny-llama", order="gain"), res.final, {})
+    marked = set(c.method["estimated_effects"])
+    held = {n for n, e in {**c.nodes, **c.edges}.items() if e is not None}
+    assert marked and marked <= held and marked == held - set(res.effects)
+    assert all(c.nodes.get(n, c.edges.get(n)) == res.estimates[n] for n in marked)
