@@ -1,10 +1,12 @@
-"""Edge-phase cost: one reverse edge pass and one bulk extend on the demo's node circuit.
+"""Edge-phase cost: an edge pass, bulk extends and single-edge extends on SmolLM2.
 
 On smollm2-135m, digits, 24 prompts, mean ablation, A = 0.8: prune nodes (alternate, as the
 demo does), then time (1) one reverse pass over the surviving edges, each candidate scored by
-extending the current circuit, and (2) one extend that removes every surviving edge but the
-last 200 at once. Prints seconds, forward passes, forward-equivalents and how often a node or
-edge name was parsed (names should be parsed once, when they enter, not in the hot path).
+extending the current circuit; (2) one extend removing every surviving edge but the last 200;
+(3) one extend removing half of all edges from the full model; (4) 200 single-edge extends on
+that dense circuit (every sender live, as in an edges-only prune). Prints seconds, forward
+passes, forward-equivalents and how often a node or edge name was parsed (names should be
+parsed once, where they enter, not in the hot path).
 Runs on any version of the package with the same public API, so before/after tables compare:
 
     python benchmarks/edge_pass.py [--prompts 24] [--edges N]   (N: stop the pass after N candidates)
@@ -79,7 +81,9 @@ def main():
     # dense case: every sender live (an edges-only prune), half of all edges removed; single-edge extends
     g = torch.Generator().manual_seed(0)
     half = torch.randperm(len(ev.graph.edges), generator=g)[: len(ev.graph.edges) // 2].tolist()
-    dense = ev.run(edges=[ev.graph.edges[i] for i in half])
+    dense, row = measure(ev, f"bulk extend ({len(half)} edges, from the full model)",
+                         lambda: ev.run(edges=[ev.graph.edges[i] for i in half]))
+    rows.append(row)
     gone = set(half)
     singles = [ev.graph.edges[i] for i in torch.randperm(len(ev.graph.edges), generator=g).tolist()
                if i not in gone][:200]
