@@ -1,0 +1,239 @@
+"""The command drivers: prune, prune to targets, compare orders; each into a run directory.
+
+A driver checks its settings, prepares the directory (store), builds model, task and
+evaluator (config.build), runs a search with every decision logged, and writes the circuit,
+its diagram and report.md. Started again on the same directory, it resumes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..config import PruneConfig, build
+from ..io import atomic_write_text
+from .reports import comparison_report, prune_report, targets_report
+from .store import DecisionLog, RunDirError, prepare, read_checkpoint, save_task, saved_task
+
+
+def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: dict):
+    """The Circuit of a finished search: kept nodes and edges with their effects (faithfulness lost
+    when each was last tried; attribution estimates where it was never scored alone, listed in
+    method.estimated_effects)."""
+    from ..algorithms.iterative import edge_candidates
+    from ..graphs.circuit import Circuit
+
+    estimated: list[str] = []
+
+    def effect(name):
+        if name in result.effects:
+            return result.effects[name]
+        if name in result.estimates:
+            estimated.append(name)
+            return result.estimates[name]
+        return None
+
+    kept = [n for n in ev.senders if n not in result.ablated] + ["logits"]
+    nodes = {n: effect(n) for n in kept}
+    edges = {} if config.level == "nodes" else {e: effect(e) for e in edge_candidates(ev, result.run)}
+    method = {"level": config.level, "ablation": config.ablation, "metric": config.metric, "order": config.order,
+              "thresholds": {"absolute": config.absolute, "relative": config.relative, "on": config.on},
+              "max_passes": config.max_passes, "passes": result.passes, "seed": config.seed,
+              "processing": ev.model.processing, "qkv": config.qkv,
+              "gqa": (f"{ev.model.n_kv_heads} key/value heads shared by {ev.H // ev.model.n_kv_heads} query heads "
+                      "each; every query head has its own k and v receivers" if ev.model.n_kv_heads != ev.H else None),
+              "dangling_removed": result.dangling}
+    if config.order == "attribution":
+        method.update(attribution=config.attribution, steps=config.steps)
+    if estimated:
+        method["estimated_effects"] = estimated
+    return Circuit(model=ev.model.name, graph=ev.graph.signature(), task=ev.task.name, nodes=nodes, edges=edges,
+                   scores=ev.scores(final), method=method, stats=stats,
+                   meta={"n_prompts": len(ev.task), "task_meta": ev.task.meta, "model": ev.model.describe()})
+
+
+def _kept_note(task) -> str:
+    m = task.meta
+    return f" (kept {m['n_kept']} of {m['n_generated']} generated: the model answers them correctly)" \
+        if "n_kept" in m and "n_generated" in m else ""
+
+
+def _render_or_note(draw, obj, path: Path, log) -> str | None:
+    """Draw `obj` to `path` and return its file name, or log why not (no Graphviz) and return None."""
+    from ..graphs.render import RenderError
+
+    try:
+        draw(obj, path)
+        return path.name
+    except RenderError as e:
+        log(f"note: {e}")
+        return None
+
+
+def write_outputs(circuit, out: Path, log=print, curves: list | None = None) -> None:
+    """circuit.json, circuit.dot, the diagram and report.md of a finished run."""
+    from ..graphs.export import save_circuit
+    from ..graphs.render import render
+
+    save_circuit(circuit, out / "circuit.json")
+    save_circuit(circuit, out / "circuit.dot")
+    diagram = _render_or_note(render, circuit, out / "circuit.svg", log)
+    atomic_write_text(out / "report.md", prune_report(circuit, diagram, curves))
+
+
+def write_curves(ev, result, circuit, out: Path, log=print) -> list:
+    """curves.json and curves.png: faithfulness against % of edges kept, for the run's removal order
+    and for the EAP-IG ranking of the full model (MIB's CPR and CMD)."""
+    from ..algorithms.attribution import attribute
+    from ..algorithms.curves import curves_json, faithfulness_curve, plot_curves, removal_ranking
+
+    ranked = [(f"removal order ({circuit.method['order']})", removal_ranking(ev, result.decisions, circuit)),
+              ("EAP-IG ranking", attribute(ev, method="eap-ig", steps=5).ranking("edges"))]
+    made = [faithfulness_curve(ev, r, name) for name, r in ranked]
+    atomic_write_text(out / "curves.json", json.dumps(curves_json(made), indent=1))
+    try:
+        plot_curves(made, out / "curves.png", f"{circuit.task} on {circuit.model}, {circuit.method['ablation']} ablation")
+    except ImportError as e:  # matplotlib is a dependency; a broken install still leaves curves.json
+        log(f"note: curves.png not drawn ({e})")
+    return made
+
+
+def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=print, model=None,
+              curves: bool = True):
+    """Run (or resume) a prune into `out` and write the run directory; returns the Circuit.
+
+    model: an already loaded model of config.model (saves the load when running several prunes).
+    curves: also write faithfulness curves (removal order and EAP-IG rankings) into the report.
+    """
+    from ..algorithms.iterative import Thresholds, find_circuit
+    from ..algorithms.orders import parse_order
+
+    thresholds = Thresholds(config.absolute, config.relative, config.on)  # bad settings fail before loading
+    order = parse_order(config.order, config.attribution, config.steps)
+    out = Path(out)
+    decisions, earlier = prepare(out, config.to_json())
+    t0 = time.time()
+    model, task, ev = build(config, model, saved_task(out))
+    save_task(out, task)
+    log(f"{model.name}: {model.n_layers} layers x {model.n_heads} heads; task {task.name}: {len(task)} prompts "
+        f"of {task.seq_len} tokens{_kept_note(task)}; full {config.metric} {ev.full:.3f}, corrupted "
+        f"{ev.corrupted:.3f}, empty circuit {ev.empty:.3f}")
+    if decisions:
+        log(f"resuming {out}: replaying {len(decisions)} decisions")
+    with DecisionLog(out, config.to_json(), n=len(decisions), earlier=earlier,
+                     meter=lambda: {**ev.stats(), "seconds": time.time() - t0}) as dlog:
+        result = find_circuit(ev, config.level, thresholds, order, config.max_passes, decisions, dlog.record,
+                              progress=progress)
+    stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "decisions": len(result.decisions),
+             "replayed": len(decisions)}
+    if decisions:  # a resumed run: what this session spent, and the whole run's cost as far as checkpointed
+        stats["all_sessions"] = dlog.spent()
+    circuit = circuit_from_result(ev, result, config, result.final, stats)
+    made = write_curves(ev, result, circuit, out, log) if curves else None
+    write_outputs(circuit, out, log, made)
+    dlog.checkpoint("done", {"faithfulness": circuit.scores["faithfulness"]})
+    return circuit
+
+
+def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = True, log=print,
+                patience: int | None = 30, model=None) -> list:
+    """Nested circuits for each target into out/target-T/ (a run directory each) plus targets.json.
+
+    Every scored circuit is logged to out/decisions.jsonl: a killed run loads the targets whose
+    circuit.json was written and replays the logged decisions of the rest (resumes mid-target).
+    The ranking is config.attribution with config.steps.
+    """
+    from ..algorithms.target import parse_targets, prune_to_targets
+    from ..graphs.export import load_circuit
+
+    targets = parse_targets(targets)
+    out = Path(out)
+    cfg = {**config.to_json(), "order": "gain", "targets": targets, "patience": patience}
+    ck = read_checkpoint(out) if out.exists() else None
+    if ck is None and out.exists() and any(out.iterdir()):
+        raise RunDirError(f"{out} is not empty and holds no target run; choose another --out or empty it")
+    decisions, earlier = prepare(out, cfg)
+    t0 = time.time()
+    model, task, ev = build(config, model, saved_task(out))
+    save_task(out, task)
+    log(f"{model.name}: {model.n_layers} layers x {model.n_heads} heads; task {task.name}: {len(task)} prompts; "
+        f"full {config.metric} {ev.full:.3f}, empty circuit {ev.empty:.3f}; targets {', '.join(map(str, targets))}")
+    rows, start, todo = [], None, list(targets)
+    for t in targets:
+        path = out / f"target-{t}" / "circuit.json"
+        if not path.exists():
+            break
+        c = load_circuit(path)
+        start = ev.run(*ev.circuit_masks(c))
+        rows.append({**c.method.get("target_search", {}), "resumed": True})
+        todo.remove(t)
+        log(f"target {t}: resumed from {path}")
+    replay = [d for d in decisions if d.get("target") in todo]
+    if replay:
+        log(f"resuming {out}: replaying {len(replay)} decisions")
+    tconf = PruneConfig(**{**config.to_json(), "order": "gain"})
+
+    def write(step):
+        sub = out / f"target-{step.target}"
+        sub.mkdir(exist_ok=True)
+        save_task(sub, task)
+        stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "target_forward_passes": step.forward_passes,
+                 "target_backward_passes": step.backward_passes}
+        c = circuit_from_result(ev, step.result, tconf, step.result.final, stats)
+        summary = step.summary(ev)
+        c.method.update(target=step.target, attribution=config.attribution, steps=config.steps,
+                        target_search=summary)
+        write_outputs(c, sub, log)
+        rows.append(summary)
+
+    with DecisionLog(out, cfg, n=len(decisions), earlier=earlier,
+                     meter=lambda: {**ev.stats(), "seconds": time.time() - t0}) as dlog:
+        if not decisions:
+            dlog.checkpoint("running")
+        if todo:
+            prune_to_targets(ev, todo, config.level, config.attribution, config.steps, progress=progress,
+                             start=start, patience=patience, on_target=write, replay=replay,
+                             on_decision=dlog.record)
+    summary = {"schema": "circuitsearch.targets/1", "config": cfg, "targets": rows,
+               "stats": {**ev.stats(), "seconds": round(time.time() - t0, 2)}}
+    atomic_write_text(out / "targets.json", json.dumps(summary, indent=1))
+    atomic_write_text(out / "report.md", targets_report(summary))
+    dlog.checkpoint("done")
+    return rows
+
+
+def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progress: bool = True, log=print,
+                model=None):
+    """Prune with each order into out/<order>/ (each a resumable run directory, all on the same
+    prompts), then compare: comparison.json, comparison.svg and report.md in `out`."""
+    from ..algorithms.compare import compare_circuits, order_dirname, render_comparison
+    from ..algorithms.iterative import Thresholds
+    from ..algorithms.orders import check_order
+    from ..catalogue import load_model
+    from ..config import evaluator, resolve_task
+
+    Thresholds(config.absolute, config.relative, config.on)  # bad settings fail before loading
+    orders = [check_order(o) for o in orders]
+    if len(orders) < 2 or len(set(orders)) != len(orders):
+        raise ValueError(f"compare-orders needs at least two distinct orders, got {orders}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model if model is not None else load_model(config.model)
+    task = resolve_task(config, model, saved_task(out))
+    save_task(out, task)
+    circuits = []
+    for i, order in enumerate(orders):
+        sub = out / order_dirname(order)
+        sub.mkdir(exist_ok=True)
+        save_task(sub, task)
+        log(f"[{i + 1}/{len(orders)}] order {order} -> {sub}")
+        cfg = PruneConfig(**{**config.to_json(), "order": order})
+        circuits.append(run_prune(cfg, sub, progress=progress, log=lambda *a: None, model=model))
+        c = circuits[-1]
+        log(f"  {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges, faithfulness "
+            f"{c.scores['faithfulness']:.3f}, {c.stats.get('forward_passes')} forward passes")
+    cmp = compare_circuits(evaluator(config, model, task), circuits, orders)
+    atomic_write_text(out / "comparison.json", json.dumps(cmp.to_json(), indent=1))
+    diagram = _render_or_note(render_comparison, cmp, out / "comparison.svg", log)
+    atomic_write_text(out / "report.md", comparison_report(cmp, diagram))
+    return cmp

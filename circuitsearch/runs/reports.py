@@ -1,0 +1,88 @@
+"""report.md of each command: what a person reads first. Plain text builders, no I/O."""
+from __future__ import annotations
+
+
+def thresholds_text(t: dict) -> str:
+    """'absolute 0.8, relative off (on faithfulness)' from a circuit's method.thresholds."""
+    f = lambda v: "off" if v is None else f"{v:g}"
+    return f"absolute {f(t.get('absolute'))}, relative {f(t.get('relative'))} (on {t.get('on', 'faithfulness')})"
+
+
+def prune_report(circuit, diagram: str | None, curves: list | None = None) -> str:
+    """report.md of a prune run: sizes, scores, cost, diagram, curves, the most important nodes."""
+    s, m, st = circuit.scores, circuit.method, circuit.stats
+    heads, mlps = circuit.heads(), circuit.mlps()
+    lines = [f"# Circuit: {circuit.task} on {circuit.model}", "",
+             f"{len(heads)} heads, {len(mlps)} MLPs, {circuit.n_edges} edges "
+             f"(level {m['level']}, {m['ablation']} ablation, metric {m['metric']}, order {m['order']}; "
+             f"thresholds {thresholds_text(m['thresholds'])}).", "",
+             "| score | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in s.items()]
+    lines += ["", f"Forward passes: {st.get('forward_passes')} ({st.get('forward_equivalents')} full-forward "
+              f"equivalents), {st.get('seconds')} s, {st.get('decisions')} decisions.", ""]
+    if st.get("all_sessions"):
+        a = st["all_sessions"]
+        lines[-1:-1] = [f"Resumed run: {st.get('replayed')} decisions replayed. Over all its sessions (as far as "
+                        f"checkpointed): {a.get('forward_passes')} forward passes ({a.get('forward_equivalents')} "
+                        f"full-forward equivalents), {round(a.get('seconds', 0), 1)} s."]
+    if diagram:
+        lines += [f"![circuit]({diagram})", ""]
+    if curves:
+        lines += ["## Faithfulness curves", "",
+                  "Normalized faithfulness (MIB) when only the top k % of the model's "
+                  f"{curves[0].n_edges} edges by a ranking are kept; CPR = area under the curve (higher is "
+                  "better), CMD = area under |1 − f| (lower is better).", "",
+                  "| ranking | " + " | ".join(f"{p:g} %" for p in curves[0].percentages) + " | CPR | CMD |",
+                  "|---|" + "---|" * (len(curves[0].percentages) + 2)]
+        lines += [f"| {c.name} | " + " | ".join(f"{f:.3f}" for f in c.faithfulness) + f" | {c.cpr:.3f} | {c.cmd:.3f} |"
+                  for c in curves]
+        lines += ["", "![faithfulness curves](curves.png)", ""]
+    estimated = set(m.get("estimated_effects", ()))
+    ranked = sorted(((n, e) for n, e in circuit.nodes.items() if e is not None), key=lambda x: -x[1])
+    if ranked:
+        lines += ["## Most important nodes", "",
+                  "Faithfulness lost when the node was last tried for removal"
+                  + (" (* an attribution estimate: the search never scored it alone)." if estimated else "."), "",
+                  "| node | effect |", "|---|---|"]
+        lines += [f"| {n} | {e:.4f}{' *' if n in estimated else ''} |" for n, e in ranked[:15]] + [""]
+    lines += ["## Nodes", "", ", ".join(circuit.nodes), "",
+              "Files: task.json (prompts), circuit.json (the circuit, schema circuitsearch.circuit/1), "
+              "decisions.jsonl (every candidate tried), circuit.dot / circuit.svg (diagram)"
+              + (", curves.json / curves.png (faithfulness curves)" if curves else "") + ".", ""]
+    return "\n".join(lines)
+
+
+def targets_report(summary: dict) -> str:
+    """report.md of a target run: one row per target, links to each circuit's own report."""
+    c = summary["config"]
+    lines = [f"# Circuits at target performances: {c['task']} on {c['model']}", "",
+             f"Nested: each circuit is pruned from the one above it. Level {c['level']}, {c['ablation']} ablation, "
+             f"metric {c['metric']}; search: {c['attribution']} ranking by estimated gain, bisection rounds "
+             "(re-attributing each smaller circuit), then one galloping refinement pass that stops after "
+             f"{c.get('patience') or 'no'} candidates kept in a row. Effects of candidates the refinement never "
+             "scored alone are attribution estimates.", "",
+             "| target | heads | MLPs | edges | verified faithfulness | forward passes | backward passes | circuit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in summary["targets"]:
+        t = r.get("target")
+        lines.append(f"| {t} | {r.get('heads')} | {r.get('mlps')} | {r.get('edges')} | "
+                     f"{r.get('faithfulness', float('nan')):.4f} | {r.get('forward_passes')} | "
+                     f"{r.get('backward_passes')} | [target-{t}](target-{t}/report.md) |")
+    st = summary["stats"]
+    lines += ["", f"All targets: {st.get('forward_passes')} forward passes, {st.get('backward_passes', 0)} backward "
+              f"passes, {st.get('seconds')} s.", ""]
+    return "\n".join(lines)
+
+
+def comparison_report(cmp, diagram: str | None) -> str:
+    """report.md of compare-orders: the terminal table, the shaded diagram, links to each order's run."""
+    from ..algorithms.compare import format_comparison, order_dirname
+
+    lines = [f"# Removal orders compared: {cmp.circuits[0].task} on {cmp.diff.model}", "", "```",
+             format_comparison(cmp).rstrip(), "```", ""]
+    if diagram:
+        lines += [f"![orders]({diagram})", ""]
+    lines += ["Each order's run: " + ", ".join(f"[{o}]({order_dirname(o)}/report.md)" for o in cmp.orders), "",
+              "comparison.json holds per-node and per-edge counts, the Jaccard matrices, and the intersection "
+              "and union circuits with their verified scores.", ""]
+    return "\n".join(lines)
