@@ -12,10 +12,15 @@ from .models import DEFAULT_MODEL, Model, ModelError, NamedModel
 MODELS: list[NamedModel] = [*models.MODELS, *toys.MODELS, models.HUB]
 
 
-def load_model(name: str = DEFAULT_MODEL) -> Model:
-    """Load a model by name: smollm2-135m, induction-2l, test:NAME[:SEED], hub:NAME or a hub name."""
+def find_model(name: str) -> NamedModel:
+    """The registry entry that loads `name` (nothing is loaded); ModelError naming the choices."""
     for entry in MODELS:
         if entry.matches(name):
-            return entry.load(name)
+            return entry
     raise ModelError(f"unknown model {name!r}; known: {', '.join(e.name for e in MODELS)} "
                      "(test:NAME:SEED picks a seed). `circuitsearch models` lists them")
+
+
+def load_model(name: str = DEFAULT_MODEL) -> Model:
+    """Load a model by name: smollm2-135m, induction-2l, test:NAME[:SEED], hub:NAME or a hub name."""
+    return find_model(name).load(name)

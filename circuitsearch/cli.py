@@ -118,8 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, RuntimeError) as e:
         print(f"circuitsearch: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that cannot be read or written: name it and the reason
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"circuitsearch: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 
@@ -158,15 +162,11 @@ def _config(args):
 
 
 def cmd_prune(args) -> int:
-    from .algorithms.iterative import Thresholds
-    from .algorithms.orders import check_order
     from .runs import run_prune
 
     cfg = _config(args)
-    if args.target:
+    if args.target is not None:
         return _prune_targets(args, cfg)
-    Thresholds(cfg.absolute, cfg.relative, cfg.on)
-    check_order(cfg.order)
     c = run_prune(cfg, args.out, progress=not args.quiet)
     s, st = c.scores, c.stats
     print(f"\ncircuit for {c.task} on {c.model}: {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges")

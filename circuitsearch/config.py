@@ -35,6 +35,44 @@ class PruneConfig:
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
+    def check(self) -> "PruneConfig":
+        """Reject settings that cannot run before anything is loaded; each message names the fix."""
+        from .algorithms.orders import parse_order
+        from .algorithms.search import Thresholds, phases
+        from .catalogue import find_model
+        from .metrics import get_metric
+        from .patching import ABLATIONS
+
+        find_model(self.model)
+        for flag, value in (("n-prompts", self.n_prompts), ("max-passes", self.max_passes), ("steps", self.steps)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"--{flag} {value!r} must be a whole number of at least 1")
+        if isinstance(self.template, bool) or not isinstance(self.template, int) or self.template < 0:
+            raise ValueError(f"--template {self.template!r} must be a template number (0, 1, ...)")
+        phases(self.level)
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join(ABLATIONS)}")
+        get_metric(self.metric)
+        if self.attribution not in ("eap", "eap-ig"):
+            raise ValueError(f"unknown attribution method {self.attribution!r}; choose eap or eap-ig")
+        Thresholds(self.absolute, self.relative, self.on)
+        parse_order(self.order, self.attribution, self.steps)
+        check_task_name(self.task)
+        return self
+
+
+def check_task_name(name: str) -> None:
+    """A task name is a toy task, a built-in, or a readable JSONL file (read and checked here)."""
+    from . import toys
+    from .tasks import TASKS, TaskError
+    from .tasks.base import read_task_file
+
+    if name.endswith(".jsonl"):
+        read_task_file(name)
+    elif name not in toys.TASKS and name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; built-in tasks: {', '.join([*TASKS, *toys.TASKS])} "
+                        "(or a .jsonl file)")
+
 
 def resolve_task(config: PruneConfig, model, task_file: str | Path | None = None):
     """The task of a run: a saved task.json if given, else a toy task, a JSONL file or a built-in."""
@@ -71,6 +109,7 @@ def build(config: PruneConfig, model=None, task_file: str | Path | None = None):
     `task_file` (a saved task.json) replaces building the task."""
     from .catalogue import load_model
 
+    config.check()
     model = model if model is not None else load_model(config.model)
     task = resolve_task(config, model, task_file)
     return model, task, evaluator(config, model, task)

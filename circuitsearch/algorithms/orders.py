@@ -63,26 +63,41 @@ class Shuffled(Order):
 
 @dataclass(frozen=True)
 class Listed(Order):
-    """A fixed list of ids (from a file, or a ranking): tried in that order; candidates it does
-    not list are skipped."""
+    """A fixed list of ids (from a file, or a ranking), tried in that order; with `rest`, candidates
+    it does not list follow in forward order, else they are not tried."""
 
     ids: tuple = ()
+    rest: bool = False
 
     def sequence(self, candidates, pass_index):
         present = set(candidates)
-        return [c for c in self.ids if c in present]
+        listed = [c for c in self.ids if c in present]
+        if not self.rest:
+            return listed
+        named = set(self.ids)
+        return listed + [c for c in candidates if c not in named]
 
 
 @dataclass(frozen=True)
 class FromFile(Order):
-    """file:PATH: one node or edge name a line ('#' starts a comment line), tried in that order."""
+    """file:PATH: one node or edge name a line ('#' starts a comment line), tried in that order.
+
+    Candidates the file does not list are tried after the listed ones, in forward order, so every
+    candidate is tried; a name the model's graph does not have is an error (never skipped).
+    """
 
     path: str = ""
 
     def prepare(self, ev, run, level):
-        names = read_order_file(self.path)
-        lookup = ev.index.node_id if level == "nodes" else ev.index.edge_id
-        return Listed(self.name, tuple(lookup[n] for n in names if n in lookup))
+        names = list(dict.fromkeys(read_order_file(self.path)))
+        ix = ev.index
+        unknown = [n for n in names if n not in ix.node_id and n not in ix.edge_id]
+        if unknown:
+            raise ValueError(f"order file {self.path!r} names {len(unknown)} node(s) or edge(s) this model's graph "
+                             f"does not have: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; "
+                             "names look like embed, a9.1, m3, a4.4->a9.1.q, m3->logits")
+        lookup = ix.node_id if level == "nodes" else ix.edge_id
+        return Listed(self.name, tuple(lookup[n] for n in names if n in lookup), rest=True)
 
 
 @dataclass(frozen=True)

@@ -110,26 +110,39 @@ class Decision:
 
 
 class Replay:
-    """The decisions of an earlier session, handed out in order to the search that made them."""
+    """The decisions of an earlier session, handed out in order to the search that made them.
 
-    def __init__(self, decisions: Iterable = ()):
+    A logged decision that is not what the search tries at that step raises ResumeError, unless
+    `on_mismatch(position, logged, tried)` is given: it may raise, or return to drop that decision
+    and all after it (a damaged log), so the search scores from there. `first` is the position of
+    the first decision in the whole log (for messages).
+    """
+
+    def __init__(self, decisions: Iterable = (), on_mismatch: Callable | None = None, first: int = 0):
         self._items = [d if isinstance(d, Decision) else Decision.from_json(d) for d in decisions]
         self._next = 0
+        self.on_mismatch, self.first = on_mismatch, first
+        self.dropped = 0
 
     def __len__(self) -> int:
         return len(self._items) - self._next
 
     def take(self, phase: str, pass_, candidate: str, chunk: int | None = None,
              target: float | None = None) -> Decision | None:
-        """The logged decision for this step, or None once the log is used up; ResumeError if the
-        log says something else was tried here."""
+        """The logged decision for this step, or None once the log is used up."""
         if self._next >= len(self._items):
             return None
         d = self._items[self._next]
-        if d.key() != (phase, pass_, candidate, chunk, target):
-            raise ResumeError(f"the decision log says {d.phase} pass {d.pass_} tried {d.candidate!r} where this run "
-                              f"tries {phase} pass {pass_} {candidate!r}: it was written with other settings; "
-                              "start a new run directory")
+        tried = (phase, pass_, candidate, chunk, target)
+        if d.key() != tried:
+            if self.on_mismatch is None:
+                raise ResumeError(f"the decision log says {d.phase} pass {d.pass_} tried {d.candidate!r} where this "
+                                  f"run tries {phase} pass {pass_} {candidate!r}: it was written with other settings; "
+                                  "start a new run directory")
+            self.on_mismatch(self.first + self._next, d, tried)
+            self.dropped = len(self._items) - self._next
+            del self._items[self._next:]
+            return None
         self._next += 1
         return d
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..config import PruneConfig, build
 from ..io import atomic_write_text
 from .reports import comparison_report, prune_report, targets_report
-from .store import DecisionLog, RunDirError, prepare, read_checkpoint, save_task, saved_task
+from .store import DecisionLog, Prepared, RunDirError, open_dir, prepare, read_checkpoint, save_task, saved_task
 
 
 def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: dict):
@@ -70,15 +70,50 @@ def _render_or_note(draw, obj, path: Path, log) -> str | None:
         return None
 
 
-def write_outputs(circuit, out: Path, log=print, curves: list | None = None) -> None:
-    """circuit.json, circuit.dot, the diagram and report.md of a finished run."""
+def write_outputs(circuit, out: Path, log=print, extras=None) -> None:
+    """circuit.json and report.md of a finished run first (the result), then the extras: `extras()`
+    (returns faithfulness curves, or None), circuit.dot and the diagram, and report.md again with
+    them. An extra that cannot be written (no Graphviz, a full disk) is a note, never a lost result."""
     from ..graphs.export import save_circuit
     from ..graphs.render import render
 
     save_circuit(circuit, out / "circuit.json")
-    save_circuit(circuit, out / "circuit.dot")
-    diagram = _render_or_note(render, circuit, out / "circuit.svg", log)
-    atomic_write_text(out / "report.md", prune_report(circuit, diagram, curves))
+    atomic_write_text(out / "report.md", prune_report(circuit, None))
+    curves = diagram = None
+    try:
+        curves = extras() if extras is not None else None
+    except OSError as e:
+        log(f"note: faithfulness curves not written ({e.strerror or e}); the circuit is in {out / 'circuit.json'}")
+    try:
+        save_circuit(circuit, out / "circuit.dot")
+        diagram = _render_or_note(render, circuit, out / "circuit.svg", log)
+        if curves or diagram:
+            atomic_write_text(out / "report.md", prune_report(circuit, diagram, curves))
+    except OSError as e:
+        log(f"note: diagram not written ({e.strerror or e}); the circuit is in {out / 'circuit.json'}")
+
+
+def _replay(prepared: Prepared, dlog: DecisionLog, log, decisions: list | None = None, first: int = 0):
+    """The Replay of a run directory's log: a decision that does not follow from the ones before it
+    (under matching settings) marks the log damaged from there; it is cut there and recomputed."""
+    from ..algorithms.search import Replay, ResumeError
+
+    decisions = prepared.decisions if decisions is None else decisions
+    total = first + len(decisions)
+
+    def mismatch(pos, logged, tried):
+        if not prepared.trusted and pos == 0:
+            raise ResumeError(f"decisions.jsonl does not belong to these settings: its first decision tried "
+                              f"{logged.candidate!r} where this run tries {tried[2]!r}, and checkpoint.json, which "
+                              "held its settings, is lost. Run with the original settings, or choose another --out")
+        note = (f"decisions.jsonl is damaged at line {pos + 1}: it logs {logged.phase} pass {logged.pass_} "
+                f"{logged.candidate!r} where this run, with the same settings, tries {tried[2]!r}; that line and the "
+                f"{total - pos - 1} after it were dropped and are recomputed")
+        prepared.notes.append(note)
+        log(f"warning: {note}")
+        dlog.truncate(pos)
+
+    return Replay(decisions, mismatch, first)
 
 
 def write_curves(ev, result, circuit, out: Path, log=print) -> list:
@@ -99,39 +134,51 @@ def write_curves(ev, result, circuit, out: Path, log=print) -> list:
 
 
 def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=print, model=None,
-              curves: bool = True):
+              curves: bool = True, task=None):
     """Run (or resume) a prune into `out` and write the run directory; returns the Circuit.
 
     model: an already loaded model of config.model (saves the load when running several prunes).
+    task: the Task to use for a new run (a resumed run uses its own task.json).
     curves: also write faithfulness curves (removal order and EAP-IG rankings) into the report.
     """
     from ..algorithms.iterative import Thresholds, find_circuit
     from ..algorithms.orders import parse_order
 
-    thresholds = Thresholds(config.absolute, config.relative, config.on)  # bad settings fail before loading
+    config.check()  # every setting and file before anything is loaded or written
+    thresholds = Thresholds(config.absolute, config.relative, config.on)
     order = parse_order(config.order, config.attribution, config.steps)
     out = Path(out)
-    decisions, earlier = prepare(out, config.to_json())
-    t0 = time.time()
-    model, task, ev = build(config, model, saved_task(out))
-    save_task(out, task)
-    log(f"{model.name}: {model.n_layers} layers x {model.n_heads} heads; task {task.name}: {len(task)} prompts "
-        f"of {task.seq_len} tokens{_kept_note(task)}; full {config.metric} {ev.full:.3f}, corrupted "
-        f"{ev.corrupted:.3f}, empty circuit {ev.empty:.3f}")
-    if decisions:
-        log(f"resuming {out}: replaying {len(decisions)} decisions")
-    with DecisionLog(out, config.to_json(), n=len(decisions), earlier=earlier,
-                     meter=lambda: {**ev.stats(), "seconds": time.time() - t0}) as dlog:
-        result = find_circuit(ev, config.level, thresholds, order, config.max_passes, decisions, dlog.record,
-                              progress=progress)
-    stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "decisions": len(result.decisions),
-             "replayed": len(decisions)}
-    if decisions:  # a resumed run: what this session spent, and the whole run's cost as far as checkpointed
-        stats["all_sessions"] = dlog.spent()
-    circuit = circuit_from_result(ev, result, config, result.final, stats)
-    made = write_curves(ev, result, circuit, out, log) if curves else None
-    write_outputs(circuit, out, log, made)
-    dlog.checkpoint("done", {"faithfulness": circuit.scores["faithfulness"]})
+    with open_dir(out):
+        prepared = prepare(out, config.to_json())
+        for note in prepared.notes:
+            log(f"warning: {note}")
+        t0 = time.time()
+        if task is not None and saved_task(out) is None:
+            save_task(out, task)
+        model, task, ev = build(config, model, saved_task(out))
+        save_task(out, task)
+        log(f"{model.name}: {model.n_layers} layers x {model.n_heads} heads; task {task.name}: {len(task)} prompts "
+            f"of {task.seq_len} tokens{_kept_note(task)}; full {config.metric} {ev.full:.3f}, corrupted "
+            f"{ev.corrupted:.3f}, empty circuit {ev.empty:.3f}")
+        decisions = prepared.decisions
+        if decisions:
+            log(f"resuming {out}: replaying {len(decisions)} decisions")
+        with DecisionLog(out, config.to_json(), n=len(decisions), earlier=prepared.earlier,
+                         meter=lambda: {**ev.stats(), "seconds": time.time() - t0}) as dlog:
+            dlog.checkpoint("running")
+            replay = _replay(prepared, dlog, log)
+            result = find_circuit(ev, config.level, thresholds, order, config.max_passes, replay, dlog.record,
+                                  progress=progress)
+        stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "decisions": len(result.decisions),
+                 "replayed": len(decisions) - replay.dropped}
+        if decisions:  # a resumed run: what this session spent, and the whole run's cost as far as checkpointed
+            stats["all_sessions"] = dlog.spent()
+        if prepared.notes:
+            stats["recovered"] = prepared.notes
+        circuit = circuit_from_result(ev, result, config, result.final, stats)
+        extras = (lambda: write_curves(ev, result, circuit, out, log)) if curves else None
+        write_outputs(circuit, out, log, extras)
+        dlog.checkpoint("done", {"faithfulness": circuit.scores["faithfulness"]})
     return circuit
 
 
@@ -147,58 +194,70 @@ def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = 
     from ..graphs.export import load_circuit
 
     targets = parse_targets(targets)
+    config.check()
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience {patience} must be at least 1 (or None to try every candidate)")
     out = Path(out)
     cfg = {**config.to_json(), "order": "gain", "targets": targets, "patience": patience}
-    ck = read_checkpoint(out) if out.exists() else None
-    if ck is None and out.exists() and any(out.iterdir()):
-        raise RunDirError(f"{out} is not empty and holds no target run; choose another --out or empty it")
-    decisions, earlier = prepare(out, cfg)
-    t0 = time.time()
-    model, task, ev = build(config, model, saved_task(out))
-    save_task(out, task)
-    log(f"{model.name}: {model.n_layers} layers x {model.n_heads} heads; task {task.name}: {len(task)} prompts; "
-        f"full {config.metric} {ev.full:.3f}, empty circuit {ev.empty:.3f}; targets {', '.join(map(str, targets))}")
-    rows, start, todo = [], None, list(targets)
-    for t in targets:
-        path = out / f"target-{t}" / "circuit.json"
-        if not path.exists():
-            break
-        c = load_circuit(path)
-        start = ev.run(*ev.circuit_masks(c))
-        rows.append({**c.method.get("target_search", {}), "resumed": True})
-        todo.remove(t)
-        log(f"target {t}: resumed from {path}")
-    replay = [d for d in decisions if d.get("target") in todo]
-    if replay:
-        log(f"resuming {out}: replaying {len(replay)} decisions")
-    tconf = PruneConfig(**{**config.to_json(), "order": "gain"})
+    with open_dir(out):
+        try:
+            ck = read_checkpoint(out)
+        except RunDirError:
+            ck = {}
+        if ck is None and any(p.name != ".lock" for p in out.iterdir()):
+            raise RunDirError(f"{out} is not empty and holds no target run; choose another --out or empty it")
+        prepared = prepare(out, cfg, holds=("targets.json",))
+        for note in prepared.notes:
+            log(f"warning: {note}")
+        t0 = time.time()
+        model, task, ev = build(config, model, saved_task(out))
+        save_task(out, task)
+        log(f"{model.name}: {model.n_layers} layers x {model.n_heads} heads; task {task.name}: {len(task)} prompts; "
+            f"full {config.metric} {ev.full:.3f}, empty circuit {ev.empty:.3f}; targets {', '.join(map(str, targets))}")
+        rows, start, todo = [], None, list(targets)
+        for t in targets:
+            path = out / f"target-{t}" / "circuit.json"
+            if not path.exists():
+                break
+            c = load_circuit(path)
+            start = ev.run(*ev.circuit_masks(c))
+            rows.append({**c.method.get("target_search", {}), "resumed": True})
+            todo.remove(t)
+            log(f"target {t}: resumed from {path}")
+        decisions = prepared.decisions
+        first = next((i for i, d in enumerate(decisions) if d.get("target") in todo), len(decisions))
+        if decisions[first:]:
+            log(f"resuming {out}: replaying {len(decisions) - first} decisions")
+        tconf = PruneConfig(**{**config.to_json(), "order": "gain"})
 
-    def write(step):
-        sub = out / f"target-{step.target}"
-        sub.mkdir(exist_ok=True)
-        save_task(sub, task)
-        stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "target_forward_passes": step.forward_passes,
-                 "target_backward_passes": step.backward_passes}
-        c = circuit_from_result(ev, step.result, tconf, step.result.final, stats)
-        summary = step.summary(ev)
-        c.method.update(target=step.target, attribution=config.attribution, steps=config.steps,
-                        target_search=summary)
-        write_outputs(c, sub, log)
-        rows.append(summary)
+        def write(step):
+            sub = out / f"target-{step.target}"
+            sub.mkdir(exist_ok=True)
+            save_task(sub, task)
+            stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "target_forward_passes": step.forward_passes,
+                     "target_backward_passes": step.backward_passes}
+            c = circuit_from_result(ev, step.result, tconf, step.result.final, stats)
+            summary = step.summary(ev)
+            c.method.update(target=step.target, attribution=config.attribution, steps=config.steps,
+                            target_search=summary)
+            write_outputs(c, sub, log)
+            rows.append(summary)
 
-    with DecisionLog(out, cfg, n=len(decisions), earlier=earlier,
-                     meter=lambda: {**ev.stats(), "seconds": time.time() - t0}) as dlog:
-        if not decisions:
+        with DecisionLog(out, cfg, n=len(decisions), earlier=prepared.earlier,
+                         meter=lambda: {**ev.stats(), "seconds": time.time() - t0}) as dlog:
             dlog.checkpoint("running")
-        if todo:
-            prune_to_targets(ev, todo, config.level, config.attribution, config.steps, progress=progress,
-                             start=start, patience=patience, on_target=write, replay=replay,
-                             on_decision=dlog.record)
-    summary = {"schema": "circuitsearch.targets/1", "config": cfg, "targets": rows,
-               "stats": {**ev.stats(), "seconds": round(time.time() - t0, 2)}}
-    atomic_write_text(out / "targets.json", json.dumps(summary, indent=1))
-    atomic_write_text(out / "report.md", targets_report(summary))
-    dlog.checkpoint("done")
+            if todo:
+                replay = _replay(prepared, dlog, log, decisions[first:], first)
+                prune_to_targets(ev, todo, config.level, config.attribution, config.steps, progress=progress,
+                                 start=start, patience=patience, on_target=write, replay=replay,
+                                 on_decision=dlog.record)
+        summary = {"schema": "circuitsearch.targets/1", "config": cfg, "targets": rows,
+                   "stats": {**ev.stats(), "seconds": round(time.time() - t0, 2)}}
+        if prepared.notes:
+            summary["recovered"] = prepared.notes
+        atomic_write_text(out / "targets.json", json.dumps(summary, indent=1))
+        atomic_write_text(out / "report.md", targets_report(summary))
+        dlog.checkpoint("done")
     return rows
 
 
@@ -207,12 +266,11 @@ def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progres
     """Prune with each order into out/<order>/ (each a resumable run directory, all on the same
     prompts), then compare: comparison.json, comparison.svg and report.md in `out`."""
     from ..algorithms.compare import compare_circuits, order_dirname, render_comparison
-    from ..algorithms.iterative import Thresholds
     from ..algorithms.orders import check_order
     from ..catalogue import load_model
     from ..config import evaluator, resolve_task
 
-    Thresholds(config.absolute, config.relative, config.on)  # bad settings fail before loading
+    config.check()  # bad settings fail before loading
     orders = [check_order(o) for o in orders]
     if len(orders) < 2 or len(set(orders)) != len(orders):
         raise ValueError(f"compare-orders needs at least two distinct orders, got {orders}")
@@ -224,11 +282,9 @@ def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progres
     circuits = []
     for i, order in enumerate(orders):
         sub = out / order_dirname(order)
-        sub.mkdir(exist_ok=True)
-        save_task(sub, task)
         log(f"[{i + 1}/{len(orders)}] order {order} -> {sub}")
         cfg = PruneConfig(**{**config.to_json(), "order": order})
-        circuits.append(run_prune(cfg, sub, progress=progress, log=lambda *a: None, model=model))
+        circuits.append(run_prune(cfg, sub, progress=progress, log=lambda *a: None, model=model, task=task))
         c = circuits[-1]
         log(f"  {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges, faithfulness "
             f"{c.scores['faithfulness']:.3f}, {c.stats.get('forward_passes')} forward passes")

@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 
+ABOVE_ONE = ("Faithfulness above 1: the circuit scores higher than the full model. Some of the components it "
+             "ablates were working against the answer (writing towards the wrong answer or damping the right "
+             "one), so removing them raises the metric. The thresholds are met all the same; normalized "
+             "faithfulness puts the empty circuit at 0 and the full model at 1 on the same scale.")
+
+
 def thresholds_text(t: dict) -> str:
     """'absolute 0.8, relative off (on faithfulness)' from a circuit's method.thresholds."""
     f = lambda v: "off" if v is None else f"{v:g}"
@@ -18,6 +24,10 @@ def prune_report(circuit, diagram: str | None, curves: list | None = None) -> st
              f"thresholds {thresholds_text(m['thresholds'])}).", "",
              "| score | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in s.items()]
+    if isinstance(s.get("faithfulness"), (int, float)) and s["faithfulness"] > 1:
+        lines += ["", ABOVE_ONE]
+    if st.get("recovered"):
+        lines += ["", "**Recovered from a damaged run directory:**", ""] + [f"- {n}" for n in st["recovered"]]
     lines += ["", f"Forward passes: {st.get('forward_passes')} ({st.get('forward_equivalents')} full-forward "
               f"equivalents), {st.get('seconds')} s, {st.get('decisions')} decisions.", ""]
     if st.get("all_sessions"):
@@ -80,6 +90,10 @@ def comparison_report(cmp, diagram: str | None) -> str:
 
     lines = [f"# Removal orders compared: {cmp.circuits[0].task} on {cmp.diff.model}", "", "```",
              format_comparison(cmp).rstrip(), "```", ""]
+    above = [name for name, c in [*zip(cmp.orders, cmp.circuits), ("intersection", cmp.intersection),
+                                  ("union", cmp.union)] if c.scores.get("faithfulness", 0) > 1]
+    if above:
+        lines += [f"Above 1 ({', '.join(above)}): " + ABOVE_ONE, ""]
     if diagram:
         lines += [f"![orders]({diagram})", ""]
     lines += ["Each order's run: " + ", ".join(f"[{o}]({order_dirname(o)}/report.md)" for o in cmp.orders), "",

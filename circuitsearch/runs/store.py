@@ -119,24 +119,42 @@ class RunLock:
         self._fd = None
 
     def __enter__(self) -> "RunLock":
-        return self.acquire()
+        return self if self._fd is not None else self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
 
 
-def read_decisions(path: Path) -> list[dict]:
-    """Complete lines of a decision log; a line cut short by a kill ends it (and is rewritten)."""
+DECISION_KEYS = ("phase", "pass", "candidate", "before", "score", "faithfulness", "removed")
+
+
+def read_log(path: Path) -> tuple[list[dict], str | None]:
+    """The decisions of a log up to its first line that is not one, and a note saying what was
+    dropped after it (None when the log is whole). A last line cut short by a kill is expected."""
     path = Path(path)
     if not path.exists():
-        return []
+        return [], None
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
     out = []
-    for line in path.read_text().splitlines():
+    for i, line in enumerate(lines):
         try:
-            out.append(json.loads(line))
+            d = json.loads(line)
+            ok = isinstance(d, dict) and all(k in d for k in DECISION_KEYS)
         except json.JSONDecodeError:
-            break
-    return out
+            ok = False
+        if not ok:
+            rest = len(lines) - i - 1
+            if rest == 0:
+                return out, f"decisions.jsonl: its last line was cut short (a kill while writing); dropped"
+            return out, (f"decisions.jsonl is damaged at line {i + 1} ({line[:40]!r} is not a decision): "
+                         f"that line and the {rest} after it were dropped and are recomputed")
+        out.append(d)
+    return out, None
+
+
+def read_decisions(path: Path) -> list[dict]:
+    """The complete decisions of a log (see read_log)."""
+    return read_log(path)[0]
 
 
 def read_checkpoint(out: Path) -> dict | None:
@@ -145,9 +163,12 @@ def read_checkpoint(out: Path) -> dict | None:
     if not ck.exists():
         return None
     try:
-        return json.loads(ck.read_text())
-    except json.JSONDecodeError:
-        raise RunDirError(f"{ck} is damaged; remove the directory or choose another --out") from None
+        data = json.loads(ck.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunDirError(f"{ck} is damaged ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+        raise RunDirError(f"{ck} is damaged (it holds no settings)")
+    return data
 
 
 def check_settings(out: Path, config: dict, checkpoint: dict | None) -> None:
@@ -163,20 +184,69 @@ def check_settings(out: Path, config: dict, checkpoint: dict | None) -> None:
                       "choose another --out, or remove the directory to start again")
 
 
-def prepare(out: Path, config: dict, holds: tuple[str, ...] = ("decisions.jsonl", "circuit.json")
-            ) -> tuple[list[dict], dict]:
-    """Make `out` ready for a run of `config`: check it against what it holds, keep only the complete
-    prefix of its decision log and return (decisions to replay, what earlier sessions spent)."""
+@dataclass
+class Prepared:
+    """What a run directory holds for the run about to start in it."""
+
+    decisions: list            # logged decisions to replay
+    earlier: dict              # what earlier sessions spent (from the checkpoint)
+    notes: list                # what was damaged and recovered, for the output and the report
+    trusted: bool = True       # False: the checkpoint was lost, so the log's settings are unverified
+
+
+def open_dir(out: Path) -> RunLock:
+    """Create `out` if needed and lock it for this process; RunDirError for a path that cannot be one."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    old = read_checkpoint(out)
-    if old is None and any((out / f).exists() for f in holds):
-        raise RunDirError(f"{out} holds files of a run without a checkpoint; choose another --out or empty it")
-    check_settings(out, config, old)
-    decisions = read_decisions(out / "decisions.jsonl")
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a directory: give a directory for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return RunLock(out).acquire()
+    except OSError as e:
+        raise RunDirError(f"cannot create or write the run directory {out}: {e.strerror}; "
+                          "choose another --out") from None
+
+
+def prepare(out: Path, config: dict, holds: tuple[str, ...] = ("circuit.json",)) -> Prepared:
+    """Make the (locked) directory `out` ready for a run of `config`, settings first.
+
+    A directory without decisions (and none of `holds`) holds nothing of value: whatever a failed
+    start left there is cleared, so it never blocks the next start. Otherwise the settings must
+    match the checkpoint's; a damaged checkpoint is rebuilt from the log, whose decisions are then
+    checked one by one as they replay. The log keeps its complete prefix only.
+    """
+    out = Path(out)
+    decisions, log_note = read_log(out / "decisions.jsonl")
+    notes = [log_note] if log_note else []
+    try:
+        old, damage = read_checkpoint(out), None
+    except RunDirError as e:
+        old, damage = None, str(e)
+    if not decisions and not any((out / f).exists() for f in holds):
+        if old is None or old.get("config") != config:
+            (out / "task.json").unlink(missing_ok=True)  # another start's prompts
+        (out / "decisions.jsonl").unlink(missing_ok=True)
+        write_checkpoint(out, "starting", config)
+        return Prepared([], {}, [n for n in notes if "damaged" in n])
+    if old is None:
+        if not decisions:
+            raise RunDirError(f"{out} holds {', '.join(f for f in holds if (out / f).exists())} but no checkpoint or "
+                              "decision log, so it cannot be resumed: choose another --out or empty it")
+        notes.append(f"{damage or f'{out}/checkpoint.json is missing'}: the settings of the {len(decisions)} logged "
+                     "decisions are unknown, so they are replayed under the settings given now and checked one by "
+                     "one; checkpoint.json is rewritten")
+        trusted = False
+    else:
+        check_settings(out, config, old)
+        trusted = True
     # keep only the complete prefix on disk, so the appended log stays one line per decision
     atomic_write_text(out / "decisions.jsonl", "".join(json.dumps(d) + "\n" for d in decisions))
-    return decisions, dict(old.get("spent", {})) if (old and decisions) else {}
+    return Prepared(decisions, dict(old.get("spent", {})) if (old and decisions) else {}, notes, trusted)
+
+
+def write_checkpoint(out: Path, status: str, config: dict, **extra) -> None:
+    atomic_write_text(Path(out) / "checkpoint.json", json.dumps(
+        {"schema": CHECKPOINT_SCHEMA, "status": status, "config": config, "version": __version__, **extra}, indent=1))
 
 
 def save_task(out: Path, task) -> str:
@@ -242,9 +312,16 @@ class DecisionLog:
         return {k: round(self.earlier.get(k, 0) + now.get(k, 0), 3) for k in {**self.earlier, **now}}
 
     def checkpoint(self, status: str, extra: dict | None = None) -> None:
-        atomic_write_text(self.out / "checkpoint.json", json.dumps(
-            {"schema": CHECKPOINT_SCHEMA, "status": status, "config": self.config, "decisions": self.n,
-             "phase": self.phase, "version": __version__, "spent": self.spent(), **(extra or {})}, indent=1))
+        write_checkpoint(self.out, status, self.config, decisions=self.n, phase=self.phase, spent=self.spent(),
+                         **(extra or {}))
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n decisions of the log (the rest was found damaged); later ones append."""
+        self.close()
+        lines = (self.out / "decisions.jsonl").read_text().splitlines(keepends=True)[:n]
+        atomic_write_text(self.out / "decisions.jsonl", "".join(lines))
+        self._f = open(self.out / "decisions.jsonl", "a")
+        self.n = n
 
     def close(self) -> None:
         if not self._f.closed:

@@ -142,24 +142,55 @@ def validate(task: Task) -> None:
             raise TaskError(f"task {task.name!r}: named position {k}={p} is outside the {task.seq_len}-token prompts")
 
 
-def load_task(path: str | Path, tokenizer) -> Task:
-    """A custom task from JSONL, one object a line: clean, corrupted, answer, wrong_answer."""
+TASK_FIELDS = ("clean", "corrupted", "answer", "wrong_answer")
+
+
+def read_task_file(path: str | Path) -> list[dict]:
+    """The rows of a JSONL task file, each checked: a JSON object with the four text fields.
+
+    Needs no model, so a bad file is reported before one loads; errors name file, line and field.
+    """
     path = Path(path)
     if not path.exists():
         raise TaskError(f"task file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise TaskError(f"task file {str(path)!r} is not a file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise TaskError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x}); save the file as UTF-8") from None
+    except OSError as e:
+        raise TaskError(f"task file {str(path)!r} cannot be read: {e.strerror}") from None
     rows = []
-    for ln, line in enumerate(path.read_text().splitlines(), 1):
+    for ln, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise TaskError(f"{path}:{ln}: not valid JSON ({e.msg})") from None
-        missing = [k for k in ("clean", "corrupted", "answer", "wrong_answer") if k not in row]
+        if not isinstance(row, dict):
+            raise TaskError(f"{path}:{ln}: a line must be a JSON object with {', '.join(TASK_FIELDS)}, "
+                            f"not {type(row).__name__} {line.strip()[:40]!r}")
+        missing = [k for k in TASK_FIELDS if k not in row]
         if missing:
             raise TaskError(f"{path}:{ln}: missing {', '.join(missing)}; each line needs clean, corrupted, "
                             "answer and wrong_answer")
+        for k in TASK_FIELDS:
+            if not isinstance(row[k], str) or not row[k]:
+                raise TaskError(f"{path}:{ln}: field {k!r} must be a non-empty string, not {row[k]!r}")
         rows.append(row)
+    if not rows:
+        raise TaskError(f"task file {str(path)!r} holds no prompts: give one JSON object a line with "
+                        f"{', '.join(TASK_FIELDS)}")
+    return rows
+
+
+def load_task(path: str | Path, tokenizer) -> Task:
+    """A custom task from JSONL, one object a line: clean, corrupted, answer, wrong_answer."""
+    path = Path(path)
+    rows = read_task_file(path)
     return build_task(path.stem, tokenizer, [r["clean"] for r in rows], [r["corrupted"] for r in rows],
                       [r["answer"] for r in rows], [r["wrong_answer"] for r in rows],
                       meta={"source": str(path)})
