@@ -22,6 +22,8 @@ def _add_model_task(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-prompts", type=int, default=24, help="prompts to use (default 24)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt generation and random orders")
     p.add_argument("--template", type=int, default=0, help="which template of the built-in task")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run a task that looks too large for this machine's memory anyway")
     p.add_argument("--corruption", default="random", help="how corrupted prompts are made (task-specific)")
 
 
@@ -167,7 +169,7 @@ def cmd_prune(args) -> int:
     cfg = _config(args)
     if args.target is not None:
         return _prune_targets(args, cfg)
-    c = run_prune(cfg, args.out, progress=not args.quiet)
+    c = run_prune(cfg, args.out, progress=not args.quiet, force=args.no_memory_check)
     s, st = c.scores, c.stats
     print(f"\ncircuit for {c.task} on {c.model}: {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges")
     print(f"  faithfulness {s['faithfulness']:.3f}  normalized {s['normalized']:.3f}  "
@@ -190,7 +192,8 @@ def _prune_targets(args, cfg) -> int:
     if args.patience < 0:
         raise ValueError(f"--patience {args.patience} is negative: give the number of candidates kept in a row "
                          "after which refinement stops, or 0 to try every candidate")
-    rows = run_targets(cfg, targets, args.out, progress=not args.quiet, patience=args.patience or None)
+    rows = run_targets(cfg, targets, args.out, progress=not args.quiet, patience=args.patience or None,
+                       force=args.no_memory_check)
     print(f"\n{'target':>7} {'heads':>5} {'MLPs':>4} {'edges':>6} {'faithfulness':>12} {'fwd passes':>10}")
     for r in rows:
         print(f"{r.get('target'):>7} {r.get('heads'):>5} {r.get('mlps'):>4} {r.get('edges'):>6} "
@@ -209,7 +212,7 @@ def cmd_compare(args) -> int:
                       max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
                       template=args.template, corruption=args.corruption)
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
-    cmp = run_compare(cfg, orders, args.out, progress=not args.quiet)
+    cmp = run_compare(cfg, orders, args.out, progress=not args.quiet, force=args.no_memory_check)
     print()
     print(format_comparison(cmp), end="")
     print(f"\nfiles in {args.out}/: comparison.json, comparison.svg, report.md, one run directory per order")
@@ -252,7 +255,8 @@ def _evaluator(args):
 
     return build(PruneConfig(model=args.model, task=args.task, ablation=args.ablation, metric=args.metric,
                              n_prompts=args.n_prompts, seed=args.seed, template=args.template,
-                             corruption=args.corruption))
+                             corruption=args.corruption), log=lambda m: print(m, file=sys.stderr),
+                 force=args.no_memory_check)
 
 
 def cmd_score(args) -> int:

@@ -104,12 +104,47 @@ def evaluator(config: PruneConfig, model, task):
     return Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv)
 
 
-def build(config: PruneConfig, model=None, task_file: str | Path | None = None):
+def memory_needed(model, task) -> int:
+    """Rough peak bytes of searching `task` on `model`: the evaluator keeps a few cached runs (4 residual-
+    sized tensors per token and layer each), and attribution's autograd graph holds every head's own
+    q/k/v input (3H residual-sized tensors per token and layer) plus MLP intermediates. float32."""
+    tokens = len(task) * task.seq_len
+    return 4 * tokens * model.n_layers * model.d_model * (28 + 3 * model.n_heads)
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(model, task, log=None, force: bool = False) -> None:
+    """Refuse a task that will not fit in memory (unless forced), warn when it takes over half of it."""
+    need, have = memory_needed(model, task), available_memory()
+    if have is None:
+        return
+    gib = lambda b: f"{b / 2 ** 30:.1f} GiB"
+    what = f"{len(task)} prompts x {task.seq_len} tokens on {model.name} ({model.n_layers} layers, d_model {model.d_model})"
+    if need > have and not force:
+        raise ValueError(f"{what} needs about {gib(need)} of memory and {gib(have)} is available: use fewer "
+                         "prompts (--n-prompts, or a smaller task file), or pass --no-memory-check to try anyway")
+    if need > have / 2 and log is not None:
+        log(f"warning: {what} needs about {gib(need)} of memory; {gib(have)} is available")
+
+
+def build(config: PruneConfig, model=None, task_file: str | Path | None = None, log=None, force: bool = False):
     """(model, task, evaluator) of a config; `model` saves the load when it is already loaded,
-    `task_file` (a saved task.json) replaces building the task."""
+    `task_file` (a saved task.json) replaces building the task. A task that will not fit in memory
+    is refused before the evaluator runs it (force: try anyway); log gets the warnings."""
     from .catalogue import load_model
 
     config.check()
     model = model if model is not None else load_model(config.model)
     task = resolve_task(config, model, task_file)
+    check_fits(model, task, log, force)
     return model, task, evaluator(config, model, task)

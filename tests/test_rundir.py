@@ -289,3 +289,29 @@ def test_faithfulness_above_one_is_explained(whole):
     assert "Faithfulness above 1" not in prune_report(c, None)
     c.scores["faithfulness"] = 1.231  # as seen on the induction model
     assert "Faithfulness above 1: the circuit scores higher than the full model" in prune_report(c, None)
+
+
+def test_a_task_too_large_for_memory_is_refused_before_it_runs(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from circuitsearch import config
+
+    smollm2 = SimpleNamespace(name="smollm2-135m", n_layers=30, n_heads=9, d_model=576)
+    big = type("T", (), {"__len__": lambda self: 5000, "seq_len": 20})()
+    monkeypatch.setattr(config, "available_memory", lambda: 24 * 2 ** 30)
+    with pytest.raises(ValueError, match="5000 prompts x 20 tokens on smollm2-135m .* needs about .* GiB of memory "
+                                         "and 24.0 GiB is available.*--no-memory-check"):
+        config.check_fits(smollm2, big)
+    config.check_fits(smollm2, big, force=True)  # forced: no error
+    said = []
+    small = type("T", (), {"__len__": lambda self: 24, "seq_len": 8})()
+    config.check_fits(smollm2, small, said.append)
+    assert said == []
+    monkeypatch.setattr(config, "available_memory", lambda: int(1.5 * config.memory_needed(smollm2, small)))
+    config.check_fits(smollm2, small, said.append)
+    assert said and said[0].startswith("warning: 24 prompts x 8 tokens")
+    # the command line refuses before the evaluator runs, and --no-memory-check overrides
+    monkeypatch.setattr(config, "available_memory", lambda: 1000)
+    assert main(["prune", *PLANTED, "--out", str(tmp_path / "o")]) == 2
+    assert "--no-memory-check" in capsys.readouterr().err
+    assert main(["prune", *PLANTED, "--no-memory-check", "--out", str(tmp_path / "o")]) == 0

@@ -134,12 +134,13 @@ def write_curves(ev, result, circuit, out: Path, log=print) -> list:
 
 
 def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=print, model=None,
-              curves: bool = True, task=None):
+              curves: bool = True, task=None, force: bool = False):
     """Run (or resume) a prune into `out` and write the run directory; returns the Circuit.
 
     model: an already loaded model of config.model (saves the load when running several prunes).
     task: the Task to use for a new run (a resumed run uses its own task.json).
     curves: also write faithfulness curves (removal order and EAP-IG rankings) into the report.
+    force: run a task that looks too large for this machine's memory anyway.
     """
     from ..algorithms.iterative import Thresholds, find_circuit
     from ..algorithms.orders import parse_order
@@ -155,7 +156,7 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
         t0 = time.time()
         if task is not None and saved_task(out) is None:
             save_task(out, task)
-        model, task, ev = build(config, model, saved_task(out))
+        model, task, ev = build(config, model, saved_task(out), log, force)
         save_task(out, task)
         log(f"{model.name}: {model.n_layers} layers x {model.n_heads} heads; task {task.name}: {len(task)} prompts "
             f"of {task.seq_len} tokens{_kept_note(task)}; full {config.metric} {ev.full:.3f}, corrupted "
@@ -183,7 +184,7 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
 
 
 def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = True, log=print,
-                patience: int | None = 30, model=None) -> list:
+                patience: int | None = 30, model=None, force: bool = False) -> list:
     """Nested circuits for each target into out/target-T/ (a run directory each) plus targets.json.
 
     Every scored circuit is logged to out/decisions.jsonl: a killed run loads the targets whose
@@ -210,7 +211,7 @@ def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = 
         for note in prepared.notes:
             log(f"warning: {note}")
         t0 = time.time()
-        model, task, ev = build(config, model, saved_task(out))
+        model, task, ev = build(config, model, saved_task(out), log, force)
         save_task(out, task)
         log(f"{model.name}: {model.n_layers} layers x {model.n_heads} heads; task {task.name}: {len(task)} prompts; "
             f"full {config.metric} {ev.full:.3f}, empty circuit {ev.empty:.3f}; targets {', '.join(map(str, targets))}")
@@ -262,13 +263,13 @@ def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = 
 
 
 def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progress: bool = True, log=print,
-                model=None):
+                model=None, force: bool = False):
     """Prune with each order into out/<order>/ (each a resumable run directory, all on the same
     prompts), then compare: comparison.json, comparison.svg and report.md in `out`."""
     from ..algorithms.compare import compare_circuits, order_dirname, render_comparison
     from ..algorithms.orders import check_order
     from ..catalogue import load_model
-    from ..config import evaluator, resolve_task
+    from ..config import check_fits, evaluator, resolve_task
 
     config.check()  # bad settings fail before loading
     orders = [check_order(o) for o in orders]
@@ -278,13 +279,15 @@ def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progres
     out.mkdir(parents=True, exist_ok=True)
     model = model if model is not None else load_model(config.model)
     task = resolve_task(config, model, saved_task(out))
+    check_fits(model, task, log, force)
     save_task(out, task)
     circuits = []
     for i, order in enumerate(orders):
         sub = out / order_dirname(order)
         log(f"[{i + 1}/{len(orders)}] order {order} -> {sub}")
         cfg = PruneConfig(**{**config.to_json(), "order": order})
-        circuits.append(run_prune(cfg, sub, progress=progress, log=lambda *a: None, model=model, task=task))
+        circuits.append(run_prune(cfg, sub, progress=progress, log=lambda *a: None, model=model, task=task,
+                                  force=force))
         c = circuits[-1]
         log(f"  {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges, faithfulness "
             f"{c.scores['faithfulness']:.3f}, {c.stats.get('forward_passes')} forward passes")

@@ -26,7 +26,9 @@ N_SHOWN = 4
 # template: (joiner between members, text after the last member, prefix of the answer)
 SEQ_TEMPLATES = {
     "digits": [(" ", " ", ""), (", ", ", ", "")],
-    "decreasing": [(" ", " ", ""), (", ", ", ", "")],
+    # comma-separated first: space-separated, SmolLM2 barely counts down (full logit difference 1.82,
+    # and mean ablation of every node scored above the corrupted run); with commas 3.87 vs 0.32 / 0.16
+    "decreasing": [(", ", ", ", ""), (" ", " ", "")],
     "number-words": [(", ", ",", " "), (" ", "", " ")],
     "months": [(", ", ",", " "), (" ", "", " ")],
     "days": [(", ", ",", " "), (" ", "", " ")],
@@ -109,7 +111,7 @@ def _register_sequence(name: str, description: str) -> None:
 
 
 _register_sequence("digits", "increasing numerals: '3 4 5 6 ' -> '7'")
-_register_sequence("decreasing", "decreasing numerals: '9 8 7 6 ' -> '5'")
+_register_sequence("decreasing", "decreasing numerals: '9, 8, 7, 6, ' -> '5'")
 _register_sequence("number-words", "number words: 'one, two, three, four,' -> ' five'")
 _register_sequence("months", "months: 'March, April, May, June,' -> ' July'")
 _register_sequence("days", "days of the week: 'Monday, Tuesday, Wednesday, Thursday,' -> ' Friday'")
