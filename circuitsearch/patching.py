@@ -167,6 +167,7 @@ class Evaluator:
         self.sender_index = {s: i for i, s in enumerate(self.senders)}
         self.S = self.index.S
         self._layout()
+        self._ablated_z_cache: dict = {}
         self.forward_passes = 0
         self.forward_equivalents = 0.0
         self.backward_passes = 0
@@ -453,7 +454,13 @@ class Evaluator:
             lw = eng.layer(l)
             stage = start - 3 * l if l == first else -1  # where this layer's recomputation begins
             heads = self._heads[l]
-            if stage <= 1:
+            if stage <= 1 and src is not None and all(abl[heads]):
+                # every head ablated: their outputs are the ablation values, whatever they read
+                if stage <= 0:
+                    run.resid_pre[l] = resid
+                z = run.z[l] = self._ablated_z(src, l, resid.shape[0])
+                resid = run.resid_mid[l] = eng.add_heads(run.resid_pre[l], lw, z)
+            elif stage <= 1:
                 if stage <= 0:
                     run.resid_pre[l] = resid
                     delta = self._delta(run, self._attn_rows[l]) if edges else None
@@ -473,10 +480,11 @@ class Evaluator:
             else:
                 resid = run.resid_mid[l]
             if not self.attn_only:
-                delta = self._delta(run, self._mlp_row[l]) if edges else None
-                out = eng.mlp(lw, resid if delta is None else resid - delta[:, :, 0])
-                if src is not None and abl[self._mlp[l]]:
-                    out = src.mlp_out[l].expand_as(out)
+                if src is not None and abl[self._mlp[l]]:  # ablated: its input does not matter
+                    out = src.mlp_out[l].expand_as(resid)
+                else:
+                    delta = self._delta(run, self._mlp_row[l]) if edges else None
+                    out = eng.mlp(lw, resid if delta is None else resid - delta[:, :, 0])
                 run.mlp_out[l] = out
                 resid = resid + out
         run.final = resid
@@ -489,6 +497,13 @@ class Evaluator:
         if self.metric.two_columns or batch.ref is not None:
             self._finish(run, batch)
         return run
+
+    def _ablated_z(self, src: Source, l: int, rows: int) -> torch.Tensor:
+        """Layer l's z with every head ablated [B, P, H, dh], contiguous as a computed z is (cached)."""
+        key = (src.kind, l, rows)
+        if key not in self._ablated_z_cache:
+            self._ablated_z_cache[key] = src.z[l].expand(rows, *src.z[l].shape[1:]).clone()
+        return self._ablated_z_cache[key]
 
     def _cost(self, start: int) -> float:
         """Fraction of a full forward that recomputing from `start` costs (attention ~1/3 of a layer)."""
