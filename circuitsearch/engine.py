@@ -208,9 +208,16 @@ class Engine:
         eq = "bpd,hde->bphe" if x.dim() == 3 else "bphd,hde->bphe"
         return torch.einsum(eq, x, W) + b
 
-    def attention(self, lw: LayerWeights, xq, xk=None, xv=None) -> torch.Tensor:
-        """z [B, P, H, dh] of every head; one shared input [B, P, d], or q, k, v inputs [B, P, H, d]."""
-        if xk is None:  # shared input: one GEMM, keys and values per kv head
+    def attention(self, lw: LayerWeights, xq, xk=None, xv=None, heads: torch.Tensor | None = None) -> torch.Tensor:
+        """z [B, P, H, dh] of every head; one shared input [B, P, d], or q, k, v inputs [B, P, H, d].
+
+        heads: with q, k, v inputs, compute only these heads (their inputs [B, P, h, d]) -> [B, P, h, dh].
+        """
+        if heads is not None:
+            q = self._proj(xq, lw.W_Q[heads], lw.b_Q[heads], lw.ln1)
+            k = self._proj(xk, lw.W_K[heads], lw.b_K[heads], lw.ln1)
+            v = self._proj(xv, lw.W_V[heads], lw.b_V[heads], lw.ln1)
+        elif xk is None:  # shared input: one GEMM, keys and values per kv head
             B, P, _ = xq.shape
             H, dh = self.H, lw.W_Q.shape[-1]
             qkv = self.norm(xq, lw.ln1) @ lw.W_qkv + lw.b_qkv
@@ -219,7 +226,7 @@ class Engine:
             rep = H // lw.n_kv
             if rep > 1:
                 k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
-        else:
+        elif xk is not None:
             q = self._proj(xq, lw.W_Q, lw.b_Q, lw.ln1)
             k = self._proj(xk, lw.W_K, lw.b_K, lw.ln1)
             v = self._proj(xv, lw.W_V, lw.b_V, lw.ln1)
@@ -231,9 +238,15 @@ class Engine:
         scores = scores.masked_fill(mask, float("-inf"))
         return torch.einsum("bhqk,bkhe->bqhe", scores.softmax(-1), v)
 
-    def add_heads(self, resid: torch.Tensor, lw: LayerWeights, z: torch.Tensor) -> torch.Tensor:
-        """The residual stream after the attention layer: resid + Σ_h z_h W_O,h + b_O."""
-        return resid + torch.einsum("bphe,hed->bpd", z, lw.W_O) + lw.b_O
+    def heads_sum(self, lw: LayerWeights, z: torch.Tensor) -> torch.Tensor:
+        """Σ_h z_h W_O,h: what the heads write into the residual stream, without the bias [B, P, d]."""
+        return torch.einsum("bphe,hed->bpd", z, lw.W_O)
+
+    def add_heads(self, resid: torch.Tensor, lw: LayerWeights, z: torch.Tensor,
+                  summed: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after the attention layer: resid + Σ_h z_h W_O,h + b_O (`summed`: that
+        sum, already computed)."""
+        return resid + (self.heads_sum(lw, z) if summed is None else summed) + lw.b_O
 
     def head_outputs(self, lw: LayerWeights, z: torch.Tensor) -> torch.Tensor:
         """Each head's write into the residual stream, without the bias [B, P, H, d]."""

@@ -28,6 +28,7 @@ from .models import Model
 from .tasks.base import Task
 
 ABLATIONS = ("mean", "resample", "zero")
+REFRESH = 32  # incremental updates of a receiver group's edge sum before it is taken in full again
 
 
 # --------------------------------------------------------------------------- state
@@ -60,6 +61,7 @@ class Run:
     per_prompt: torch.Tensor | None = None  # metric per prompt
     logits: torch.Tensor | None = None      # answer-position logits ([B, 2] or [B, vocab])
     diffs: dict = field(default_factory=dict)  # sender index -> live - ablated output
+    sums: dict = field(default_factory=dict)   # receiver group -> (rows, Σ over removed senders, updates since full)
     _names: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -223,6 +225,8 @@ class Evaluator:
             self._mlp_row.append(None if self.attn_only else ix.receiver_id[f"m{l}"])
         self._logits_row = ix.receiver_id["logits"]
         self._node_stage = torch.tensor(ix.node_stage, dtype=torch.long)
+        self._group_stage = {("logits",): 3 * self.L, **{("attn", l): 3 * l for l in range(self.L)},
+                             **{("mlp", l): 3 * l + 2 for l in range(self.L)}}
         self._edge_stage = torch.tensor(ix.edge_stage, dtype=torch.long)
 
     # ------------------------------------------------------------------ public API
@@ -418,14 +422,42 @@ class Evaluator:
             run.diffs[s] = d
         return d
 
-    def _delta(self, run: Run, rows) -> torch.Tensor | None:
-        """Σ over removed live senders of (live − ablated), per receiver in `rows` -> [B, P, len(rows), d]."""
-        mask = run.masks.removed[[rows] if isinstance(rows, int) else rows]
-        idx = (mask.any(0) & ~run.masks.ablated[: self.S]).nonzero()[:, 0].tolist()
-        if not idx:
+    def _delta(self, run: Run, rows, group, base: Run | None = None, start: int = -1) -> torch.Tensor | None:
+        """Σ over removed live senders of (live − ablated), per receiver in `rows` -> [B, P, len(rows), d].
+
+        Kept per receiver group in the run (run.sums). Extending `base` from stage `start`, only what
+        changed is added to base's sum: senders recomputed from `start` on (their new minus their old
+        contribution) and edges newly removed from senders below it; the full sum is taken when that
+        would be no cheaper, and after REFRESH updates in a row (to bound float rounding drift).
+        """
+        sel = [rows] if isinstance(rows, int) else rows
+        key = tuple(sel) if isinstance(sel, list) else tuple(sel.tolist())
+        mask = run.masks.removed[sel] & ~run.masks.ablated[: self.S]  # removed live senders per row
+        present = mask.any(0)
+        if not bool(present.any()):
             return None
+        prev = base.sums.get(group) if base is not None else None
+        if prev is not None and prev[0] == key and prev[2] < REFRESH:
+            old = base.masks.removed[sel] & ~base.masks.ablated[: self.S]
+            later = self._node_stage[: self.S] >= start
+            changed = (later & (mask | old).any(0)).nonzero()[:, 0].tolist()
+            added = (~later & (mask & ~old).any(0)).nonzero()[:, 0].tolist()
+            if 2 * len(changed) + len(added) < int(present.sum()):
+                total = prev[1]
+                if changed or added:
+                    D = torch.stack([self._sender_diff(run, s) for s in changed + added]
+                                    + [self._sender_diff(base, s) for s in changed], 2)
+                    coef = torch.cat([mask[:, changed], (mask & ~old)[:, added], old[:, changed]], 1).to(D.dtype)
+                    coef[:, len(changed) + len(added):] *= -1
+                    change = torch.einsum("rs,bpsd->bprd", coef, D)
+                    total = change if total is None else total + change
+                run.sums[group] = (key, total, prev[2] + 1)
+                return total
+        idx = present.nonzero()[:, 0].tolist()
         D = torch.stack([self._sender_diff(run, s) for s in idx], 2)  # [B, P, n, d]
-        return torch.einsum("rs,bpsd->bprd", mask[:, idx].to(D.dtype), D)
+        total = torch.einsum("rs,bpsd->bprd", mask[:, idx].to(D.dtype), D)
+        run.sums[group] = (key, total, 0)
+        return total
 
     def _forward(self, base: Run | None, start: int, masks: Masks, embed_live: torch.Tensor,
                  source: Source | None = "self", count: bool = True, batch: Batch | None = None) -> Run:
@@ -438,12 +470,13 @@ class Evaluator:
         if base is None or start < 0:
             embed = src.embed.expand_as(embed_live) if (abl[0] and src is not None) else embed_live
             run = Run(self.index, masks, embed, [None] * L, [None] * L, [None] * L, [None] * L)
-            start = -1
+            base, start = None, -1
         else:
             run = Run(self.index, masks, base.embed, list(base.resid_pre), list(base.z),
                       list(base.resid_mid), list(base.mlp_out))
             stage = self.index.node_stage
             run.diffs = {s: d for s, d in base.diffs.items() if stage[s] < start}
+            run.sums = {g: v for g, v in base.sums.items() if self._group_stage[g] < start}
         edges = bool(removed.any())
         first = max(start, 0) // 3
         if first >= L:
@@ -459,21 +492,14 @@ class Evaluator:
                 if stage <= 0:
                     run.resid_pre[l] = resid
                 z = run.z[l] = self._ablated_z(src, l, resid.shape[0])
-                resid = run.resid_mid[l] = eng.add_heads(run.resid_pre[l], lw, z)
+                resid = run.resid_mid[l] = eng.add_heads(run.resid_pre[l], lw, z,
+                                                         self._ablated_z(src, l, resid.shape[0], summed=True))
             elif stage <= 1:
                 if stage <= 0:
                     run.resid_pre[l] = resid
-                    delta = self._delta(run, self._attn_rows[l]) if edges else None
-                    if delta is None:
-                        z = eng.attention(lw, resid)
-                    else:
-                        delta = delta.reshape(*delta.shape[:2], 3, self.H, delta.shape[-1])
-                        x = resid[:, :, None, None, :] - delta  # [B, P, 3, H, d]
-                        z = eng.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
-                else:
-                    z = run.z[l]
-                if src is not None and any(abl[heads]):
-                    z = torch.where(ablated[heads][None, None, :, None], src.z[l], z)
+                    z = self._heads_z(run, l, resid, src, abl, edges, base, start)
+                else:  # only some heads of this layer newly ablated: the others' z stands
+                    z = torch.where(ablated[heads][None, None, :, None], src.z[l], run.z[l])
                 run.z[l] = z
                 resid = eng.add_heads(run.resid_pre[l], lw, z)
                 run.resid_mid[l] = resid
@@ -483,12 +509,12 @@ class Evaluator:
                 if src is not None and abl[self._mlp[l]]:  # ablated: its input does not matter
                     out = src.mlp_out[l].expand_as(resid)
                 else:
-                    delta = self._delta(run, self._mlp_row[l]) if edges else None
+                    delta = self._delta(run, self._mlp_row[l], ("mlp", l), base, start) if edges else None
                     out = eng.mlp(lw, resid if delta is None else resid - delta[:, :, 0])
                 run.mlp_out[l] = out
                 resid = resid + out
         run.final = resid
-        delta = self._delta(run, self._logits_row) if edges else None
+        delta = self._delta(run, self._logits_row, ("logits",), base, start) if edges else None
         last = (resid if delta is None else resid - delta[:, :, 0])[:, -1]
         run.logits = eng.unembed(last, batch.cols if self.metric.two_columns else None)
         if count:
@@ -498,11 +524,36 @@ class Evaluator:
             self._finish(run, batch)
         return run
 
-    def _ablated_z(self, src: Source, l: int, rows: int) -> torch.Tensor:
-        """Layer l's z with every head ablated [B, P, H, dh], contiguous as a computed z is (cached)."""
-        key = (src.kind, l, rows)
+    def _heads_z(self, run: Run, l: int, resid: torch.Tensor, src: Source | None, abl: list, edges: bool,
+                 base: Run | None, start: int) -> torch.Tensor:
+        """z of layer l's heads [B, P, H, dh] reading `resid`; ablated heads hold their ablation value.
+        With removed edges into the layer each live head reads its own q, k, v input, and only the
+        live heads are computed."""
+        H, lw = self.H, self.w.layers[l]
+        off = abl[self._heads[l]] if src is not None else [False] * H
+        live = [h for h in range(H) if not off[h]]
+        rows = self._attn_rows[l] if len(live) == H else self._attn_rows[l].view(3, H)[:, live].reshape(-1)
+        delta = self._delta(run, rows, ("attn", l), base, start) if edges else None
+        if delta is None:
+            z = self.engine.attention(lw, resid)
+            if len(live) < H:
+                z = torch.where(torch.tensor(off)[None, None, :, None], src.z[l], z)
+            return z
+        x = resid[:, :, None, None, :] - delta.reshape(*delta.shape[:2], 3, len(live), delta.shape[-1])
+        if len(live) == H:
+            return self.engine.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
+        idx = torch.tensor(live)
+        z = self._ablated_z(src, l, resid.shape[0]).clone()
+        z[:, :, idx] = self.engine.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2], heads=idx)
+        return z
+
+    def _ablated_z(self, src: Source, l: int, rows: int, summed: bool = False) -> torch.Tensor:
+        """Layer l's z with every head ablated [B, P, H, dh], contiguous as a computed z is, or (summed)
+        what those heads write, Σ_h z_h W_O,h [B, P, d]; each computed once."""
+        key = (src.kind, l, rows, summed)
         if key not in self._ablated_z_cache:
-            self._ablated_z_cache[key] = src.z[l].expand(rows, *src.z[l].shape[1:]).clone()
+            z = src.z[l].expand(rows, *src.z[l].shape[1:]).clone()
+            self._ablated_z_cache[key] = self.engine.heads_sum(self.w.layers[l], z) if summed else z
         return self._ablated_z_cache[key]
 
     def _cost(self, start: int) -> float:

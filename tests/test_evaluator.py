@@ -122,6 +122,27 @@ def test_chained_extension_equals_scoring_from_scratch(test_model):
         assert abs(run.score - fresh) < TOL, (nodes, edges)
 
 
+def test_incremental_edge_sums_equal_full_sums(test_model):
+    """Extending a run with edges updates each receiver's summed edge delta instead of re-summing
+    every removed sender: over a long chain (past REFRESH updates, with nodes ablated on the way)
+    every candidate scores as the same circuit run afresh, and the incremental path is taken."""
+    from circuitsearch.patching import REFRESH
+    ev = Evaluator(test_model, random_task(test_model.bridge.cfg.d_vocab, seed=6), "mean")
+    rng = random.Random(4)
+    order = list(range(len(ev.graph.edges)))
+    rng.shuffle(order)
+    run, ages = ev.run(edges=order[: len(order) // 3]), []
+    for step, e in enumerate(order[len(order) // 3:][: 3 * REFRESH]):
+        cand = ev.extend(run, edges=[e])
+        assert abs(cand.score - ev.rescore(cand)) < TOL, step
+        ages += [age for _, _, age in cand.sums.values()]
+        if step % 3:
+            run = cand  # a kept removal: later candidates extend it
+        if step % 25 == 24:
+            run = ev.extend(run, nodes=[rng.choice(ev.senders[1:])])
+    assert 0 in ages and 1 < max(ages) <= REFRESH
+
+
 @pytest.mark.parametrize("metric", ["prob", "kl", "accuracy"])
 def test_other_metrics_match_hooked_reference(test_model, metric):
     task = random_task(test_model.bridge.cfg.d_vocab, seed=6)
