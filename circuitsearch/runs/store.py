@@ -145,7 +145,7 @@ def read_log(path: Path) -> tuple[list[dict], str | None]:
         if not ok:
             rest = len(lines) - i - 1
             if rest == 0:
-                return out, f"decisions.jsonl: its last line was cut short (a kill while writing); dropped"
+                return out, "decisions.jsonl: its last line was cut short (a kill while writing it); dropped"
             return out, (f"decisions.jsonl is damaged at line {i + 1} ({line[:40]!r} is not a decision): "
                          f"that line and the {rest} after it were dropped and are recomputed")
         out.append(d)
@@ -227,7 +227,7 @@ def prepare(out: Path, config: dict, holds: tuple[str, ...] = ("circuit.json",))
             (out / "task.json").unlink(missing_ok=True)  # another start's prompts
         (out / "decisions.jsonl").unlink(missing_ok=True)
         write_checkpoint(out, "starting", config)
-        return Prepared([], {}, [n for n in notes if "damaged" in n])
+        return Prepared([], {}, notes)
     if old is None:
         if not decisions:
             raise RunDirError(f"{out} holds {', '.join(f for f in holds if (out / f).exists())} but no checkpoint or "
