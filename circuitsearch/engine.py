@@ -213,11 +213,7 @@ class Engine:
 
         heads: with q, k, v inputs, compute only these heads (their inputs [B, P, h, d]) -> [B, P, h, dh].
         """
-        if heads is not None:
-            q = self._proj(xq, lw.W_Q[heads], lw.b_Q[heads], lw.ln1)
-            k = self._proj(xk, lw.W_K[heads], lw.b_K[heads], lw.ln1)
-            v = self._proj(xv, lw.W_V[heads], lw.b_V[heads], lw.ln1)
-        elif xk is None:  # shared input: one GEMM, keys and values per kv head
+        if xk is None:  # shared input: one GEMM, keys and values per kv head
             B, P, _ = xq.shape
             H, dh = self.H, lw.W_Q.shape[-1]
             qkv = self.norm(xq, lw.ln1) @ lw.W_qkv + lw.b_qkv
@@ -226,10 +222,11 @@ class Engine:
             rep = H // lw.n_kv
             if rep > 1:
                 k, v = k.repeat_interleave(rep, 2), v.repeat_interleave(rep, 2)
-        elif xk is not None:
-            q = self._proj(xq, lw.W_Q, lw.b_Q, lw.ln1)
-            k = self._proj(xk, lw.W_K, lw.b_K, lw.ln1)
-            v = self._proj(xv, lw.W_V, lw.b_V, lw.ln1)
+        else:
+            pick = (lambda t: t) if heads is None else (lambda t: t[heads])
+            q = self._proj(xq, pick(lw.W_Q), pick(lw.b_Q), lw.ln1)
+            k = self._proj(xk, pick(lw.W_K), pick(lw.b_K), lw.ln1)
+            v = self._proj(xv, pick(lw.W_V), pick(lw.b_V), lw.ln1)
         if self.w.rotary is not None:
             q, k = self.rope(q), self.rope(k)
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.w.attn_scale

@@ -449,8 +449,7 @@ class Evaluator:
                                     + [self._sender_diff(base, s) for s in changed], 2)
                     coef = torch.cat([mask[:, changed], (mask & ~old)[:, added], old[:, changed]], 1).to(D.dtype)
                     coef[:, len(changed) + len(added):] *= -1
-                    change = torch.einsum("rs,bpsd->bprd", coef, D)
-                    total = change if total is None else total + change
+                    total = total + torch.einsum("rs,bpsd->bprd", coef, D)
                 run.sums[group] = (key, total, prev[2] + 1)
                 return total
         idx = present.nonzero()[:, 0].tolist()
