@@ -137,6 +137,45 @@ class Source:
     mlp_out: list
 
 
+@dataclass
+class _Pass:
+    """One forward pass over K circuits at once: circuit k owns rows k*B..(k+1)*B of every stacked
+    tensor. Holds the stacked layer outputs the pass computes and the K runs it fills."""
+
+    runs: list
+    base: Run | None
+    start: int
+    ablated: torch.Tensor   # [K, N]
+    removed: torch.Tensor   # [K, R, S]
+    B: int
+    src: Source | None      # the ablation source, tiled to K*B rows where it is per row
+    embed: torch.Tensor | None = None
+    z: dict = field(default_factory=dict)      # layer -> stacked z
+    mlp: dict = field(default_factory=dict)    # layer -> stacked MLP output
+    diffs: dict = field(default_factory=dict)  # sender -> stacked live − ablated output (K > 1)
+
+    @property
+    def K(self) -> int:
+        return self.ablated.shape[0]
+
+    def rows(self, flags: torch.Tensor) -> torch.Tensor:
+        """Per-circuit flags [K, ...] as per-row flags [K*B, ...]."""
+        return flags.repeat_interleave(self.B, 0)
+
+    def tile(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor of one circuit's B rows repeated for all K circuits."""
+        return t if self.K == 1 else t.repeat(self.K, *[1] * (t.dim() - 1))
+
+    def split(self, t: torch.Tensor) -> list:
+        """A stacked tensor as K per-circuit views."""
+        return [t] if self.K == 1 else list(t.unflatten(0, (self.K, self.B)).unbind(0))
+
+    def put(self, what: str, l: int, t: torch.Tensor) -> None:
+        """Store layer l's stacked `what` (resid_pre, z, resid_mid, mlp_out) in every run."""
+        for run, v in zip(self.runs, self.split(t)):
+            getattr(run, what)[l] = v
+
+
 def _ids(items, lookup) -> torch.Tensor:
     """Names or indices (any iterable, or a tensor of indices) as a 1-d index tensor."""
     if isinstance(items, torch.Tensor):
@@ -170,6 +209,8 @@ class Evaluator:
         self.S = self.index.S
         self._layout()
         self._ablated_z_cache: dict = {}
+        self._tiles: dict = {}
+        self.batched_passes = 0
         self.forward_passes = 0
         self.forward_equivalents = 0.0
         self.backward_passes = 0
@@ -244,6 +285,26 @@ class Evaluator:
 
         Nodes and edges are names or graph index ids (lists or 1-d tensors).
         """
+        return self.extend_many(run, [(nodes, edges)])[0]
+
+    def extend_many(self, run: Run, variants: Iterable) -> list:
+        """extend(run, nodes, edges) for each (nodes, edges) in `variants`, as one forward pass over
+        all of them stacked along the batch (from the earliest layer any of them touches). Each run
+        is what extend would return (a variant that removes nothing returns `run` itself)."""
+        changes = [self._change(run, nodes, edges) for nodes, edges in variants]
+        todo = [i for i, c in enumerate(changes) if c is not None]
+        out = [run] * len(changes)
+        if todo:
+            start = min(changes[i][1] for i in todo)
+            with torch.inference_mode():
+                runs = self._forward_many(run, start, [changes[i][0] for i in todo], self._embed_clean)
+            for i, r in zip(todo, runs):
+                out[i] = r
+        return out
+
+    def _change(self, run: Run, nodes: Iterable, edges: Iterable) -> tuple | None:
+        """(masks of `run`'s circuit with `nodes` and `edges` also removed, the earliest stage that
+        changes), or None when they remove nothing new."""
         ix = self.index
         n = _ids(nodes, ix.node)
         e = _ids(edges, ix.edge)
@@ -254,7 +315,7 @@ class Evaluator:
         if len(e):
             e = e[~run.masks.removed[ix.edge_recv[e], ix.edge_src[e]]]
         if not len(n) and not len(e):
-            return run
+            return None
         masks = run.masks.copy()
         start = 3 * self.L
         if len(n):
@@ -263,8 +324,7 @@ class Evaluator:
         if len(e):
             masks.removed[ix.edge_recv[e], ix.edge_src[e]] = True
             start = min(start, int(self._edge_stage[e].min()))
-        with torch.inference_mode():
-            return self._forward(run, start, masks, self._embed_clean)
+        return masks, start
 
     def rescore(self, run: Run) -> float:
         """`run`'s circuit scored afresh from the full model (no state shared with `run`)."""
@@ -304,6 +364,8 @@ class Evaluator:
         out = {"forward_passes": self.forward_passes, "forward_equivalents": round(self.forward_equivalents, 3)}
         if self.backward_passes:
             out["backward_passes"] = self.backward_passes
+        if self.batched_passes:
+            out["batched_passes"] = self.batched_passes
         return out
 
     def stage_of(self, name: str) -> int:
@@ -422,128 +484,204 @@ class Evaluator:
             run.diffs[s] = d
         return d
 
-    def _delta(self, run: Run, rows, group, base: Run | None = None, start: int = -1) -> torch.Tensor | None:
-        """Σ over removed live senders of (live − ablated), per receiver in `rows` -> [B, P, len(rows), d].
+    def _tiled(self, src: Source | None, K: int) -> Source | None:
+        """The ablation source for K circuits stacked along the batch: per-row sources (resample) tiled
+        K times, shared ones (mean, zero: one row) as they are."""
+        if src is None or K == 1 or src.embed.shape[0] == 1:
+            return src
+        key = (id(src), K)
+        if key not in self._tiles:
+            t = lambda x: None if x is None else x.repeat(K, *[1] * (x.dim() - 1))
+            self._tiles[key] = Source(src.kind, t(src.embed), [t(x) for x in src.z], [t(x) for x in src.mlp_out])
+        return self._tiles[key]
 
-        Kept per receiver group in the run (run.sums). Extending `base` from stage `start`, only what
-        changed is added to base's sum: senders recomputed from `start` on (their new minus their old
-        contribution) and edges newly removed from senders below it; the full sum is taken when that
-        would be no cheaper, and after REFRESH updates in a row (to bound float rounding drift).
+    def _pass_diff(self, p: "_Pass", s: int) -> torch.Tensor:
+        """live − ablated output of sender s, computed in pass p, for all its stacked rows [K*B, P, d]."""
+        if p.K == 1:
+            return self._sender_diff(p.runs[0], s)
+        d = p.diffs.get(s)
+        if d is None:
+            ix = self.index
+            kind, layer = ix.node_kind[s], ix.node_layer[s]
+            if kind == EMBED:
+                d = p.embed - p.src.embed
+            elif kind == HEAD:
+                h = ix.node_head[s]
+                d = (p.z[layer][:, :, h] - p.src.z[layer][:, :, h]) @ self.w.layers[layer].W_O[h]
+            else:
+                d = p.mlp[layer] - p.src.mlp_out[layer]
+            p.diffs[s] = d
+        return d
+
+    def _weighted(self, p: "_Pass", coef: torch.Tensor, ids: list, own: bool):
+        """Σ_s coef[k, r, s] · D[s] -> [K, B, P, r, d]: D the diffs computed in pass p (own) or the base's."""
+        if not ids:
+            return 0.0
+        if own:
+            D = torch.stack([self._pass_diff(p, s) for s in ids], 2)
+            return torch.einsum("krs,kbpsd->kbprd", coef.to(D.dtype), D.unflatten(0, (p.K, p.B)))
+        D = torch.stack([self._sender_diff(p.base, s) for s in ids], 2)
+        return torch.einsum("krs,bpsd->kbprd", coef.to(D.dtype), D)
+
+    def _delta(self, p: "_Pass", rows, group) -> torch.Tensor | None:
+        """Σ over removed live senders of (live − ablated), per receiver in `rows` -> [K*B, P, len(rows), d].
+
+        Kept per receiver group in each run (run.sums). Extending a base from stage `start`, only what
+        changed is added to the base's sum: senders recomputed from `start` on (their new minus their
+        old contribution) and edges newly removed from senders below it; the full sum is taken when
+        that would be no cheaper, and after REFRESH updates in a row (to bound float rounding drift).
         """
         sel = [rows] if isinstance(rows, int) else rows
         key = tuple(sel) if isinstance(sel, list) else tuple(sel.tolist())
-        mask = run.masks.removed[sel] & ~run.masks.ablated[: self.S]  # removed live senders per row
-        present = mask.any(0)
+        mask = p.removed[:, sel] & ~p.ablated[:, None, : self.S]  # [K, r, S] removed live senders per row
+        present = mask.any(0).any(0)
         if not bool(present.any()):
             return None
+        base, K = p.base, p.K
+        later = (self._node_stage[: self.S] >= p.start).tolist()
         prev = base.sums.get(group) if base is not None else None
+        total = None
         if prev is not None and prev[0] == key and prev[2] < REFRESH:
             old = base.masks.removed[sel] & ~base.masks.ablated[: self.S]
-            later = self._node_stage[: self.S] >= start
-            changed = (later & (mask | old).any(0)).nonzero()[:, 0].tolist()
-            added = (~later & (mask & ~old).any(0)).nonzero()[:, 0].tolist()
+            touched = (mask.any(0) | old).any(0).tolist()
+            new = (mask & ~old).any(0).any(0).tolist()
+            changed = [s for s in range(self.S) if later[s] and touched[s]]
+            added = [s for s in range(self.S) if not later[s] and new[s]]
             if 2 * len(changed) + len(added) < int(present.sum()):
-                total = prev[1]
-                if changed or added:
-                    D = torch.stack([self._sender_diff(run, s) for s in changed + added]
-                                    + [self._sender_diff(base, s) for s in changed], 2)
-                    coef = torch.cat([mask[:, changed], (mask & ~old)[:, added], old[:, changed]], 1).to(D.dtype)
-                    coef[:, len(changed) + len(added):] *= -1
-                    total = total + torch.einsum("rs,bpsd->bprd", coef, D)
-                run.sums[group] = (key, total, prev[2] + 1)
-                return total
-        idx = present.nonzero()[:, 0].tolist()
-        D = torch.stack([self._sender_diff(run, s) for s in idx], 2)  # [B, P, n, d]
-        total = torch.einsum("rs,bpsd->bprd", mask[:, idx].to(D.dtype), D)
-        run.sums[group] = (key, total, 0)
-        return total
+                shared = torch.cat([-old[:, changed].expand(K, -1, -1).float(),
+                                    (mask & ~old)[:, :, added].float()], 2)
+                total = (prev[1][None] + self._weighted(p, mask[:, :, changed], changed, True)
+                         + self._weighted(p, shared, changed + added, False))
+                count = prev[2] + 1
+        if total is None:
+            idx = present.nonzero()[:, 0].tolist()
+            own = [s for s in idx if later[s]]
+            below = [s for s in idx if not later[s]]
+            total = self._weighted(p, mask[:, :, own], own, True) + self._weighted(p, mask[:, :, below], below, False)
+            count = 0
+        total = total.expand(K, *total.shape[1:])  # an unchanged base sum still has one circuit
+        for run, t in zip(p.runs, total.unbind(0)):
+            run.sums[group] = (key, t, count)
+        return total.flatten(0, 1)
 
     def _forward(self, base: Run | None, start: int, masks: Masks, embed_live: torch.Tensor,
                  source: Source | None = "self", count: bool = True, batch: Batch | None = None) -> Run:
         """Recompute `base`'s circuit with new masks from stage `start` on (see graphs.index)."""
+        return self._forward_many(base, start, [masks], embed_live, source, count, batch)[0]
+
+    def _forward_many(self, base: Run | None, start: int, masks: list, embed_live: torch.Tensor,
+                      source: Source | None = "self", count: bool = True, batch: Batch | None = None) -> list:
+        """K circuits (one per Masks) that each change `base` from stage `start` on, in one forward pass
+        over their rows stacked along the batch; each circuit's rows compute exactly what its own pass
+        would."""
         src = self.source if source == "self" else source
         batch = batch or self.batch
-        eng, L = self.engine, self.L
-        ablated, removed = masks.ablated, masks.removed
-        abl = ablated.tolist()
+        eng, L, K, B = self.engine, self.L, len(masks), embed_live.shape[0]
         if base is None or start < 0:
-            embed = src.embed.expand_as(embed_live) if (abl[0] and src is not None) else embed_live
-            run = Run(self.index, masks, embed, [None] * L, [None] * L, [None] * L, [None] * L)
             base, start = None, -1
+        p = _Pass([], base, start, torch.stack([m.ablated for m in masks]), torch.stack([m.removed for m in masks]),
+                  B, self._tiled(src, K))
+        if base is None:
+            emb = p.tile(embed_live)
+            off = p.ablated[:, 0]
+            if src is not None and bool(off.any()):
+                emb = (p.src.embed.expand_as(emb) if bool(off.all())
+                       else torch.where(p.rows(off)[:, None, None], p.src.embed, emb))
+            p.embed = emb
+            p.runs = [Run(self.index, m, e, [None] * L, [None] * L, [None] * L, [None] * L)
+                      for m, e in zip(masks, p.split(emb))]
         else:
-            run = Run(self.index, masks, base.embed, list(base.resid_pre), list(base.z),
-                      list(base.resid_mid), list(base.mlp_out))
             stage = self.index.node_stage
-            run.diffs = {s: d for s, d in base.diffs.items() if stage[s] < start}
-            run.sums = {g: v for g, v in base.sums.items() if self._group_stage[g] < start}
-        edges = bool(removed.any())
+            diffs = {s: d for s, d in base.diffs.items() if stage[s] < start}
+            sums = {g: v for g, v in base.sums.items() if self._group_stage[g] < start}
+            p.runs = [Run(self.index, m, base.embed, list(base.resid_pre), list(base.z), list(base.resid_mid),
+                          list(base.mlp_out), diffs=dict(diffs), sums=dict(sums)) for m in masks]
+        edges = bool(p.removed.any())
         first = max(start, 0) // 3
         if first >= L:
-            resid = base.final
+            resid = p.tile(base.final)
         else:
-            resid = run.embed if first == 0 and start <= 0 else run.resid_pre[first]
+            resid = p.embed if base is None else p.tile(base.resid_pre[first])
         for l in range(first, L):
             lw = eng.layer(l)
             stage = start - 3 * l if l == first else -1  # where this layer's recomputation begins
-            heads = self._heads[l]
-            if stage <= 1 and src is not None and all(abl[heads]):
-                # every head ablated: their outputs are the ablation values, whatever they read
+            hab = p.ablated[:, self._heads[l]] if src is not None else None  # [K, H] heads ablated
+            if stage <= 1:
                 if stage <= 0:
-                    run.resid_pre[l] = resid
-                z = run.z[l] = self._ablated_z(src, l, resid.shape[0])
-                resid = run.resid_mid[l] = eng.add_heads(run.resid_pre[l], lw, z,
-                                                         self._ablated_z(src, l, resid.shape[0], summed=True))
-            elif stage <= 1:
-                if stage <= 0:
-                    run.resid_pre[l] = resid
-                    z = self._heads_z(run, l, resid, src, abl, edges, base, start)
-                else:  # only some heads of this layer newly ablated: the others' z stands
-                    z = torch.where(ablated[heads][None, None, :, None], src.z[l], run.z[l])
-                run.z[l] = z
-                resid = eng.add_heads(run.resid_pre[l], lw, z)
-                run.resid_mid[l] = resid
-            else:
-                resid = run.resid_mid[l]
-            if not self.attn_only:
-                if src is not None and abl[self._mlp[l]]:  # ablated: its input does not matter
-                    out = src.mlp_out[l].expand_as(resid)
+                    pre = resid
+                    p.put("resid_pre", l, pre)
                 else:
-                    delta = self._delta(run, self._mlp_row[l], ("mlp", l), base, start) if edges else None
+                    pre = p.tile(base.resid_pre[l])
+                if src is not None and bool(hab.all()):
+                    # every head ablated: their outputs are the ablation values, whatever they read
+                    z = self._ablated_z(p.src, l, K * B)
+                    resid = eng.add_heads(pre, lw, z, self._ablated_z(p.src, l, K * B, summed=True))
+                elif stage <= 0:
+                    z = self._heads_z(p, l, pre, hab, edges)
+                    resid = eng.add_heads(pre, lw, z)
+                else:  # only some heads of this layer newly ablated: the others' z stands
+                    z = torch.where(p.rows(hab)[:, None, :, None], p.src.z[l], p.tile(base.z[l]))
+                    resid = eng.add_heads(pre, lw, z)
+                p.z[l] = z
+                p.put("z", l, z)
+                p.put("resid_mid", l, resid)
+            else:
+                resid = p.tile(base.resid_mid[l])
+            if not self.attn_only:
+                off = p.ablated[:, self._mlp[l]] if src is not None else None
+                if src is not None and bool(off.all()):  # ablated: its input does not matter
+                    out = p.src.mlp_out[l].expand_as(resid)
+                else:
+                    delta = self._delta(p, self._mlp_row[l], ("mlp", l)) if edges else None
                     out = eng.mlp(lw, resid if delta is None else resid - delta[:, :, 0])
-                run.mlp_out[l] = out
+                    if src is not None and bool(off.any()):
+                        out = torch.where(p.rows(off)[:, None, None], p.src.mlp_out[l], out)
+                p.mlp[l] = out
+                p.put("mlp_out", l, out)
                 resid = resid + out
-        run.final = resid
-        delta = self._delta(run, self._logits_row, ("logits",), base, start) if edges else None
+        for run, f in zip(p.runs, p.split(resid)):
+            run.final = f
+        delta = self._delta(p, self._logits_row, ("logits",)) if edges else None
         last = (resid if delta is None else resid - delta[:, :, 0])[:, -1]
-        run.logits = eng.unembed(last, batch.cols if self.metric.two_columns else None)
+        logits = eng.unembed(last, p.tile(batch.cols) if self.metric.two_columns else None)
+        for run, lg in zip(p.runs, p.split(logits)):
+            run.logits = lg
+            if self.metric.two_columns or batch.ref is not None:
+                self._finish(run, batch)
+        if K > 1:
+            for s, d in p.diffs.items():
+                for run, v in zip(p.runs, p.split(d)):
+                    run.diffs[s] = v
         if count:
-            self.forward_passes += 1
-            self.forward_equivalents += self._cost(start)
-        if self.metric.two_columns or batch.ref is not None:
-            self._finish(run, batch)
-        return run
+            self.forward_passes += K
+            self.forward_equivalents += K * self._cost(start)
+            self.batched_passes += K > 1
+        return p.runs
 
-    def _heads_z(self, run: Run, l: int, resid: torch.Tensor, src: Source | None, abl: list, edges: bool,
-                 base: Run | None, start: int) -> torch.Tensor:
-        """z of layer l's heads [B, P, H, dh] reading `resid`; ablated heads hold their ablation value.
-        With removed edges into the layer each live head reads its own q, k, v input, and only the
-        live heads are computed."""
+    def _heads_z(self, p: "_Pass", l: int, resid: torch.Tensor, hab: torch.Tensor | None,
+                 edges: bool) -> torch.Tensor:
+        """z of layer l's heads [K*B, P, H, dh] reading `resid`; ablated heads hold their ablation value.
+        With removed edges into the layer each live head reads its own q, k, v input, and only heads
+        live in some circuit are computed."""
         H, lw = self.H, self.w.layers[l]
-        off = abl[self._heads[l]] if src is not None else [False] * H
+        off = hab.all(0).tolist() if hab is not None else [False] * H
         live = [h for h in range(H) if not off[h]]
         rows = self._attn_rows[l] if len(live) == H else self._attn_rows[l].view(3, H)[:, live].reshape(-1)
-        delta = self._delta(run, rows, ("attn", l), base, start) if edges else None
+        delta = self._delta(p, rows, ("attn", l)) if edges else None
         if delta is None:
             z = self.engine.attention(lw, resid)
-            if len(live) < H:
-                z = torch.where(torch.tensor(off)[None, None, :, None], src.z[l], z)
-            return z
-        x = resid[:, :, None, None, :] - delta.reshape(*delta.shape[:2], 3, len(live), delta.shape[-1])
-        if len(live) == H:
-            return self.engine.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
-        idx = torch.tensor(live)
-        z = self._ablated_z(src, l, resid.shape[0]).clone()
-        z[:, :, idx] = self.engine.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2], heads=idx)
+            partial = hab is not None and bool(hab.any())
+        else:
+            partial = hab is not None and bool((hab & ~hab.all(0)).any())  # ablated in some circuits only
+            x = resid[:, :, None, None, :] - delta.reshape(*delta.shape[:2], 3, len(live), delta.shape[-1])
+            if len(live) == H:
+                z = self.engine.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
+            else:
+                idx = torch.tensor(live)
+                z = self._ablated_z(p.src, l, resid.shape[0]).clone()
+                z[:, :, idx] = self.engine.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2], heads=idx)
+        if partial:
+            z = torch.where(p.rows(hab)[:, None, :, None], p.src.z[l], z)
         return z
 
     def _ablated_z(self, src: Source, l: int, rows: int, summed: bool = False) -> torch.Tensor:

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..patching import Evaluator, Run
 from .orders import ByMagnitude, Order, parse_order
+from .speculation import MAX_K, Speculation
 from .search import (LEVELS, Decision, PruneResult, Replay, ResumeError, Thresholds, dangling_nodes,  # noqa: F401
                      phases, remove_dangling, run_phases)
 
@@ -38,10 +39,14 @@ def candidate_ids(run: Run, level: str) -> list[int]:
 def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order = "alternate",
           max_passes: int = 10, run: Run | None = None, replay: Iterable = (),
           on_decision: Callable[[Decision], None] | None = None, ranking: list[str] | None = None,
-          progress: bool = True, result: PruneResult | None = None) -> PruneResult:
+          progress: bool = True, result: PruneResult | None = None, batch: int = MAX_K) -> PruneResult:
     """Prune nodes or edges (level) from `run` (default: the full model) until a pass removes nothing.
 
     ranking: for the attribution order, names least important first (default: attribute `run`).
+    batch: the most candidates scored together by speculation (1: one at a time); the decisions
+    are the same for every value.
+    A candidate whose last try was on the very circuit it would be tried on now (nothing removed
+    since) gets that try's decision again without a forward pass (counted in result.skipped).
     """
     if level not in ("nodes", "edges"):
         raise ValueError(f"prune level must be 'nodes' or 'edges', not {level!r}")
@@ -56,54 +61,99 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
     names = ev.index.nodes if level == "nodes" else ev.index.edges
     key = "nodes" if level == "nodes" else "edges"
     order = order.prepare(ev, run, level)
+    spec = Speculation(batch)
+    version = 0          # how many removals the circuit has seen in this phase
+    last: dict = {}      # candidate -> (version, decision) of its last try
     for p in range(max_passes):
         cands = candidate_ids(run, level)
         seq = order.sequence(cands, p)
         removed_any = False
         pending: list[int] = []  # replayed removals, applied in one forward pass before the next new decision
-        bar = tqdm(seq, desc=f"{level} pass {p + 1}", unit="cand", disable=not progress, leave=False,
+        bar = tqdm(total=len(seq), desc=f"{level} pass {p + 1}", unit="cand", disable=not progress, leave=False,
                    mininterval=0.5)
         kept = len(cands)
-        for cand in bar:
-            name = names[cand]
-            logged = replay.take(level, p, name)
-            if logged is not None:
-                decision = logged
-                if decision.removed:
-                    pending.append(cand)
-            else:
-                if pending:
-                    run, pending = ev.extend(run, **{key: pending}), []
-                new = ev.extend(run, **{key: [cand]})
+        i = 0
+
+        def settle(cand: int, decision: Decision) -> None:
+            nonlocal version, removed_any, kept
+            if decision.removed:
+                version += 1
+            last[cand] = (version, decision)
+            result.decisions.append(decision)
+            result.effects[names[cand]] = ev.faithfulness(decision.before) - ev.faithfulness(decision.score)
+            removed_any |= decision.removed
+            kept -= decision.removed
+            bar.update()
+            bar.set_postfix(kept=kept, faith=f"{ev.faithfulness(run.score):.3f}", refresh=False)
+
+        while i < len(seq):
+            cand = seq[i]
+            if len(replay):
+                logged = replay.take(level, p, names[cand])
+                if logged is not None:
+                    if logged.removed:
+                        pending.append(cand)
+                    settle(cand, logged)
+                    i += 1
+                    continue
+            if pending:
+                run, pending = ev.extend(run, **{key: pending}), []
+            seen = last.get(cand)
+            if seen is not None and seen[0] == version:  # tried on this very circuit: same score, same verdict
+                d = seen[1]
+                decision = Decision(level, p, names[cand], d.before, d.score, d.faithfulness, d.removed)
+                result.skipped += 1
+                if on_decision is not None:
+                    on_decision(decision)
+                settle(cand, decision)
+                i += 1
+                continue
+            block = [c for c in seq[i: i + spec.size()]]
+            block = block[: next((j for j, c in enumerate(block) if j and last.get(c, (None,))[0] == version),
+                                 len(block))]  # a candidate that can be skipped ends the block
+            guesses, variants, assumed = [], [], []
+            for c in block:
+                g = spec.guess(c)
+                guesses.append(g)
+                variants.append((assumed + [c], []) if key == "nodes" else ([], assumed + [c]))
+                if g:
+                    assumed = assumed + [c]
+            spec.rows += len(block)
+            spec.blocks += 1
+            for j, (c, g, new) in enumerate(zip(block, guesses, ev.extend_many(run, variants))):
                 ok = thresholds.accepts(ev, run.score, new.score)
-                decision = Decision(level, p, name, run.score, new.score, ev.faithfulness(new.score), ok)
+                decision = Decision(level, p, names[c], run.score, new.score, ev.faithfulness(new.score), ok)
                 if ok:
                     run = new
                 if on_decision is not None:
                     on_decision(decision)
-            result.decisions.append(decision)
-            result.effects[name] = ev.faithfulness(decision.before) - ev.faithfulness(decision.score)
-            removed_any |= decision.removed
-            kept -= decision.removed
-            bar.set_postfix(kept=kept, faith=f"{ev.faithfulness(run.score):.3f}", refresh=False)
+                settle(c, decision)
+                spec.observe(c, g, ok)
+                i += 1
+                if g != ok:
+                    spec.wasted += len(block) - j - 1
+                    break
+        bar.close()
         if pending:
             run = ev.extend(run, **{key: pending})
         result.passes[level] = p + 1
         if not removed_any:
             break
     result.run = run
+    result.speculation[level] = spec.stats()
     return result
 
 
 def find_circuit(ev: Evaluator, level: str = "both", thresholds: Thresholds = Thresholds(),
                  order: str | Order = "alternate", max_passes: int = 10, replay: Iterable = (),
                  on_decision: Callable[[Decision], None] | None = None, ranking: dict | None = None,
-                 progress: bool = True, attribution: str = "eap-ig", steps: int = 5) -> PruneResult:
+                 progress: bool = True, attribution: str = "eap-ig", steps: int = 5, batch: int = MAX_K) -> PruneResult:
     """The default pipeline: nodes, then edges among surviving nodes, then dangling nodes, then a
     fresh re-score (result.final).
 
     attribution, steps: the estimate the attribution order ranks by (eap or eap-ig, integration steps).
     ranking: {"nodes": [...], "edges": [...]} names least important first, instead of attributing.
+    batch: the most candidates scored together by speculation (1: one at a time; same decisions).
     """
     order = parse_order(order, attribution, steps)
     phases(level)
@@ -113,6 +163,6 @@ def find_circuit(ev: Evaluator, level: str = "both", thresholds: Thresholds = Th
     ranking = ranking or {}
 
     def phase(p: str, result: PruneResult) -> None:
-        prune(ev, p, thresholds, order, max_passes, result.run, replay, on_decision, ranking.get(p), progress, result)
+        prune(ev, p, thresholds, order, max_passes, result.run, replay, on_decision, ranking.get(p), progress, result, batch)
 
     return run_phases(ev, level, phase, thresholds)

@@ -158,6 +158,8 @@ class PruneResult:
     estimates: dict = field(default_factory=dict)     # candidate -> attribution estimate of that drop (never scored alone)
     dangling: list = field(default_factory=list)      # nodes removed for lack of a path
     final: float | None = None                        # the circuit re-scored from scratch
+    skipped: int = 0                                  # tries answered by an earlier try on the same circuit
+    speculation: dict = field(default_factory=dict)   # phase -> rows scored, batched blocks, rows wasted
 
     @property
     def ablated(self) -> frozenset:
