@@ -27,6 +27,23 @@ def _add_model_task(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corruption", default="random", help="how corrupted prompts are made (task-specific)")
 
 
+def _batch(text: str) -> int:
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1 (1 scores one candidate "
+                                         "at a time)")
+    return k
+
+
+def _add_batch(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch", type=_batch, default=16, metavar="K",
+                   help="score up to K candidates per forward pass by speculation (default 16; 1: one at a "
+                        "time); the decisions and the circuit are the same for every K")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="circuitsearch", description="Find, compare and draw the circuits "
                                  "transformer language models use for a task.")
@@ -44,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--order", default="alternate",
                    help="forward, reverse, alternate (default), random:SEED, file:PATH, attribution")
     p.add_argument("--max-passes", type=int, default=10)
+    _add_batch(p)
     p.add_argument("--preset", choices=("acdc",), help="acdc: resample ablation, KL metric, edges, reverse order, "
                    "relative threshold on the KL itself (--relative, default 0.01), no absolute threshold")
     p.add_argument("--target", help="prune to target performances instead, e.g. 0.97,0.9,0.8: for each, the "
@@ -68,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--absolute", type=_threshold, default=0.8, help="as for prune (default 0.8)")
     p.add_argument("--relative", type=_threshold, default=None, help="as for prune (default off)")
     p.add_argument("--max-passes", type=int, default=10)
+    _add_batch(p)
     p.add_argument("--out", default="runs/compare", help="directory: one run directory per order, "
                    "comparison.json, comparison.svg, report.md (resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -169,7 +188,7 @@ def cmd_prune(args) -> int:
     cfg = _config(args)
     if args.target is not None:
         return _prune_targets(args, cfg)
-    c = run_prune(cfg, args.out, progress=not args.quiet, force=args.no_memory_check)
+    c = run_prune(cfg, args.out, progress=not args.quiet, force=args.no_memory_check, batch=args.batch)
     s, st = c.scores, c.stats
     print(f"\ncircuit for {c.task} on {c.model}: {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges")
     print(f"  faithfulness {s['faithfulness']:.3f}  normalized {s['normalized']:.3f}  "
@@ -212,7 +231,8 @@ def cmd_compare(args) -> int:
                       max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
                       template=args.template, corruption=args.corruption)
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
-    cmp = run_compare(cfg, orders, args.out, progress=not args.quiet, force=args.no_memory_check)
+    cmp = run_compare(cfg, orders, args.out, progress=not args.quiet, force=args.no_memory_check,
+                      batch=args.batch)
     print()
     print(format_comparison(cmp), end="")
     print(f"\nfiles in {args.out}/: comparison.json, comparison.svg, report.md, one run directory per order")

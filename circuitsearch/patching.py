@@ -148,11 +148,12 @@ class _Pass:
     ablated: torch.Tensor   # [K, N]
     removed: torch.Tensor   # [K, R, S]
     B: int
-    src: Source | None      # the ablation source, tiled to K*B rows where it is per row
+    source: Source | None   # the ablation source of one circuit's rows
     embed: torch.Tensor | None = None
     z: dict = field(default_factory=dict)      # layer -> stacked z
     mlp: dict = field(default_factory=dict)    # layer -> stacked MLP output
     diffs: dict = field(default_factory=dict)  # sender -> stacked live − ablated output (K > 1)
+    _tiled: dict = field(default_factory=dict)
 
     @property
     def K(self) -> int:
@@ -169,6 +170,16 @@ class _Pass:
     def split(self, t: torch.Tensor) -> list:
         """A stacked tensor as K per-circuit views."""
         return [t] if self.K == 1 else list(t.unflatten(0, (self.K, self.B)).unbind(0))
+
+    def ablation(self, what: str, l: int | None = None) -> torch.Tensor:
+        """The ablation value of `what` (embed, z or mlp_out, at layer l) for the stacked rows: a shared
+        one (mean, zero) as it is, a per-row one (resample) tiled for the K circuits, once per pass."""
+        t = getattr(self.source, what) if l is None else getattr(self.source, what)[l]
+        if self.K == 1 or t.shape[0] == 1:
+            return t
+        if (what, l) not in self._tiled:
+            self._tiled[what, l] = self.tile(t)
+        return self._tiled[what, l]
 
     def put(self, what: str, l: int, t: torch.Tensor) -> None:
         """Store layer l's stacked `what` (resid_pre, z, resid_mid, mlp_out) in every run."""
@@ -209,7 +220,6 @@ class Evaluator:
         self.S = self.index.S
         self._layout()
         self._ablated_z_cache: dict = {}
-        self._tiles: dict = {}
         self.batched_passes = 0
         self.forward_passes = 0
         self.forward_equivalents = 0.0
@@ -484,17 +494,6 @@ class Evaluator:
             run.diffs[s] = d
         return d
 
-    def _tiled(self, src: Source | None, K: int) -> Source | None:
-        """The ablation source for K circuits stacked along the batch: per-row sources (resample) tiled
-        K times, shared ones (mean, zero: one row) as they are."""
-        if src is None or K == 1 or src.embed.shape[0] == 1:
-            return src
-        key = (id(src), K)
-        if key not in self._tiles:
-            t = lambda x: None if x is None else x.repeat(K, *[1] * (x.dim() - 1))
-            self._tiles[key] = Source(src.kind, t(src.embed), [t(x) for x in src.z], [t(x) for x in src.mlp_out])
-        return self._tiles[key]
-
     def _pass_diff(self, p: "_Pass", s: int) -> torch.Tensor:
         """live − ablated output of sender s, computed in pass p, for all its stacked rows [K*B, P, d]."""
         if p.K == 1:
@@ -504,12 +503,12 @@ class Evaluator:
             ix = self.index
             kind, layer = ix.node_kind[s], ix.node_layer[s]
             if kind == EMBED:
-                d = p.embed - p.src.embed
+                d = p.embed - p.ablation("embed")
             elif kind == HEAD:
                 h = ix.node_head[s]
-                d = (p.z[layer][:, :, h] - p.src.z[layer][:, :, h]) @ self.w.layers[layer].W_O[h]
+                d = (p.z[layer][:, :, h] - p.ablation("z", layer)[:, :, h]) @ self.w.layers[layer].W_O[h]
             else:
-                d = p.mlp[layer] - p.src.mlp_out[layer]
+                d = p.mlp[layer] - p.ablation("mlp_out", layer)
             p.diffs[s] = d
         return d
 
@@ -580,13 +579,13 @@ class Evaluator:
         if base is None or start < 0:
             base, start = None, -1
         p = _Pass([], base, start, torch.stack([m.ablated for m in masks]), torch.stack([m.removed for m in masks]),
-                  B, self._tiled(src, K))
+                  B, src)
         if base is None:
             emb = p.tile(embed_live)
             off = p.ablated[:, 0]
             if src is not None and bool(off.any()):
-                emb = (p.src.embed.expand_as(emb) if bool(off.all())
-                       else torch.where(p.rows(off)[:, None, None], p.src.embed, emb))
+                emb = (p.ablation("embed").expand_as(emb) if bool(off.all())
+                       else torch.where(p.rows(off)[:, None, None], p.ablation("embed"), emb))
             p.embed = emb
             p.runs = [Run(self.index, m, e, [None] * L, [None] * L, [None] * L, [None] * L)
                       for m, e in zip(masks, p.split(emb))]
@@ -614,13 +613,13 @@ class Evaluator:
                     pre = p.tile(base.resid_pre[l])
                 if src is not None and bool(hab.all()):
                     # every head ablated: their outputs are the ablation values, whatever they read
-                    z = self._ablated_z(p.src, l, K * B)
-                    resid = eng.add_heads(pre, lw, z, self._ablated_z(p.src, l, K * B, summed=True))
+                    z = p.tile(self._ablated_z(src, l, B))
+                    resid = eng.add_heads(pre, lw, z, p.tile(self._ablated_z(src, l, B, summed=True)))
                 elif stage <= 0:
                     z = self._heads_z(p, l, pre, hab, edges)
                     resid = eng.add_heads(pre, lw, z)
                 else:  # only some heads of this layer newly ablated: the others' z stands
-                    z = torch.where(p.rows(hab)[:, None, :, None], p.src.z[l], p.tile(base.z[l]))
+                    z = torch.where(p.rows(hab)[:, None, :, None], p.ablation("z", l), p.tile(base.z[l]))
                     resid = eng.add_heads(pre, lw, z)
                 p.z[l] = z
                 p.put("z", l, z)
@@ -630,12 +629,16 @@ class Evaluator:
             if not self.attn_only:
                 off = p.ablated[:, self._mlp[l]] if src is not None else None
                 if src is not None and bool(off.all()):  # ablated: its input does not matter
-                    out = p.src.mlp_out[l].expand_as(resid)
+                    out = p.ablation("mlp_out", l).expand_as(resid)
                 else:
                     delta = self._delta(p, self._mlp_row[l], ("mlp", l)) if edges else None
-                    out = eng.mlp(lw, resid if delta is None else resid - delta[:, :, 0])
-                    if src is not None and bool(off.any()):
-                        out = torch.where(p.rows(off)[:, None, None], p.src.mlp_out[l], out)
+                    x = resid if delta is None else resid - delta[:, :, 0]
+                    if src is not None and bool(off.any()):  # ablated in some circuits: run the others' rows
+                        live = p.rows(~off)
+                        out = p.ablation("mlp_out", l).expand_as(resid).clone()
+                        out[live] = eng.mlp(lw, x[live])
+                    else:
+                        out = eng.mlp(lw, x)
                 p.mlp[l] = out
                 p.put("mlp_out", l, out)
                 resid = resid + out
@@ -678,10 +681,11 @@ class Evaluator:
                 z = self.engine.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
             else:
                 idx = torch.tensor(live)
-                z = self._ablated_z(p.src, l, resid.shape[0]).clone()
+                z = self._ablated_z(p.source, l, p.B)
+                z = z.clone() if p.K == 1 else p.tile(z)
                 z[:, :, idx] = self.engine.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2], heads=idx)
         if partial:
-            z = torch.where(p.rows(hab)[:, None, :, None], p.src.z[l], z)
+            z = torch.where(p.rows(hab)[:, None, :, None], p.ablation("z", l), z)
         return z
 
     def _ablated_z(self, src: Source, l: int, rows: int, summed: bool = False) -> torch.Tensor:

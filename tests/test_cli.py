@@ -75,3 +75,22 @@ def test_public_api_resolves_lazily():
             "assert not missing, missing")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_batch_flag(tmp_path, capsys):
+    """--batch is checked when parsed, and the run's decisions do not depend on it (it is not a
+    setting: a run directory resumes under another --batch)."""
+    with pytest.raises(SystemExit):
+        main(["prune", "--batch", "0", "--out", str(tmp_path / "x")])
+    assert "'0' is not a whole number of at least 1" in capsys.readouterr().err
+    logs = []
+    for k in ("1", "8"):
+        out = tmp_path / f"b{k}"
+        assert main(["prune", "--model", "test:planted", "--task", "planted", "--n-prompts", "12", "--quiet",
+                     "--batch", k, "--out", str(out)]) == 0
+        lines = [json.loads(x) for x in (out / "decisions.jsonl").read_text().splitlines()]
+        logs.append([(d["phase"], d["pass"], d["candidate"], d["removed"]) for d in lines])
+        assert "batch" not in json.loads((out / "circuit.json").read_text()).get("settings", {})
+    assert logs[0] == logs[1] and len(logs[0]) > 10
+    assert main(["prune", "--model", "test:planted", "--task", "planted", "--n-prompts", "12", "--quiet",
+                 "--batch", "3", "--out", str(tmp_path / "b1")]) == 0  # resumes the finished run

@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+from ..algorithms.speculation import MAX_K
 from ..config import PruneConfig, build
 from ..io import atomic_write_text
 from .reports import comparison_report, prune_report, targets_report
@@ -134,13 +135,14 @@ def write_curves(ev, result, circuit, out: Path, log=print) -> list:
 
 
 def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=print, model=None,
-              curves: bool = True, task=None, force: bool = False):
+              curves: bool = True, task=None, force: bool = False, batch: int = MAX_K):
     """Run (or resume) a prune into `out` and write the run directory; returns the Circuit.
 
     model: an already loaded model of config.model (saves the load when running several prunes).
     task: the Task to use for a new run (a resumed run uses its own task.json).
     curves: also write faithfulness curves (removal order and EAP-IG rankings) into the report.
     force: run a task that looks too large for this machine's memory anyway.
+    batch: the most candidates scored per forward pass (speculation; the result is the same for any).
     """
     from ..algorithms.iterative import Thresholds, find_circuit
     from ..algorithms.orders import parse_order
@@ -168,10 +170,12 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
                          meter=lambda: {**ev.stats(), "seconds": time.time() - t0}) as dlog:
             dlog.checkpoint("running")
             replay = _replay(prepared, dlog, log)
+            t1 = time.time()
             result = find_circuit(ev, config.level, thresholds, order, config.max_passes, replay, dlog.record,
-                                  progress=progress)
-        stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "decisions": len(result.decisions),
-                 "replayed": len(decisions) - replay.dropped}
+                                  progress=progress, batch=batch)
+        stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "search_seconds": round(time.time() - t1, 2),
+                 "decisions": len(result.decisions), "replayed": len(decisions) - replay.dropped,
+                 "skipped": result.skipped, "speculation": result.speculation}
         if decisions:  # a resumed run: what this session spent, and the whole run's cost as far as checkpointed
             stats["all_sessions"] = dlog.spent()
         if prepared.notes:
@@ -263,7 +267,7 @@ def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = 
 
 
 def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progress: bool = True, log=print,
-                model=None, force: bool = False):
+                model=None, force: bool = False, batch: int = MAX_K):
     """Prune with each order into out/<order>/ (each a resumable run directory, all on the same
     prompts), then compare: comparison.json, comparison.svg and report.md in `out`."""
     from ..algorithms.compare import compare_circuits, order_dirname, render_comparison
@@ -287,7 +291,7 @@ def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progres
         log(f"[{i + 1}/{len(orders)}] order {order} -> {sub}")
         cfg = PruneConfig(**{**config.to_json(), "order": order})
         circuits.append(run_prune(cfg, sub, progress=progress, log=lambda *a: None, model=model, task=task,
-                                  force=force))
+                                  force=force, batch=batch))
         c = circuits[-1]
         log(f"  {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges, faithfulness "
             f"{c.scores['faithfulness']:.3f}, {c.stats.get('forward_passes')} forward passes")

@@ -29,7 +29,12 @@ def prune_report(circuit, diagram: str | None, curves: list | None = None) -> st
     if st.get("recovered"):
         lines += ["", "**Recovered from a damaged run directory:**", ""] + [f"- {n}" for n in st["recovered"]]
     lines += ["", f"Forward passes: {st.get('forward_passes')} ({st.get('forward_equivalents')} full-forward "
-              f"equivalents), {st.get('seconds')} s, {st.get('decisions')} decisions.", ""]
+              f"equivalents), {st.get('seconds')} s, {st.get('decisions')} decisions."]
+    if st.get("batched_passes") or st.get("skipped"):
+        lines += [f"Speculation scored those circuits in {st.get('batched_passes', 0)} batched passes "
+                  f"(plus single ones); {st.get('skipped', 0)} tries were answered by an earlier try on the same "
+                  "circuit without a forward pass."]
+    lines += [""]
     if st.get("all_sessions"):
         a = st["all_sessions"]
         lines[-1:-1] = [f"Resumed run: {st.get('replayed')} decisions replayed. Over all its sessions (as far as "
