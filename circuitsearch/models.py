@@ -10,8 +10,14 @@ clean, corrupted and ablated runs and for models without normalisation.
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import importlib.util
+import json
+import os
+import shutil
 import socket
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -91,19 +97,93 @@ def smollm2_gguf_path() -> Path:
 
 
 def _load_smollm2() -> Model:
+    """The embedded model. Reading the GGUF file costs about 30 s here (transformers parses its
+    metadata three times, element by element); the dequantised model is kept as a Hugging Face
+    directory in the cache (`cache_dir()`), keyed by the file's SHA-256, and loads from there in a
+    few seconds. The weights, config and tokenizer are the same (tests/test_smollm2_prune.py)."""
     path = smollm2_gguf_path()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformer_lens.model_bridge import TransformerBridge
+
+    converted = cache_dir() / f"{path.stem}-{_sha256(path)[:16]}"
+    if (converted / COMPLETE).exists():
+        tok = AutoTokenizer.from_pretrained(str(converted), local_files_only=True)
+        hf = AutoModelForCausalLM.from_pretrained(str(converted), dtype=torch.float32, local_files_only=True)
+    else:
+        tok, hf = _read_gguf(path)
+        _keep_converted(converted, hf, tok, path)
+    bridge = TransformerBridge.boot_transformers("smollm2-135m", hf_model=hf, tokenizer=tok)
+    return _wrap("smollm2-135m", bridge, tok, f"gguf:{path.name}", {"rotary_style": "half"})
+
+
+COMPLETE = "circuitsearch-converted.json"
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: $CIRCUITSEARCH_CACHE, else ~/.cache/circuitsearch."""
+    return Path(os.environ.get("CIRCUITSEARCH_CACHE") or Path.home() / ".cache" / "circuitsearch")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_gguf(path: Path):
+    """(tokenizer, HF model in float32) from a GGUF file."""
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF)
     except ImportError:
         raise ModelError("reading the GGUF file needs the package gguf: `pip install gguf`") from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformer_lens.model_bridge import TransformerBridge
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    bridge = TransformerBridge.boot_transformers("smollm2-135m", hf_model=hf, tokenizer=tok)
-    return _wrap("smollm2-135m", bridge, tok, f"gguf:{path.name}", {"rotary_style": "half"})
+    return tok, hf
+
+
+def _keep_converted(target: Path, hf, tok, source: Path) -> None:
+    """Save the converted model into `target` (written beside it, then renamed into place, so a
+    half-written directory is never used). Best effort: an unwritable cache only costs time."""
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    for old in target.parent.glob(f"{target.name}.tmp*"):  # left by a killed load
+        if not _alive(old.name.rsplit(".tmp", 1)[1]):
+            shutil.rmtree(old, ignore_errors=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        # the weights are dequantised float32 now, but transformers refuses to save a model it loaded
+        # from GGUF: write the tensors (tied ones once) and the config without its quantisation entry
+        from safetensors.torch import save_model
+
+        save_model(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = copy.deepcopy(hf.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / COMPLETE).write_text(json.dumps({"gguf": source.name, "sha256": _sha256(source)}) + "\n")
+        os.replace(tmp, target)
+    except Exception as e:  # read-only or full disk, another process first, a library that will not save
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / COMPLETE).exists():
+            warnings.warn(f"could not keep the converted model in {target} ({e}); every load will read the "
+                          "GGUF file again (about 30 s)", stacklevel=2)
 
 
 def build_test_model(config: dict | str, seed: int = 0, name: str | None = None):
