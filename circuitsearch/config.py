@@ -69,9 +69,25 @@ def check_task_name(name: str) -> None:
 
     if name.endswith(".jsonl"):
         read_task_file(name)
+    elif name.endswith(".json"):
+        read_task_json(name)
     elif name not in toys.TASKS and name not in TASKS:
         raise TaskError(f"unknown task {name!r}; built-in tasks: {', '.join([*TASKS, *toys.TASKS])} "
-                        "(or a .jsonl file)")
+                        "(or a .jsonl file, or a run's task.json)")
+
+
+def read_task_json(path: str | Path):
+    """A task saved as token ids (a run's task.json); TaskError naming the file when it is not one."""
+    from .tasks.base import Task, TaskError
+
+    try:
+        return Task.from_json(json.loads(Path(path).read_text()))
+    except OSError as e:
+        raise TaskError(f"task file {str(path)!r} cannot be read: {e.strerror}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, TaskError):
+            raise TaskError(f"{path}: {e}") from None
+        raise TaskError(f"{path} is not a task.json of token ids ({e})") from None
 
 
 def resolve_task(config: PruneConfig, model, task_file: str | Path | None = None):
@@ -82,10 +98,10 @@ def resolve_task(config: PruneConfig, model, task_file: str | Path | None = None
     if task_file is not None:
         return Task.from_json(json.loads(Path(task_file).read_text()))
     name = config.task
+    if name.endswith(".json"):
+        return read_task_json(name)
     if name.endswith(".jsonl"):
         from .tasks.base import load_task
-        if model.tokenizer is None:
-            raise TaskError(f"model {model.name!r} has no tokenizer, so it cannot read text task files")
         return load_task(name, model.tokenizer)
     if name in toys.TASKS:
         return toys.TASKS[name][0](n=config.n_prompts, seed=config.seed)
