@@ -31,9 +31,19 @@ class PruneConfig:
     qkv: bool = True
     attribution: str = "eap-ig"  # the ranking of --order attribution and of target searches
     steps: int = 5               # its EAP-IG integration steps
+    device: str = "cpu"          # where the engine runs (the bridge stays where it loaded)
+    dtype: str = "float32"       # the engine's dtype: float32, float64, bfloat16, float16
+    threads: int | None = None   # torch threads; None: engine.choose_threads' rule (not a result setting)
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        """The settings that determine the result: threads never, device and dtype when not the defaults
+        (so run directories written before they existed keep their settings)."""
+        d = dict(self.__dict__)
+        d.pop("threads")
+        for k, default in (("device", "cpu"), ("dtype", "float32")):
+            if d[k] == default:
+                d.pop(k)
+        return d
 
     def check(self) -> "PruneConfig":
         """Reject settings that cannot run before anything is loaded; each message names the fix."""
@@ -58,6 +68,14 @@ class PruneConfig:
         Thresholds(self.absolute, self.relative, self.on)
         parse_order(self.order, self.attribution, self.steps)
         check_task_name(self.task)
+        from .engine import DTYPES, parse_device
+
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        parse_device(self.device)
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"--threads {self.threads!r} must be a whole number of at least 1")
         return self
 
 
@@ -115,9 +133,11 @@ def resolve_task(config: PruneConfig, model, task_file: str | Path | None = None
 
 def evaluator(config: PruneConfig, model, task):
     """The Evaluator of `task` on `model` with the config's ablation, metric and graph (qkv)."""
+    from .engine import DTYPES, Engine
     from .patching import Evaluator
 
-    return Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv)
+    engine = Engine(model, device=config.device, dtype=DTYPES[config.dtype])
+    return Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv, engine=engine)
 
 
 def memory_needed(model, task) -> int:
@@ -159,8 +179,11 @@ def build(config: PruneConfig, model=None, task_file: str | Path | None = None, 
     is refused before the evaluator runs it (force: try anyway); log gets the warnings."""
     from .catalogue import load_model
 
+    from .engine import choose_threads
+
     config.check()
     model = model if model is not None else load_model(config.model)
+    choose_threads(model, config.threads)
     task = resolve_task(config, model, task_file)
     check_fits(model, task, log, force)
     return model, task, evaluator(config, model, task)

@@ -40,7 +40,37 @@ _NEVER = {"use_qk_norm": False, "post_embedding_ln": False, "scale_attn_by_inver
 
 
 # Largest engine-vs-bridge logit difference accepted, relative to the logit scale (Engine.check).
-TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-3, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+TOLERANCE = 1e-3
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMALL_MODEL = 256  # d_model below which one thread is fastest (see choose_threads)
+
+
+def parse_device(text: str) -> torch.device:
+    """A --device value as a torch device, refused with the reason when this machine has no such device."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {text!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text!r}: this machine has no CUDA device; use --device cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {text!r}: this machine has no MPS device; use --device cpu")
+    return dev
+
+
+def choose_threads(model: Model, requested: int | None = None) -> int:
+    """Set torch's CPU threads: `requested`, or by default one thread for small models (d_model below
+    SMALL_MODEL: each op is microseconds of work, so threads only add synchronisation, and on a shared
+    machine contention; measured here, 1 thread is as fast or faster) and torch's default (one per core)
+    for larger ones (SmolLM2's forward: 185 ms on 1 thread, 115 ms on 2). Returns the count set."""
+    n = requested if requested is not None else (1 if model.d_model < SMALL_MODEL else _DEFAULT_THREADS)
+    torch.set_num_threads(n)
+    return n
+
+
+_DEFAULT_THREADS = torch.get_num_threads()
 
 
 def features(model: Model) -> str:
@@ -466,20 +496,27 @@ class Engine:
             resid = mid
         return self.unembed(resid)
 
-    def check(self, tokens: torch.Tensor, tolerance: float | None = None) -> float:
+    def check(self, tokens: torch.Tensor, tolerance: float = None) -> float:
         """Compare this engine's logits with the bridge's own forward on `tokens` [B, P] (every position);
         returns the largest difference relative to the logit scale, ModelError past `tolerance`.
 
-        Tolerance (default `TOLERANCE[dtype]`): max |engine - bridge| <= tol * max(1, max |bridge logit|).
-        Float32 rounding of a different but equivalent order of operations stays near 1e-6 of the logit
-        scale even over 30 layers; a real difference (a mask, a bias, a norm, rotary) moves logits by
-        1e-2 of their scale or more. 1e-3 leaves a wide margin on both sides. One bridge forward; the
-        result is remembered per token tensor, so an engine shared by evaluators checks each task once.
+        Tolerance (default TOLERANCE): max |engine - bridge| <= 1e-3 * max(1, max |bridge logit|). Float32
+        rounding of a different but equivalent order of operations stays near 1e-6 of the logit scale
+        (SmolLM2, 30 layers: 5e-6); a real difference (a mask, a bias, a norm, rotary) moves logits by 1e-2
+        of their scale or more, so 1e-3 leaves a wide margin on both sides. The check is of semantics:
+        an engine in another dtype or on another device is checked through a float32 CPU copy of itself
+        (bfloat16 rounding alone moves a random 3-layer model's logits by ~7 % of their scale, which
+        would hide a real error). One bridge forward; the result is remembered per token tensor, so an
+        engine shared by evaluators checks each task once.
         """
         key = (tuple(tokens.shape), hash(tokens.cpu().numpy().tobytes()))
         if key in self._checked:
             return self._checked[key]
-        tol = TOLERANCE.get(self.dtype, 1e-3) if tolerance is None else tolerance
+        if self.dtype not in (torch.float32, torch.float64) or self.device.type != "cpu":
+            worst = Engine(self.model).check(tokens, tolerance)
+            self._checked[key] = worst
+            return worst
+        tol = TOLERANCE if tolerance is None else tolerance
         with torch.inference_mode():
             ref = self.model.bridge(tokens.to(self._bridge_device()))
             ref = (ref.logits if hasattr(ref, "logits") else ref).float().cpu()
