@@ -284,7 +284,8 @@ def extract_weights(model: Model) -> Weights:
             lw.b_out = _zeros_if_none(m.b_out, (d,))
             if lw.W_gate is not None:
                 lw.W_gate_in = torch.cat([lw.W_gate, lw.W_in], 1).contiguous()
-                lw.b_gate_in = torch.cat([torch.zeros(lw.W_in.shape[1]), lw.b_in])
+                b_gate = _zeros_if_none(getattr(m, "b_gate", None), (lw.W_in.shape[1],))  # Llama mlp_bias
+                lw.b_gate_in = torch.cat([b_gate, lw.b_in])
         layers.append(lw)
     inner_attn = getattr(b.blocks[0].attn, "original_component", None)
     scale = getattr(inner_attn, "scaling", None)
