@@ -141,3 +141,18 @@ def test_python_api_from_bridge_and_from_hf():
     assert Evaluator(m, task).graph.parallel
     with pytest.raises(ModelError, match="no model at"):
         load_model("./not-a-model.bin")
+
+
+def test_readme_python_lines(ids_task):
+    """The README's three lines, on a tiny seeded GPT-NeoX without a tokenizer."""
+    import transformers as tf
+    from circuitsearch import Evaluator, Model, find_circuit, load_task
+
+    torch.manual_seed(0)
+    hf_model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=4, intermediate_size=64)).eval()
+    model = Model.from_hf(hf_model, None)
+    ev = Evaluator(model, load_task(ids_task, model.tokenizer))
+    result = find_circuit(ev, level="nodes", progress=False)
+    assert ev.graph.parallel and ev.faithfulness(result.final) >= 0.8 - 1e-6
+    assert len(result.ablated) > 0
