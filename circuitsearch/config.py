@@ -53,7 +53,10 @@ class PruneConfig:
         from .metrics import get_metric
         from .patching import ABLATIONS
 
-        find_model(self.model)
+        from .models import LOCAL, check_local
+
+        if find_model(self.model) is LOCAL:
+            check_local(self.model)
         for flag, value in (("n-prompts", self.n_prompts), ("max-passes", self.max_passes), ("steps", self.steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{flag} {value!r} must be a whole number of at least 1")

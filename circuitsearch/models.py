@@ -122,14 +122,11 @@ def load_local(path: str | Path, dtype=None) -> Model:
     """
     import torch
 
-    p = Path(path).expanduser()
+    p = check_local(path)
     dtype = dtype or torch.float32
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if p.is_dir():
-        if not (p / "config.json").exists():
-            raise ModelError(f"{path} is a directory without config.json: a local model is a Hugging Face "
-                             "directory as save_pretrained writes it (config.json + weights), or a .gguf file")
         try:
             hf = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True)
         except Exception as e:
@@ -142,23 +139,35 @@ def load_local(path: str | Path, dtype=None) -> Model:
                 raise ModelError(f"{path} holds tokenizer files that do not load ({e}); remove them to run "
                                  "token-id tasks without a tokenizer") from e
         return from_hf(hf.eval(), tok, str(path), f"local:{p.resolve()}")
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF)
+    except ImportError:
+        raise ModelError("reading a GGUF file needs the package gguf: `pip install gguf`") from None
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype,
+                                                  local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"could not load the GGUF file {path}: {e}") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+    except Exception:  # a GGUF file need not carry a tokenizer: token-id tasks still run
+        tok = None
+    return from_hf(hf.eval(), tok, str(path), f"gguf:{p.resolve()}")
+
+
+def check_local(path: str | Path) -> Path:
+    """The path of a local model if it is one (a directory with config.json, or a .gguf file); ModelError
+    naming what is wrong otherwise. Cheap: run before anything loads."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(f"{path} is a directory without config.json: a local model is a Hugging Face "
+                             "directory as save_pretrained writes it (config.json + weights), or a .gguf file")
+        return p
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelError(f"no GGUF file at {path}")
-        try:
-            import gguf  # noqa: F401  (transformers needs it to read GGUF)
-        except ImportError:
-            raise ModelError("reading a GGUF file needs the package gguf: `pip install gguf`") from None
-        try:
-            hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype,
-                                                      local_files_only=True)
-        except Exception as e:
-            raise ModelError(f"could not load the GGUF file {path}: {e}") from e
-        try:
-            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
-        except Exception:  # a GGUF file need not carry a tokenizer: token-id tasks still run
-            tok = None
-        return from_hf(hf.eval(), tok, str(path), f"gguf:{p.resolve()}")
+        return p
     raise ModelError(f"no model at {path}: a local model is a Hugging Face directory (config.json + "
                      "weights) or a .gguf file")
 

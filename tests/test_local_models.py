@@ -114,6 +114,10 @@ def test_gguf_file_scores_through_the_cli(tmp_path, ids_task, capsys):
 def test_bad_local_paths_are_named(tmp_path, make, message, capsys):
     assert main(["score", "--model", str(make(tmp_path)), "--task", "planted"]) == 2
     assert message in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["prune", "--model", str(make(tmp_path)), "--task", "planted", "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "checkpoint.json").exists()  # refused before anything was written
 
 
 def test_text_task_on_a_model_without_tokenizer_is_refused(hf_dirs, capsys):
