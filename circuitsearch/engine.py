@@ -82,12 +82,20 @@ def features(model: Model) -> str:
              "output_logits_soft_cap": -1.0, "scale_embedding": None, "rotary_adjacent_pairs": False}
     out = [f"architecture={architecture(model)}", f"normalization_type={cfg.normalization_type}",
            f"positional_embedding_type={cfg.positional_embedding_type}", f"act_fn={cfg.act_fn}"]
-    if (cfg.positional_embedding_type or "") == "rotary":
+    if (cfg.positional_embedding_type or "") == "rotary" and cfg.rotary_dim is not None:
         out.append(f"rotary_dim={cfg.rotary_dim} of d_head={cfg.d_head}")
     if (cfg.n_key_value_heads or cfg.n_heads) != cfg.n_heads:
         out.append(f"n_key_value_heads={cfg.n_key_value_heads}")
     out += [f"{k}={getattr(cfg, k)!r}" for k, v in plain.items() if getattr(cfg, k, v) not in (v, None)]
+    hf = _hf_config(model)  # the HF config says what the bridge's config may not (NeoX's rotary_pct)
+    if hf is not None:
+        out += [f"hf:{k}={getattr(hf, k)!r}" for k in _HF_FEATURES if getattr(hf, k, None) not in (None, False)]
     return ", ".join(out)
+
+
+_HF_FEATURES = ("rotary_pct", "partial_rotary_factor", "rotary_dim", "use_parallel_residual", "sliding_window",
+                "layer_types", "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar",
+                "attention_bias", "mlp_bias", "rope_scaling", "scale_attn_by_inverse_layer_idx")
 
 
 def architecture(model: Model) -> str:
@@ -145,6 +153,9 @@ def unsupported(model: Model) -> list[str]:
 def check_supported(model: Model) -> None:
     """ModelError naming every feature of `model` the fast engine does not implement."""
     missing = unsupported(model)
+    if any(m.startswith("attention heads") for m in missing):
+        raise ModelError(f"model {model.name!r} ({architecture(model)}) has no attention heads: circuitsearch's "
+                         "graph is made of heads and MLPs, so it does not apply to this model on any path")
     if missing:
         raise ModelError(f"the fast engine does not reproduce model {model.name!r}: it does not implement "
                          + "; ".join(missing) + ". Nothing was scored (a hook-based path for such models is "

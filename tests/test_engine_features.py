@@ -151,3 +151,26 @@ def test_hf_features_it_does_not_implement_are_refused(kind, named):
     assert any(named in f for f in unsupported(m))
     with pytest.raises(ModelError, match="does not reproduce"):
         Engine(m)
+
+
+def test_a_model_without_attention_heads_is_refused_by_name():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    hf = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=4)).eval()
+    with pytest.raises(ModelError, match=r"\(MambaForCausalLM\) has no attention heads"):
+        Engine(Model.from_hf(hf))
+
+
+def test_the_load_check_names_the_features_involved():
+    """An engine that drops a feature the HF config holds (GPT-NeoX's partial rotary) is refused with the
+    largest difference and the HF config's partial rotary factor named."""
+    from circuitsearch.patching import Evaluator
+    from conftest import random_task
+
+    m = Model.from_hf(hf_model("neox-parallel"))
+    engine = Engine(m)
+    cos, sin, style = engine.w.rotary
+    engine.w.rotary = (torch.ones_like(cos), torch.zeros_like(sin), style)  # no rotation at all
+    with pytest.raises(ModelError, match=r"by up to [0-9.e-]+ \(prompt \d+, position \d+, token \d+.*partial_rotary_factor': 0.25"):
+        Evaluator(m, random_task(64), engine=engine)
