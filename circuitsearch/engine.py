@@ -25,7 +25,13 @@ _ACT = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
 # Architectures whose weights the engine reads and whose forward it reproduces (each tested against
 # the bridge on a seeded tiny model: tests/test_engine_features.py). Anything else is refused by name.
 ARCHITECTURES = ("TransformerLensNative", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                 "GPT2LMHeadModel", "GPTNeoXForCausalLM", "GPTJForCausalLM", "GemmaForCausalLM")
+                 "Qwen3ForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM", "GPTJForCausalLM", "GemmaForCausalLM",
+                 "PhiForCausalLM", "Phi3ForCausalLM", "OPTForCausalLM", "StableLmForCausalLM")
+# HF config switches that change the computation of an architecture above in a way the engine does
+# not implement (their plain value). The load check would catch them too; naming them is clearer.
+_HF_NEVER = {"qk_layernorm": False, "do_layer_norm_before": True, "scale_attn_by_inverse_layer_idx": False,
+             "reorder_and_upcast_attn": False, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
+             "attention_multiplier": None, "logits_scaling": 1.0}
 # TransformerLens 4's native model builds only these; the config flags it ignores would make the engine
 # (which follows the flag) differ from the bridge, so a native config setting them is refused.
 _NATIVE_IGNORES = {"parallel_attn_mlp": False, "window_size": None, "attn_types": None, "use_local_attn": False,
@@ -118,6 +124,11 @@ def unsupported(model: Model) -> list[str]:
         v = getattr(cfg, k, plain)
         if v not in (plain, None, False):
             out.append(f"{k}={v!r}")
+    hf = _hf_config(model)
+    for k, plain in _HF_NEVER.items():
+        v = getattr(hf, k, plain) if hf is not None else plain
+        if v != plain:
+            out.append(f"hf:{k}={v!r}")
     if any(hasattr(blk, n) for blk in blocks for n in ("ln1_post", "ln2_post")):
         out.append("post-attention/post-MLP norms (Gemma 2/3 style ln1_post/ln2_post: the heads' sum "
                    "passes through a norm, so a head's write into the residual stream is not additive)")
@@ -185,6 +196,8 @@ class LayerWeights:
     W_out: torch.Tensor | None = None   # [d_mlp, d]
     b_out: torch.Tensor | None = None
     window: int | None = None  # sliding-window attention: a query sees the last `window` keys
+    q_norm: tuple | None = None  # Qwen3: an RMSNorm over each head's query and key, before rotary
+    k_norm: tuple | None = None
 
 
 @dataclass
@@ -247,6 +260,13 @@ def _hf_config(model: Model):
     return getattr(getattr(model.bridge, "original_model", None), "config", None)
 
 
+def _parallel(cfg, hf) -> bool:
+    """Attention and MLP side by side: the HF config's use_parallel_residual where it has one (GPT-NeoX,
+    StableLM: TL's StableLM adapter says parallel either way), else the bridge config (GPT-J, Phi)."""
+    flag = getattr(hf, "use_parallel_residual", None) if hf is not None else None
+    return bool(cfg.parallel_attn_mlp) if flag is None else bool(flag)
+
+
 def _windows(model: Model) -> list | None:
     """Per-layer sliding windows from the HF config (Mistral: every layer; Qwen2 etc.: layer_types)."""
     hf = _hf_config(model)
@@ -280,6 +300,9 @@ def extract_weights(model: Model) -> Weights:
             W_K=expand(a.W_K), b_K=expand(a.b_K) if a.b_K is not None else torch.zeros(H, dh),
             W_V=expand(a.W_V), b_V=expand(a.b_V) if a.b_V is not None else torch.zeros(H, dh),
             W_O=a.W_O.detach().float(), b_O=_zeros_if_none(a.b_O, (d,)), n_kv=n_kv)
+        inner = getattr(a, "original_component", a)
+        if getattr(inner, "q_norm", None) is not None:
+            lw.q_norm, lw.k_norm = _norm_params(inner.q_norm), _norm_params(inner.k_norm)
         flat = lambda t: t.detach().float().permute(1, 0, 2).reshape(d, -1)
         kvb = lambda t: torch.zeros(n_kv * dh) if t is None else t.detach().float().reshape(-1)
         lw.W_qkv = torch.cat([flat(a.W_Q), flat(a.W_K), flat(a.W_V)], 1).contiguous()
@@ -317,7 +340,7 @@ def extract_weights(model: Model) -> Weights:
                    ln_final=_norm_params(b.ln_final) if hasattr(b, "ln_final") else None,
                    W_U=b.W_U.detach().float(), b_U=_zeros_if_none(getattr(b, "b_U", None), (b.W_U.shape[1],)),
                    act=(cfg.act_fn or "").lower(), attn_scale=float(scale), rotary=rotary,
-                   parallel=bool(cfg.parallel_attn_mlp) and not native,
+                   parallel=_parallel(cfg, hf) and not native,
                    causal=getattr(cfg, "attention_dir", "causal") != "bidirectional",
                    embed_scale=math.sqrt(d) if arch.startswith("Gemma") else 1.0,
                    attn_soft_cap=_cap(cfg.attn_scores_soft_cap) if native else
@@ -440,6 +463,8 @@ class Engine:
             q = self._proj(xq, pick(lw.W_Q), pick(lw.b_Q), lw.ln1)
             k = self._proj(xk, pick(lw.W_K), pick(lw.b_K), lw.ln1)
             v = self._proj(xv, pick(lw.W_V), pick(lw.b_V), lw.ln1)
+        if lw.q_norm is not None:
+            q, k = self.norm(q, lw.q_norm), self.norm(k, lw.k_norm)
         if self.w.rotary is not None:
             q, k = self.rope(q), self.rope(k)
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.w.attn_scale

@@ -101,11 +101,21 @@ def hf_model(kind: str, seed: int = 0):
         "qwen2-window": (tf.Qwen2ForCausalLM, tf.Qwen2Config(**common, num_key_value_heads=2, use_sliding_window=True,
                                                              sliding_window=3, max_window_layers=1)),
         "gemma": (tf.GemmaForCausalLM, tf.GemmaConfig(**common, num_key_value_heads=1, head_dim=8)),
-        "gemma2": (tf.Gemma2ForCausalLM, tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=8,
-                                                         sliding_window=4)),
+        "qwen3-qk-norm": (tf.Qwen3ForCausalLM, tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=8)),
+        "phi": (tf.PhiForCausalLM, tf.PhiConfig(**common, partial_rotary_factor=0.5)),
+        "phi3": (tf.Phi3ForCausalLM, tf.Phi3Config(**common, num_key_value_heads=2, pad_token_id=0)),
         "opt": (tf.OPTForCausalLM, tf.OPTConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                                 num_attention_heads=4, ffn_dim=64, word_embed_proj_dim=32,
                                                 max_position_embeddings=64)),
+        "stablelm": (tf.StableLmForCausalLM, tf.StableLmConfig(**common, num_key_value_heads=2,
+                                                               partial_rotary_factor=0.25,
+                                                               use_parallel_residual=True)),
+        "stablelm-qk-layernorm": (tf.StableLmForCausalLM, tf.StableLmConfig(**common, qk_layernorm=True)),
+        "gpt-neo": (tf.GPTNeoForCausalLM, tf.GPTNeoConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4,
+                                                          attention_types=[[["global", "local"], 1]],
+                                                          window_size=3, max_position_embeddings=64)),
+        "gemma2": (tf.Gemma2ForCausalLM, tf.Gemma2Config(**common, num_key_value_heads=2, head_dim=8,
+                                                         sliding_window=4)),
     }
     cls, cfg = configs[kind]
     torch.manual_seed(seed)
@@ -122,6 +132,11 @@ HF_CLAIMED = {  # family -> a check that the feature under test is really there
     "mistral-window": lambda e: e.w.windows == [3, 3],
     "qwen2-window": lambda e: e.w.windows == [None, 3] and float(e.layer(0).b_K.abs().max()) > 0,
     "gemma": lambda e: e.w.embed_scale > 1 and e.layer(0).n_kv == 1,
+    "qwen3-qk-norm": lambda e: e.layer(0).q_norm is not None and float((e.layer(0).q_norm[1] - 1).abs().max()) > 0,
+    "phi": lambda e: e.parallel and e.w.rotary[0].shape[-1] == 4 and float(e.w.b_U.abs().max()) > 0,
+    "phi3": lambda e: e.layer(0).n_kv == 2 and e.layer(0).W_gate is not None,
+    "opt": lambda e: e.w.W_pos is not None and e.w.act == "relu",
+    "stablelm": lambda e: e.parallel and e.w.rotary[0].shape[-1] == 2,
 }
 
 
@@ -145,7 +160,8 @@ def test_native_features_it_cannot_reproduce_are_refused(changes, named):
 
 
 @pytest.mark.parametrize("kind, named", [("gemma2", "post-attention/post-MLP norms"),
-                                         ("opt", "architecture OPTForCausalLM")])
+                                         ("gpt-neo", "architecture GPTNeoForCausalLM"),
+                                         ("stablelm-qk-layernorm", "hf:qk_layernorm=True")])
 def test_hf_features_it_does_not_implement_are_refused(kind, named):
     m = Model.from_hf(hf_model(kind))
     assert any(named in f for f in unsupported(m))
