@@ -50,10 +50,10 @@ class PruneConfig:
         from .algorithms.orders import parse_order
         from .algorithms.search import Thresholds, phases
         from .catalogue import find_model
+        from .engine import DTYPES, parse_device
         from .metrics import get_metric
-        from .patching import ABLATIONS
-
         from .models import LOCAL, check_local
+        from .patching import ABLATIONS
 
         if find_model(self.model) is LOCAL:
             check_local(self.model)
@@ -71,8 +71,6 @@ class PruneConfig:
         Thresholds(self.absolute, self.relative, self.on)
         parse_order(self.order, self.attribution, self.steps)
         check_task_name(self.task)
-        from .engine import DTYPES, parse_device
-
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         parse_device(self.device)
@@ -181,7 +179,6 @@ def build(config: PruneConfig, model=None, task_file: str | Path | None = None, 
     `task_file` (a saved task.json) replaces building the task. A task that will not fit in memory
     is refused before the evaluator runs it (force: try anyway); log gets the warnings."""
     from .catalogue import load_model
-
     from .engine import choose_threads
 
     config.check()
