@@ -5,6 +5,10 @@ of one layer with per-head q/k/v inputs, the MLP, the unembedding), on one devic
 The evaluator's cached, incremental forward and its differentiable forward for attribution
 both call these functions, so there is one implementation of the model to check against the
 bridge (`circuitsearch.reference` stays the independent oracle).
+
+Never silently wrong: `extract_weights` refuses, by name, every architecture and config feature
+the engine does not implement (`unsupported`), and `Engine.check` compares the engine's logits
+with the bridge's own forward (the evaluator runs it on the task's prompts when it is built).
 """
 from __future__ import annotations
 
