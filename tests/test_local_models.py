@@ -160,3 +160,24 @@ def test_readme_python_lines(ids_task):
     result = find_circuit(ev, level="nodes", progress=False)
     assert ev.graph.parallel and ev.faithfulness(result.final) >= 0.8 - 1e-6
     assert len(result.ablated) > 0
+
+
+@pytest.mark.parametrize("lines, message", [
+    ([{"clean": [1, 2], "corrupted": [3, 4], "answer": 5, "wrong_answer": 6},
+      {"clean": "a b", "corrupted": "c d", "answer": "e", "wrong_answer": "f"}], ":2: text, but the lines before"),
+    ([{"clean": [1, 2], "corrupted": [3, 4], "answer": 5, "wrong_answer": 6},
+      {"clean": [1, 2, 3], "corrupted": [3, 4, 5], "answer": 5, "wrong_answer": 6}], "the same number of token ids"),
+    ([{"clean": [1, -2], "corrupted": [3, 4], "answer": 5, "wrong_answer": 6}], "must be a non-empty string (text) or token ids"),
+])
+def test_bad_token_id_task_files_are_named(tmp_path, lines, message, capsys):
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    assert main(["score", "--model", "test:tiny-gpt", "--task", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_token_ids_outside_the_vocabulary_are_named(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"clean": [1, 2000], "corrupted": [3, 4], "answer": 5, "wrong_answer": 6}) + "\n")
+    assert main(["score", "--model", "test:tiny-gpt", "--task", str(path)]) == 2
+    assert "outside the model's vocabulary" in capsys.readouterr().err
