@@ -6,7 +6,7 @@ listings) stay instant: torch and TransformerLens load on first use of a name th
 __version__ = "0.1.0"
 
 _API = {
-    "load_model": "catalogue", "get_task": "tasks", "load_task": "tasks", "Task": "tasks",
+    "load_model": "catalogue", "Model": "models", "get_task": "tasks", "load_task": "tasks", "Task": "tasks",
     "Evaluator": "patching",
     "Thresholds": "algorithms.iterative", "prune": "algorithms.iterative", "find_circuit": "algorithms.iterative",
     "attribute": "algorithms.attribution", "prune_to_targets": "algorithms.target",

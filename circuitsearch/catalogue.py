@@ -8,8 +8,8 @@ from __future__ import annotations
 from . import models, toys
 from .models import DEFAULT_MODEL, Model, ModelError, NamedModel
 
-# HUB last: it answers any name with a '/' in it.
-MODELS: list[NamedModel] = [*models.MODELS, *toys.MODELS, models.HUB]
+# LOCAL before HUB (a path has a '/' in it too); HUB last: it answers any name with a '/' in it.
+MODELS: list[NamedModel] = [*models.MODELS, *toys.MODELS, models.LOCAL, models.HUB]
 
 
 def find_model(name: str) -> NamedModel:
@@ -22,5 +22,6 @@ def find_model(name: str) -> NamedModel:
 
 
 def load_model(name: str = DEFAULT_MODEL) -> Model:
-    """Load a model by name: smollm2-135m, induction-2l, test:NAME[:SEED], hub:NAME or a hub name."""
+    """Load a model by name: smollm2-135m, induction-2l, test:NAME[:SEED], a local HF directory or .gguf
+    file, hub:NAME or a hub name."""
     return find_model(name).load(name)

@@ -17,14 +17,22 @@ def _threshold(text: str) -> float | None:
 
 
 def _add_model_task(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="model name (see `circuitsearch models`)")
-    p.add_argument("--task", default="digits", help="built-in task (see `circuitsearch tasks`) or a .jsonl file")
+    p.add_argument("--model", default="smollm2-135m", help="model name (see `circuitsearch models`), a local "
+                   "Hugging Face directory or a .gguf file")
+    p.add_argument("--task", default="digits", help="built-in task (see `circuitsearch tasks`), a .jsonl file "
+                   "(text, or token ids) or a run's task.json")
     p.add_argument("--n-prompts", type=int, default=24, help="prompts to use (default 24)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt generation and random orders")
     p.add_argument("--template", type=int, default=0, help="which template of the built-in task")
     p.add_argument("--no-memory-check", action="store_true",
                    help="run a task that looks too large for this machine's memory anyway")
     p.add_argument("--corruption", default="random", help="how corrupted prompts are made (task-specific)")
+    p.add_argument("--device", default="cpu", help="where the engine runs: cpu (default), cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64", "bfloat16", "float16"),
+                   help="the engine's dtype (default float32; others are checked against the bridge with a "
+                   "looser tolerance)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: 1 for models narrower than 256, else one per core)")
 
 
 def _batch(text: str) -> int:
@@ -174,7 +182,7 @@ def _config(args):
                       metric=args.metric, absolute=args.absolute, relative=args.relative, order=args.order,
                       max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
                       template=args.template, corruption=args.corruption, attribution=args.attribution,
-                      steps=args.steps)
+                      steps=args.steps, **_engine_args(args))
     if args.preset == "acdc":
         cfg.ablation, cfg.metric, cfg.level, cfg.order, cfg.on = "resample", "kl", "edges", "reverse", "metric"
         cfg.absolute = None
@@ -229,7 +237,7 @@ def cmd_compare(args) -> int:
     cfg = PruneConfig(model=args.model, task=args.task, level=args.level, ablation=args.ablation,
                       metric=args.metric, absolute=args.absolute, relative=args.relative,
                       max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
-                      template=args.template, corruption=args.corruption)
+                      template=args.template, corruption=args.corruption, **_engine_args(args))
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
     cmp = run_compare(cfg, orders, args.out, progress=not args.quiet, force=args.no_memory_check,
                       batch=args.batch)
@@ -269,13 +277,18 @@ def cmd_attribute(args) -> int:
     return 0
 
 
+def _engine_args(args) -> dict:
+    return {"device": args.device, "dtype": args.dtype, "threads": args.threads}
+
+
 def _evaluator(args):
     """The model, task and evaluator that --model, --task, --ablation, --metric and friends name."""
     from .config import PruneConfig, build
 
     return build(PruneConfig(model=args.model, task=args.task, ablation=args.ablation, metric=args.metric,
                              n_prompts=args.n_prompts, seed=args.seed, template=args.template,
-                             corruption=args.corruption), log=lambda m: print(m, file=sys.stderr),
+                             corruption=args.corruption, **_engine_args(args)),
+                 log=lambda m: print(m, file=sys.stderr),
                  force=args.no_memory_check)
 
 

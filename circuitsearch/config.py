@@ -31,19 +31,32 @@ class PruneConfig:
     qkv: bool = True
     attribution: str = "eap-ig"  # the ranking of --order attribution and of target searches
     steps: int = 5               # its EAP-IG integration steps
+    device: str = "cpu"          # where the engine runs (the bridge stays where it loaded)
+    dtype: str = "float32"       # the engine's dtype: float32, float64, bfloat16, float16
+    threads: int | None = None   # torch threads; None: engine.choose_threads' rule (not a result setting)
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        """The settings that determine the result: threads never, device and dtype when not the defaults
+        (so run directories written before they existed keep their settings)."""
+        d = dict(self.__dict__)
+        d.pop("threads")
+        for k, default in (("device", "cpu"), ("dtype", "float32")):
+            if d[k] == default:
+                d.pop(k)
+        return d
 
     def check(self) -> "PruneConfig":
         """Reject settings that cannot run before anything is loaded; each message names the fix."""
         from .algorithms.orders import parse_order
         from .algorithms.search import Thresholds, phases
         from .catalogue import find_model
+        from .engine import DTYPES, parse_device
         from .metrics import get_metric
+        from .models import LOCAL, check_local
         from .patching import ABLATIONS
 
-        find_model(self.model)
+        if find_model(self.model) is LOCAL:
+            check_local(self.model)
         for flag, value in (("n-prompts", self.n_prompts), ("max-passes", self.max_passes), ("steps", self.steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{flag} {value!r} must be a whole number of at least 1")
@@ -58,6 +71,12 @@ class PruneConfig:
         Thresholds(self.absolute, self.relative, self.on)
         parse_order(self.order, self.attribution, self.steps)
         check_task_name(self.task)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        parse_device(self.device)
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ValueError(f"--threads {self.threads!r} must be a whole number of at least 1")
         return self
 
 
@@ -69,9 +88,25 @@ def check_task_name(name: str) -> None:
 
     if name.endswith(".jsonl"):
         read_task_file(name)
+    elif name.endswith(".json"):
+        read_task_json(name)
     elif name not in toys.TASKS and name not in TASKS:
         raise TaskError(f"unknown task {name!r}; built-in tasks: {', '.join([*TASKS, *toys.TASKS])} "
-                        "(or a .jsonl file)")
+                        "(or a .jsonl file, or a run's task.json)")
+
+
+def read_task_json(path: str | Path):
+    """A task saved as token ids (a run's task.json); TaskError naming the file when it is not one."""
+    from .tasks.base import Task, TaskError
+
+    try:
+        return Task.from_json(json.loads(Path(path).read_text()))
+    except OSError as e:
+        raise TaskError(f"task file {str(path)!r} cannot be read: {e.strerror}") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        if isinstance(e, TaskError):
+            raise TaskError(f"{path}: {e}") from None
+        raise TaskError(f"{path} is not a task.json of token ids ({e})") from None
 
 
 def resolve_task(config: PruneConfig, model, task_file: str | Path | None = None):
@@ -82,10 +117,10 @@ def resolve_task(config: PruneConfig, model, task_file: str | Path | None = None
     if task_file is not None:
         return Task.from_json(json.loads(Path(task_file).read_text()))
     name = config.task
+    if name.endswith(".json"):
+        return read_task_json(name)
     if name.endswith(".jsonl"):
         from .tasks.base import load_task
-        if model.tokenizer is None:
-            raise TaskError(f"model {model.name!r} has no tokenizer, so it cannot read text task files")
         return load_task(name, model.tokenizer)
     if name in toys.TASKS:
         return toys.TASKS[name][0](n=config.n_prompts, seed=config.seed)
@@ -99,9 +134,11 @@ def resolve_task(config: PruneConfig, model, task_file: str | Path | None = None
 
 def evaluator(config: PruneConfig, model, task):
     """The Evaluator of `task` on `model` with the config's ablation, metric and graph (qkv)."""
+    from .engine import DTYPES, Engine
     from .patching import Evaluator
 
-    return Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv)
+    engine = Engine(model, device=config.device, dtype=DTYPES[config.dtype])
+    return Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv, engine=engine)
 
 
 def memory_needed(model, task) -> int:
@@ -142,9 +179,11 @@ def build(config: PruneConfig, model=None, task_file: str | Path | None = None, 
     `task_file` (a saved task.json) replaces building the task. A task that will not fit in memory
     is refused before the evaluator runs it (force: try anyway); log gets the warnings."""
     from .catalogue import load_model
+    from .engine import choose_threads
 
     config.check()
     model = model if model is not None else load_model(config.model)
+    choose_threads(model, config.threads)
     task = resolve_task(config, model, task_file)
     check_fits(model, task, log, force)
     return model, task, evaluator(config, model, task)

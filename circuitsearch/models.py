@@ -49,6 +49,19 @@ class Model:
     def processing(self) -> str:
         return PROCESSING
 
+    @classmethod
+    def from_bridge(cls, bridge, tokenizer=None, name: str | None = None) -> "Model":
+        """Any TransformerBridge (boot_transformers, boot_native, build_bridge_from_module), put in
+        compatibility mode with raw weights; tokenizer None keeps the bridge's own (which may be None)."""
+        tok = tokenizer if tokenizer is not None else getattr(bridge, "tokenizer", None)
+        return _wrap(name or str(getattr(bridge.cfg, "model_name", None) or "bridge"), bridge, tok, "bridge")
+
+    @classmethod
+    def from_hf(cls, hf_model, tokenizer=None, name: str | None = None) -> "Model":
+        """A loaded Hugging Face causal LM (e.g. AutoModelForCausalLM.from_pretrained), wrapped in a
+        TransformerBridge without touching the hub; tokenizer may be None (token-id tasks only)."""
+        return from_hf(hf_model, tokenizer, name)
+
     def describe(self) -> dict:
         return {"name": self.name, "source": self.source, "n_layers": self.n_layers,
                 "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
@@ -81,6 +94,93 @@ def _wrap(name: str, bridge, tokenizer, source: str, meta: dict | None = None) -
     return Model(name=name, bridge=bridge, tokenizer=tokenizer, n_layers=cfg.n_layers,
                  n_heads=cfg.n_heads, n_kv_heads=cfg.n_key_value_heads or cfg.n_heads,
                  attn_only=bool(cfg.attn_only), d_model=cfg.d_model, source=source, meta=meta or {})
+
+
+def _architecture_of(hf_model) -> str:
+    archs = getattr(hf_model.config, "architectures", None) or []
+    return archs[0] if archs else type(hf_model).__name__
+
+
+def from_hf(hf_model, tokenizer=None, name: str | None = None, source: str = "hf") -> Model:
+    """Model.from_hf: a bridge built around an already loaded HF model (no hub call, no tokenizer needed)."""
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    arch = _architecture_of(hf_model)
+    name = name or getattr(hf_model.config, "_name_or_path", None) or arch
+    try:
+        bridge = build_bridge_from_module(hf_model, architecture=arch, hf_config=hf_model.config,
+                                          tokenizer=tokenizer, model_name=str(name))
+    except Exception as e:  # an architecture TransformerLens has no adapter for, or a broken module tree
+        raise ModelError(f"TransformerLens cannot wrap {arch} ({name}): {e}") from e
+    return _wrap(str(name), bridge, tokenizer, source, {"architecture": arch})
+
+
+def _tokenizer_files(directory: Path) -> bool:
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+    return any((directory / n).exists() for n in names)
+
+
+def load_local(path: str | Path, dtype=None) -> Model:
+    """A local Hugging Face directory (config.json + weights, as save_pretrained writes) or a .gguf file.
+
+    The tokenizer is loaded when the directory (or the GGUF file) has one; without it the model runs
+    token-id tasks only.
+    """
+    import torch
+
+    p = check_local(path)
+    dtype = dtype or torch.float32
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if p.is_dir():
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype, local_files_only=True)
+        except Exception as e:
+            raise ModelError(f"could not load the Hugging Face model in {path}: {e}") from e
+        tok = None
+        if _tokenizer_files(p):
+            try:
+                tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            except Exception as e:
+                raise ModelError(f"{path} holds tokenizer files that do not load ({e}); remove them to run "
+                                 "token-id tasks without a tokenizer") from e
+        return from_hf(hf.eval(), tok, str(path), f"local:{p.resolve()}")
+    try:
+        import gguf  # noqa: F401  (transformers needs it to read GGUF)
+    except ImportError:
+        raise ModelError("reading a GGUF file needs the package gguf: `pip install gguf`") from None
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype,
+                                                  local_files_only=True)
+    except Exception as e:
+        raise ModelError(f"could not load the GGUF file {path}: {e}") from e
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+    except Exception:  # a GGUF file need not carry a tokenizer: token-id tasks still run
+        tok = None
+    return from_hf(hf.eval(), tok, str(path), f"gguf:{p.resolve()}")
+
+
+def check_local(path: str | Path) -> Path:
+    """The path of a local model if it is one (a directory with config.json, or a .gguf file); ModelError
+    naming what is wrong otherwise. Cheap: run before anything loads."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelError(f"{path} is a directory without config.json: a local model is a Hugging Face "
+                             "directory as save_pretrained writes it (config.json + weights), or a .gguf file")
+        return p
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"no GGUF file at {path}")
+        return p
+    raise ModelError(f"no model at {path}: a local model is a Hugging Face directory (config.json + "
+                     "weights) or a .gguf file")
+
+
+def looks_local(name: str) -> bool:
+    """A --model value meant as a path: it exists, starts like a path, or names a .gguf file."""
+    return name.startswith(("./", "../", "/", "~")) or name.endswith(".gguf") or Path(name).expanduser().exists()
 
 
 def smollm2_gguf_path() -> Path:
@@ -310,6 +410,9 @@ MODELS = [
                lambda name: name in ("smollm2-135m", "smollm2")),
     *(_test_entry(k) for k in TEST_CONFIGS),
 ]
+LOCAL = NamedModel("<path>", lambda name: load_local(name),
+                   "a local Hugging Face directory (config.json + weights) or a .gguf file",
+                   "the files; a tokenizer only for text tasks", looks_local)
 HUB = NamedModel("hub:<name>", lambda name: _load_hub(name.removeprefix("hub:")),
                  "any Hugging Face causal LM TransformerLens supports (gpt2, pythia-70m, ...)",
                  "a reachable Hugging Face hub or a local HF cache; this machine has neither",

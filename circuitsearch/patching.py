@@ -213,7 +213,7 @@ class Evaluator:
         self.w = self.engine.w
         self.L, self.H = model.n_layers, model.n_heads
         self.attn_only = model.attn_only
-        self.graph = ModelGraph(self.L, self.H, self.attn_only, qkv)
+        self.graph = ModelGraph(self.L, self.H, self.attn_only, qkv, parallel=self.engine.parallel)
         self.index = index_of(self.graph)
         self.senders = self.index.senders
         self.sender_index = {s: i for i, s in enumerate(self.senders)}
@@ -226,6 +226,7 @@ class Evaluator:
         self.backward_passes = 0
         self._check_task(task)
         first, inverse = distinct_rows(task, ablation)
+        self.engine.check(task.clean[first])  # never silently wrong: the engine reproduces the bridge here
         self.rows_inverse = inverse
         counts = torch.bincount(inverse, minlength=len(first)).float()
         self.batch = Batch(task.clean[first], task.answers[first], task.wrong_answers[first], counts)
@@ -426,10 +427,11 @@ class Evaluator:
                 z = eng.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
                 z = torch.where(ablated[self._heads[l]][None, None, :, None], src.z[l], mix(z, src.z[l]))
                 out += list(eng.head_outputs(lw, z - src.z[l]).unbind(2))
-                resid = eng.add_heads(resid, lw, z)
+                resid_pre, resid = resid, eng.add_heads(resid, lw, z)
                 if not self.attn_only:
                     d = delta(removed[self._mlp_row[l]][None, : len(out)])
-                    x = inputs["mlp"][l] = resid.clone() if isinstance(d, float) else resid - d[:, :, 0]
+                    r = resid_pre if eng.parallel else resid  # a parallel block's MLP reads its input
+                    x = inputs["mlp"][l] = r.clone() if isinstance(d, float) else r - d[:, :, 0]
                     m = eng.mlp(lw, x)
                     m = src.mlp_out[l].expand_as(m) if bool(ablated[self._mlp[l]]) else mix(m, src.mlp_out[l])
                     out.append(m - src.mlp_out[l])
@@ -626,13 +628,15 @@ class Evaluator:
                 p.put("resid_mid", l, resid)
             else:
                 resid = p.tile(base.resid_mid[l])
+                pre = p.tile(base.resid_pre[l]) if eng.parallel else None
             if not self.attn_only:
                 off = p.ablated[:, self._mlp[l]] if src is not None else None
                 if src is not None and bool(off.all()):  # ablated: its input does not matter
                     out = p.ablation("mlp_out", l).expand_as(resid)
                 else:
                     delta = self._delta(p, self._mlp_row[l], ("mlp", l)) if edges else None
-                    x = resid if delta is None else resid - delta[:, :, 0]
+                    x = pre if eng.parallel else resid  # a parallel block's MLP reads the layer's input
+                    x = x if delta is None else x - delta[:, :, 0]
                     if src is not None and bool(off.any()):  # ablated in some circuits: run the others' rows
                         live = p.rows(~off)
                         out = p.ablation("mlp_out", l).expand_as(resid).clone()

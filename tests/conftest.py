@@ -8,6 +8,15 @@ from circuitsearch.catalogue import load_model
 from circuitsearch.tasks.base import Task, build_task
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_as_they_were():
+    """Commands set torch's thread count for the model they load (engine.choose_threads); a test that
+    ran one must not leave the next test's models on its count."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def random_task(vocab: int, n: int = 6, seq: int = 7, seed: int = 0) -> Task:
     g = torch.Generator().manual_seed(seed)
     clean = torch.randint(0, vocab, (n, seq), generator=g)

@@ -231,3 +231,28 @@ def test_repeated_prompts_run_once_and_score_as_the_plain_mean(test_model, ablat
     if metric == "logit_diff":  # the corrupted run still covers every row
         as_clean = dataclasses.replace(task, clean=task.corrupted)
         assert abs(ev.corrupted - plain_logit_diff(test_model, as_clean)) < TOL
+
+
+def test_smollm2_engine_reproduces_the_bridge_at_every_position(smollm2, smollm2_digits):
+    """The load check's figure for the default model: measured 4.9e-6 of the logit scale (tolerance 1e-3)."""
+    from circuitsearch.engine import Engine
+
+    assert Engine(smollm2).check(smollm2_digits.clean) < 1e-4
+
+
+def test_the_load_check_costs_one_bridge_forward(test_model):
+    """Building an evaluator runs the bridge once (the check); a second evaluator sharing the engine and
+    the prompts runs it no more."""
+    from circuitsearch.engine import Engine
+
+    calls = []
+    handle = test_model.bridge.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        task = random_task(test_model.bridge.cfg.d_vocab, seed=9)
+        engine = Engine(test_model)
+        Evaluator(test_model, task, engine=engine)
+        assert len(calls) == 1
+        Evaluator(test_model, task, "zero", engine=engine)
+        assert len(calls) == 1
+    finally:
+        handle.remove()

@@ -72,22 +72,28 @@ class ModelGraph:
     On grouped-query models every query head still has its own k and v receivers: the
     shared key/value projection is computed once per query head, so patching `a9.1.k`
     leaves `a9.0.k` untouched.
+    parallel=True is a model whose blocks run attention and MLP side by side on the layer's
+    input (GPT-NeoX/Pythia, GPT-J): the MLP of layer l does not read that layer's heads, so
+    there is no edge a{l}.h->m{l}.
     """
 
     n_layers: int
     n_heads: int
     attn_only: bool = False
     qkv: bool = True
+    parallel: bool = False
 
     def signature(self) -> dict:
-        """What two circuits must share to be compared."""
-        return {"n_layers": self.n_layers, "n_heads": self.n_heads,
-                "attn_only": self.attn_only, "qkv": self.qkv}
+        """What two circuits must share to be compared (`parallel` only when set, so circuits saved
+        before it existed keep their signature)."""
+        sig = {"n_layers": self.n_layers, "n_heads": self.n_heads,
+               "attn_only": self.attn_only, "qkv": self.qkv}
+        return {**sig, "parallel": True} if self.parallel else sig
 
     @classmethod
     def from_signature(cls, sig: dict) -> "ModelGraph":
         return cls(int(sig["n_layers"]), int(sig["n_heads"]), bool(sig.get("attn_only", False)),
-                   bool(sig.get("qkv", True)))
+                   bool(sig.get("qkv", True)), bool(sig.get("parallel", False)))
 
     def heads(self, layer: int) -> list[str]:
         return [f"a{layer}.{h}" for h in range(self.n_heads)]
@@ -118,13 +124,16 @@ class ModelGraph:
         return []
 
     def senders_into(self, node: str) -> list[str]:
-        """Nodes whose output the given node reads: everything earlier in the forward pass."""
+        """Nodes whose output the given node reads: everything earlier in the forward pass (in a
+        parallel block, an MLP does not read its own layer's heads)."""
         info = parse_node(node, self.n_layers)
         if info.kind == "embed":
             return []
         out = ["embed"]
         for layer in range(self.n_layers):
             if layer > info.layer or (layer == info.layer and info.kind == "head"):
+                break
+            if layer == info.layer and self.parallel:
                 break
             out += self.heads(layer)
             if layer == info.layer:  # an MLP reads the heads of its own layer

@@ -177,9 +177,17 @@ def read_task_file(path: str | Path) -> list[dict]:
         if missing:
             raise TaskError(f"{path}:{ln}: missing {', '.join(missing)}; each line needs clean, corrupted, "
                             "answer and wrong_answer")
-        for k in TASK_FIELDS:
-            if not isinstance(row[k], str) or not row[k]:
-                raise TaskError(f"{path}:{ln}: field {k!r} must be a non-empty string, not {row[k]!r}")
+        if is_id_row(row):
+            if rows and not is_id_row(rows[0]):
+                raise TaskError(f"{path}:{ln}: token ids, but the lines before hold text; one file holds one kind")
+        else:
+            for k in TASK_FIELDS:
+                if not isinstance(row[k], str) or not row[k]:
+                    raise TaskError(f"{path}:{ln}: field {k!r} must be a non-empty string (text) or token ids "
+                                    f"(clean and corrupted lists of ids, answer and wrong_answer one id each), "
+                                    f"not {row[k]!r}")
+            if rows and is_id_row(rows[0]):
+                raise TaskError(f"{path}:{ln}: text, but the lines before hold token ids; one file holds one kind")
         rows.append(row)
     if not rows:
         raise TaskError(f"task file {str(path)!r} holds no prompts: give one JSON object a line with "
@@ -187,10 +195,34 @@ def read_task_file(path: str | Path) -> list[dict]:
     return rows
 
 
+def is_id_row(row: dict) -> bool:
+    """A task file line given as token ids: clean and corrupted lists of ids, answer and wrong_answer ids."""
+    isid = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return (all(isinstance(row.get(k), list) and row[k] and all(isid(v) for v in row[k]) for k in ("clean", "corrupted"))
+            and isid(row.get("answer")) and isid(row.get("wrong_answer")))
+
+
 def load_task(path: str | Path, tokenizer) -> Task:
-    """A custom task from JSONL, one object a line: clean, corrupted, answer, wrong_answer."""
+    """A custom task from JSONL, one object a line: clean, corrupted, answer, wrong_answer, as text (needs
+    the tokenizer) or as token ids (needs none; tokenizer None is fine)."""
     path = Path(path)
     rows = read_task_file(path)
+    if is_id_row(rows[0]):
+        if len({len(r["clean"]) for r in rows} | {len(r["corrupted"]) for r in rows}) > 1:
+            raise TaskError(f"task file {str(path)!r}: every clean and corrupted prompt must have the same "
+                            "number of token ids")
+        t = lambda k: torch.tensor([r[k] for r in rows], dtype=torch.long)
+        text = lambda ids: tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
+        one = lambda i: text([i])
+        task = Task(path.stem, t("clean"), t("corrupted"), t("answer"), t("wrong_answer"),
+                    [text(r["clean"]) for r in rows], [text(r["corrupted"]) for r in rows],
+                    [one(r["answer"]) for r in rows], [one(r["wrong_answer"]) for r in rows],
+                    meta={"source": str(path), "token_ids": True})
+        validate(task)
+        return task
+    if tokenizer is None:
+        raise TaskError(f"task file {str(path)!r} is text, but the model has no tokenizer: give the prompts as "
+                        "token ids (clean/corrupted lists of ids, answer/wrong_answer ids) or a run's task.json")
     return build_task(path.stem, tokenizer, [r["clean"] for r in rows], [r["corrupted"] for r in rows],
                       [r["answer"] for r in rows], [r["wrong_answer"] for r in rows],
                       meta={"source": str(path)})
