@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "cell), sweep.json, report.md, plots/ (resumes: finished cells are skipped)")
     p.add_argument("--ray", metavar="auto|local|ADDRESS", help="run the cells on Ray: the running cluster (auto), "
                    "one started here (local), or ADDRESS; needs pip install 'circuitsearch[ray]'")
-    p.add_argument("--workers", type=_batch, help="local worker processes (default: cores, bounded by memory)")
+    p.add_argument("--workers", type=int, help="local worker processes (default: cores, bounded by memory; "
+                   "0: every cell in this process, one after another)")
     p.add_argument("--truth", help="a known circuit (circuit.json or {\"nodes\": [...], \"edges\": [...]}): "
                    "true/false positive rates per cell, ROC curves and AUC")
     _add_batch(p)
@@ -361,7 +362,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .sweeps import LocalExecutor, RayExecutor, load_spec, run_sweep
+    from .sweeps import InlineExecutor, LocalExecutor, RayExecutor, load_spec, run_sweep
 
     spec = load_spec(args.spec)  # every cell checked before anything runs
     if args.check:
@@ -373,6 +374,11 @@ def cmd_sweep(args) -> int:
         if args.workers is not None:
             raise ValueError("--workers sizes the local executor; with --ray, Ray places the cells (one CPU each)")
         executor = RayExecutor(address=args.ray, batch=args.batch)
+    elif args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers {args.workers} is negative: give a number of processes, or 0 to run the "
+                         "cells in this process")
+    elif args.workers == 0:
+        executor = InlineExecutor(batch=args.batch)
     else:
         executor = LocalExecutor(workers=args.workers, batch=args.batch)
     summary = run_sweep(spec, args.out, executor, truth=args.truth)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from circuitsearch.cli import main
-from circuitsearch.sweeps import LocalExecutor, SpecError, load_spec, parse_spec, run_sweep
+from circuitsearch.sweeps import InlineExecutor, LocalExecutor, SpecError, load_spec, parse_spec, run_sweep
 from circuitsearch.sweeps.roc import auc
 from circuitsearch.toys import PLANTED_EDGES, PLANTED_NODES
 
@@ -158,7 +158,7 @@ def test_local_sweep_finds_the_known_circuits_and_reports_a_failing_cell(local_s
 def test_a_second_run_skips_finished_cells_and_retries_failed_ones(local_sweep, tmp_path, capsys):
     tmp, out, first, _ = local_sweep
     before = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/decisions.jsonl")}
-    assert main(["sweep", str(spec_file(tmp)), "--out", str(out), "--workers", "1"]) == 1  # cells failed
+    assert main(["sweep", str(spec_file(tmp)), "--out", str(out), "--workers", "0"]) == 1  # cells failed
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["counts"] == {"skipped": 8, "failed": 4}
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing re-run
@@ -223,8 +223,8 @@ absolute = [0.3, 0.6, 0.9]
             ("induction-2l", "induction", {"nodes": ["a0.2", "a1.1"], "edges": ["a0.2->a1.1.k"]}, 1.0, 0.97)):
         spec = spec_file(tmp_path, text.replace("[fixed]", f"[fixed]\nmodel = '{model}'\ntask = '{task}'"), f"{task}.toml")
         (tmp_path / f"{task}.json").write_text(json.dumps(truth))
-        summary = run_sweep(load_spec(spec), tmp_path / task, LocalExecutor(workers=1),
-                            truth=tmp_path / f"{task}.json", **QUIET)
+        summary = run_sweep(load_spec(spec), tmp_path / task, InlineExecutor(), truth=tmp_path / f"{task}.json",
+                            **QUIET)
         curves = {c["kind"]: c for c in summary["roc"]["curves"]}
         assert curves["nodes"]["auc"] == pytest.approx(node_auc)
         assert curves["edges"]["auc"] >= edge_auc
@@ -284,3 +284,29 @@ def test_ray_gives_the_local_cells_and_survives_a_killed_worker(local_sweep, tmp
         assert cell_results(out) == cell_results(local_out)
     finally:
         ray.shutdown()
+
+
+# ---------------------------------------------------------------- sizing and the study the issue asks for
+
+def test_workers_are_sized_to_cores_memory_and_cells():
+    from circuitsearch.sweeps.executors import GIB, plan_workers
+
+    toy = load_spec_text("[fixed]\nmodel = 'test:planted'\ntask = 'planted'\n[axes]\nseed = [1, 2, 3]\n").cells
+    big = load_spec_text("[fixed]\nmodel = 'smollm2-135m'\n[axes]\nseed = [1, 2, 3, 4]\n").cells
+    assert (plan_workers(toy, cores=8, memory=64 * GIB).workers, plan_workers(toy, cores=8, memory=64 * GIB).threads) == (3, 2)
+    assert plan_workers(toy, cores=2, memory=64 * GIB).workers == 2
+    assert (plan_workers(big, cores=8, memory=7 * GIB).workers, plan_workers(big, cores=8, memory=7 * GIB).threads) == (2, 4)
+    assert plan_workers(big, cores=8, memory=1 * GIB).workers == 1  # never below one
+
+
+def load_spec_text(text):
+    import tomllib
+    return parse_spec(tomllib.loads(text))
+
+
+def test_the_default_search_study_is_expressible_with_target_cells():
+    spec = load_spec(Path(__file__).parent.parent / "benchmarks" / "sweeps" / "default_search.toml")
+    kinds = {c.name: c.kind for c in spec.cells}
+    assert len(kinds) == 8 * 4 and sum(k == "target" for k in kinds.values()) == 8
+    cell = spec.cells[3]
+    assert cell.name == "task=digits,order=target" and cell.targets == [0.8]

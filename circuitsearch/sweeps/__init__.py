@@ -5,9 +5,9 @@ spec.py (the TOML file, cells), cells.py (one cell in a worker), executors.py (l
 run.py (the driver), report.py (report.md and plots), roc.py (against a known circuit).
 """
 from .cells import CellResult, run_cell
-from .executors import LocalExecutor, RayExecutor, plan_workers
+from .executors import InlineExecutor, LocalExecutor, RayExecutor, plan_workers
 from .run import run_sweep
 from .spec import Cell, SpecError, SweepSpec, load_spec, parse_spec
 
-__all__ = ["Cell", "CellResult", "LocalExecutor", "RayExecutor", "SpecError", "SweepSpec", "load_spec",
+__all__ = ["Cell", "CellResult", "InlineExecutor", "LocalExecutor", "RayExecutor", "SpecError", "SweepSpec", "load_spec",
            "parse_spec", "plan_workers", "run_cell", "run_sweep"]

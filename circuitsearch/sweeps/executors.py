@@ -73,6 +73,24 @@ def _failed(cell: Cell, error: str) -> CellResult:
     return CellResult(cell.name, cell.settings, cell.kind, "failed", error=error)
 
 
+class InlineExecutor:
+    """Every cell in this process, one after another (--workers 0): for a debugger, or where starting
+    worker processes costs more than the cells (a few cells of a toy model). No isolation: a cell
+    that kills its process ends the sweep, which resumes when run again."""
+
+    name = "inline"
+
+    def __init__(self, batch: int = 16):
+        self.batch = batch
+
+    def describe(self) -> dict:
+        return {"executor": self.name, "workers": 0}
+
+    def run(self, out: str | Path, cells: list[Cell], on_result: OnResult, log=print) -> None:
+        for cell in cells:
+            on_result(run_cell(str(out), cell, self.batch))
+
+
 class LocalExecutor:
     """Worker processes on this machine (concurrent.futures, spawn): no dependency beyond the package.
 
