@@ -300,8 +300,8 @@ def test_workers_are_sized_to_cores_memory_and_cells():
 
 
 def load_spec_text(text):
-    import tomllib
-    return parse_spec(tomllib.loads(text))
+    from circuitsearch.sweeps.spec import _toml
+    return parse_spec(_toml().loads(text))
 
 
 def test_the_default_search_study_is_expressible_with_target_cells():

@@ -11,7 +11,6 @@ import hashlib
 import itertools
 import json
 import re
-import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -231,8 +230,20 @@ def parse_spec(data: dict, source: str = "<spec>") -> SweepSpec:
     return spec
 
 
+def _toml():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the same parser as a package
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise SpecError("reading sweep files needs Python 3.11+ (tomllib) or, on 3.10, pip install tomli") from None
+    return tomllib
+
+
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a sweep TOML file (see parse_spec)."""
+    tomllib = _toml()
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text())
