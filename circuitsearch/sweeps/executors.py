@@ -123,8 +123,9 @@ class LocalExecutor:
             n = min(self.plan.workers, len(pending))
             started = time.time()
             broken = False
-            with ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(self.plan.threads, self.setup)) as pool:
+            pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
+                                       initargs=(self.plan.threads, self.setup))
+            try:
                 futures = {pool.submit(run_cell, str(out), c, self.batch): c for c in pending}
                 for f in as_completed(futures):
                     cell = futures[f]
@@ -137,6 +138,10 @@ class LocalExecutor:
                         result = _failed(cell, f"{type(e).__name__}: {e}")
                     pending.remove(cell)
                     on_result(result)
+            except BaseException:  # Ctrl-C or a failing callback: queued cells must not start after it
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
             if broken:
                 self.restarts += 1
                 # the cells that had started in the dead pool: their log was written to after it started
@@ -206,11 +211,16 @@ class RayExecutor:
         self.resources = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "memory")}
         task = ray.remote(num_cpus=self.threads, max_retries=self.max_retries)(_ray_cell)
         refs = {task.remote(str(Path(out).resolve()), c, self.threads, self.batch): c for c in cells}
-        while refs:
-            done, _ = ray.wait(list(refs), num_returns=1)
-            cell = refs.pop(done[0])
-            try:
-                result = ray.get(done[0])
-            except Exception as e:  # the worker died more often than Ray retries, or the task could not run
-                result = _failed(cell, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            on_result(result)
+        try:
+            while refs:
+                done, _ = ray.wait(list(refs), num_returns=1)
+                cell = refs.pop(done[0])
+                try:
+                    result = ray.get(done[0])
+                except Exception as e:  # the worker died more often than Ray retries, or the task could not run
+                    result = _failed(cell, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                on_result(result)
+        except BaseException:  # Ctrl-C: cancel what has not run (running cells keep their logs and resume)
+            for ref in refs:
+                ray.cancel(ref)
+            raise

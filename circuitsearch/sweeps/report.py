@@ -43,6 +43,16 @@ def varying_keys(rows: list[dict]) -> list[str]:
     return [k for k in keys if len({json.dumps(r["settings"].get(k)) for r in rows}) > 1]
 
 
+def short_names(names: list[str]) -> list[str]:
+    """Cell names without the key=value parts every one of them shares (labels for plots)."""
+    parts = [n.split(",") for n in names]
+    common = set.intersection(*(set(p) for p in parts)) if parts else set()
+    return [",".join(x for x in p if x not in common) or n for p, n in zip(parts, names)]
+
+
+STYLES = ["-o", "--s", ":^", "-.D", "-v", "--P"]
+
+
 def plot_sizes(rows: list[dict], path: Path) -> Path | None:
     """Heads, MLPs and edges against threshold/target, one row of panels per task, one line per series."""
     rows = [r for r in rows if r.get("heads") is not None and level_of(r) is not None]
@@ -59,12 +69,14 @@ def plot_sizes(rows: list[dict], path: Path) -> Path | None:
                 series.setdefault(series_label(r, varying), []).append(r)
         for j, key in enumerate(("heads", "mlps", "edges")):
             ax = axes[i][j]
-            for label, rs in series.items():
+            for k, (label, rs) in enumerate(series.items()):  # styles differ, so identical series stay visible
                 rs = sorted(rs, key=level_of)
-                ax.plot([level_of(r) for r in rs], [r[key] for r in rs], "-o", markersize=4, label=label)
+                ax.plot([level_of(r) for r in rs], [r[key] for r in rs], STYLES[k % len(STYLES)],
+                        markersize=7 - k % 4, label=label)
             ax.set_title(f"{task}: {key}")
             ax.set_xlabel("threshold / target")
-            if i == 0 and j == 2:
+            ax.yaxis.get_major_locator().set_params(integer=True)
+            if j == 2:
                 ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -134,6 +146,7 @@ def jaccard_matrix(circuits: dict[str, Circuit]) -> tuple[list[str], list[list[f
 def plot_jaccard(names: list[str], matrix: list[list[float]], path: Path) -> Path | None:
     if len(names) < 2:
         return None
+    names = short_names(names)
     plt = _plt()
     size = max(4, 0.35 * len(names) + 2)
     fig, ax = plt.subplots(figsize=(size + 2, size))
@@ -166,19 +179,20 @@ def plot_upset(circuits: dict[str, Circuit], title: str, path: Path) -> Path | N
         return None
     plt = _plt()
     names = list(circuits)
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(5, 0.45 * len(subsets) + 3), 2.5 + 0.3 * len(names)),
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(7, 0.45 * len(subsets) + 5), 2.5 + 0.3 * len(names)),
                                       sharex=True, gridspec_kw={"height_ratios": [2, max(1, 0.25 * len(names))]})
     xs = range(len(subsets))
     top.bar(xs, [n for _, n in subsets], color="#444")
     top.set_ylabel("heads + MLPs")
-    top.set_title(title)
+    top.yaxis.get_major_locator().set_params(integer=True)
+    top.set_title(title, fontsize=9)
     for x, (subset, _) in zip(xs, subsets):
         ys = [names.index(s) for s in subset]
         bottom.scatter([x] * len(names), range(len(names)), color="#ddd", s=20)
         bottom.scatter([x] * len(ys), ys, color="#222", s=24)
         if len(ys) > 1:
             bottom.plot([x, x], [min(ys), max(ys)], color="#222", linewidth=1.5)
-    bottom.set_yticks(range(len(names)), [n[:50] for n in names], fontsize=6)
+    bottom.set_yticks(range(len(names)), [n[:50] for n in short_names(names)], fontsize=7)
     bottom.set_xticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -227,7 +241,7 @@ def write_report(out: Path, summary: dict, circuits: dict[str, Circuit], roc: di
                 levels.setdefault(level_of(r), {})[r["name"]] = cs[r["name"]]
         for level, group in sorted(levels.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
             attempt(f"Shared heads and MLPs at performance level {level} ({model})", plot_upset, group,
-                    f"{model}, level {level}: nodes held by exactly these cells", plots_dir / f"upset-{safe}-{level}.png")
+                    f"{model}, level {level}: heads and MLPs held by exactly these cells", plots_dir / f"upset-{safe}-{level}.png")
     if roc and roc.get("curves"):
         from .roc import RocCurve, plot_roc
         curves = [RocCurve(c["series"], c["kind"], c["cells"], [tuple(p) for p in c["points"]], c["auc"])
