@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="directory: one run directory per order, "
                    "comparison.json, comparison.svg, report.md (resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=int, help="prune the orders in parallel on this many local worker "
+                   "processes (as `sweep` does; the circuits are the same)")
+    p.add_argument("--ray", metavar="auto|local|ADDRESS", help="prune the orders as Ray tasks (see `sweep --ray`)")
 
     p = sub.add_parser("attribute", help="attribution patching: estimated effect of every node and edge, "
                        "from a few forward and backward passes")
@@ -246,8 +249,19 @@ def cmd_compare(args) -> int:
                       max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
                       template=args.template, corruption=args.corruption)
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
-    cmp = run_compare(cfg, orders, args.out, progress=not args.quiet, force=args.no_memory_check,
-                      batch=args.batch)
+    if args.workers is not None or args.ray is not None:
+        from .sweeps import LocalExecutor, RayExecutor
+        from .sweeps.compare import compare_orders
+
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers {args.workers}: give at least 1 (or leave it out to prune the orders "
+                             "one after another in this process)")
+        executor = (RayExecutor(address=args.ray, batch=args.batch) if args.ray is not None
+                    else LocalExecutor(workers=args.workers, batch=args.batch))
+        cmp = compare_orders(cfg, orders, args.out, executor, force=args.no_memory_check)
+    else:
+        cmp = run_compare(cfg, orders, args.out, progress=not args.quiet, force=args.no_memory_check,
+                          batch=args.batch)
     print()
     print(format_comparison(cmp), end="")
     print(f"\nfiles in {args.out}/: comparison.json, comparison.svg, report.md, one run directory per order")

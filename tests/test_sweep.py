@@ -310,3 +310,21 @@ def test_the_default_search_study_is_expressible_with_target_cells():
     assert len(kinds) == 8 * 4 and sum(k == "target" for k in kinds.values()) == 8
     cell = spec.cells[3]
     assert cell.name == "task=digits,order=target" and cell.targets == [0.8]
+
+
+# ---------------------------------------------------------------- compare-orders on the executors
+
+def test_compare_orders_on_local_workers_equals_the_one_process_comparison(tmp_path, capsys):
+    args = ["compare-orders", "--model", "induction-2l", "--task", "induction", "--n-prompts", "12", "--level",
+            "both", "--orders", "forward,reverse,random:1", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    assert main([*args, "--out", str(tmp_path / "pool"), "--workers", "2"]) == 0
+    one, pool = (json.loads((tmp_path / d / "comparison.json").read_text()) for d in ("one", "pool"))
+    for key in ("orders", "kept_by", "jaccard", "intersection", "union", "order_dependent"):
+        strip = lambda x: {k: v for k, v in x.items() if k not in ("seconds", "forward_passes")} \
+            if isinstance(x, dict) else x
+        assert strip(one[key]) == strip(pool[key]), key
+    for order in ("forward", "reverse", "random-1"):
+        assert (tmp_path / "one" / order / "decisions.jsonl").read_text() == \
+            (tmp_path / "pool" / order / "decisions.jsonl").read_text()
+    assert (tmp_path / "pool" / "task.json").read_text() == (tmp_path / "pool" / "forward" / "task.json").read_text()

@@ -20,7 +20,7 @@ LOADS = {"count": 0}
 
 
 def cell_dir(out: str | Path, cell: Cell) -> Path:
-    return Path(out) / "cells" / cell.name
+    return Path(out) / (cell.dir or f"cells/{cell.name}")
 
 
 def log_path(out: str | Path, cell: Cell) -> Path:
@@ -139,7 +139,11 @@ def run_cell(out: str, cell: Cell, batch: int = 16) -> CellResult:
                 run_targets(cell.config(), cell.targets, cell_dir(out, cell), progress=False, log=log,
                             patience=cell.settings.get("patience", 30), model=model)
             else:
-                run_prune(cell.config(), cell_dir(out, cell), progress=False, log=log, model=model,
+                task = None
+                if cell.task_file:  # the same prompts for every cell that names this file (compare-orders)
+                    from ..tasks.base import Task
+                    task = Task.from_json(json.loads((Path(out) / cell.task_file).read_text()))
+                run_prune(cell.config(), cell_dir(out, cell), progress=False, log=log, model=model, task=task,
                           curves=cell.settings.get("curves", True), batch=batch)
             return _stamp(result_from_dir(out, cell, "done"), worker, t0)
         except Exception as e:  # a cell's failure is its row, not the sweep's end

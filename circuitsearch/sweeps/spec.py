@@ -38,6 +38,8 @@ class Cell:
 
     name: str
     settings: dict
+    dir: str = ""        # its run directory relative to the sweep's; default cells/<name>
+    task_file: str = ""  # a task.json (relative to the sweep's directory) every such cell starts from
 
     @property
     def kind(self) -> str:
