@@ -280,6 +280,13 @@ def write_report(out: Path, summary: dict, circuits: dict[str, Circuit], roc: di
                   "added; AUC is the trapezoid area.", "",
                   "| curve | kind | cells | AUC |", "|---|---|---:|---:|"]
         lines += [f"| {c['series']} | {c['kind']} | {len(c['cells'])} | {c['auc']:.3f} |" for c in roc["curves"]]
+        lines += ["", "| cell | node TPR | node FPR | edge TPR | edge FPR |", "|---|---:|---:|---:|---:|"]
+        for r in rows:
+            t = r.get("truth")
+            if t:
+                get = lambda kind, k: _fmt(t[kind][k]) if kind in t else ""
+                lines.append(f"| {r['name']} | {get('nodes', 'tpr')} | {get('nodes', 'fpr')} | {get('edges', 'tpr')} | "
+                             f"{get('edges', 'fpr')} |")
     for title, p in made:
         lines += ["", f"## {title}", "", f"![{title}]({p.relative_to(out)})"]
     atomic_write_text(out / "report.md", "\n".join(lines) + "\n")

@@ -88,17 +88,20 @@ class RocCurve:
                 "points": [list(p) for p in self.points], "auc": self.auc}
 
 
-def series_of(settings: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in sorted(settings.items()) if k not in SWEPT and k != "curves") or "all"
+def series_of(settings: dict, varying: list[str]) -> str:
+    """The settings that set a cell's curve apart: those that vary across the sweep, but not the threshold."""
+    return ",".join(f"{k}={settings.get(k)}" for k in varying if k not in SWEPT) or "all cells"
 
 
 def roc_curves(truth: Truth, cells: list[tuple[str, dict, Circuit]]) -> tuple[dict, list[RocCurve]]:
     """Per cell (name -> rates), and one ROC curve per series and kind over the cells of that series."""
     per_cell, groups = {}, {}
+    keys = list(dict.fromkeys(k for _, s, _ in cells for k in s))
+    varying = [k for k in keys if len({json.dumps(s.get(k)) for _, s, _ in cells}) > 1]
     for name, settings, circuit in cells:
         r = rates(truth, circuit)
         per_cell[name] = r
-        groups.setdefault(series_of(settings), []).append((name, r))
+        groups.setdefault(series_of(settings, varying), []).append((name, r))
     curves = []
     for series, members in groups.items():
         for kind in ("nodes", "edges"):
