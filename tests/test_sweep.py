@@ -231,10 +231,13 @@ absolute = [0.3, 0.6, 0.9]
         (tmp_path / f"{task}.json").write_text(json.dumps(truth))
         summary = run_sweep(load_spec(spec), tmp_path / task, InlineExecutor(), truth=tmp_path / f"{task}.json",
                             **QUIET)
-        curves = {c["kind"]: c for c in summary["roc"]["curves"]}
+        curves = {c["kind"]: c for c in summary["roc"]["curves"] if c["cells"]}  # the threshold sweep
         assert curves["nodes"]["auc"] == pytest.approx(node_auc)
         assert curves["edges"]["auc"] >= edge_auc
         assert len(curves["nodes"]["cells"]) == 3
+        ranked = {c["kind"]: c for c in summary["roc"]["curves"] if c["series"].startswith("eap-ig ranking")}
+        assert ranked["nodes"]["auc"] == pytest.approx(1.0)  # the known nodes rank above all others
+        assert ranked["edges"]["auc"] >= edge_auc
         assert all("truth" in r for r in summary["cells"])
         assert (tmp_path / task / "plots" / "roc.png").stat().st_size > 1000
     low = next(r for r in summary["cells"] if r["settings"]["absolute"] == 0.3)

@@ -113,6 +113,24 @@ def roc_curves(truth: Truth, cells: list[tuple[str, dict, Circuit]]) -> tuple[di
     return per_cell, curves
 
 
+def ranking_curve(truth: Truth, ranking: list[str], kind: str, circuit_graph) -> RocCurve | None:
+    """The ROC of one ranking (most important first): the top k for every k, as a threshold on the score
+    would cut it; None where the truth has no positives of this kind."""
+    universe = ({n for n in circuit_graph.nodes if parse_node(n).kind in ("head", "mlp")} if kind == "nodes"
+                else set(circuit_graph.edges))
+    pos = truth.nodes if kind == "nodes" else truth.edges
+    if not pos:
+        return None
+    neg = len(universe - pos)
+    tp = fp = 0
+    points = []
+    for name in [r for r in ranking if r in universe]:
+        tp, fp = tp + (name in pos), fp + (name not in pos)
+        points.append((fp / neg if neg else 0.0, tp / len(pos)))
+    area, curve = auc(points)
+    return RocCurve("", kind, [], curve, round(area, 6))
+
+
 def plot_roc(curves: list[RocCurve], path: str | Path) -> Path:
     """ROC curves (nodes solid, edges dashed), AUC in the legend."""
     import matplotlib

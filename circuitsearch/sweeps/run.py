@@ -42,11 +42,43 @@ def load_circuits(out: Path, rows: list[dict]) -> dict:
             if r["status"] in ("done", "skipped") and r.get("circuit")}
 
 
-def run_sweep(spec: SweepSpec, out: str | Path, executor=None, truth: str | Path | None = None, log=print) -> dict:
+EVAL_KEYS = ("model", "task", "n_prompts", "seed", "template", "corruption", "ablation", "metric", "qkv",
+             "attribution", "steps")  # what an attribution ranking depends on
+
+
+def ranking_curves(truth, cells, circuits: dict, log=print) -> list:
+    """One ROC per kind for the attribution ranking (the cells' `attribution` method, EAP-IG by default)
+    of each distinct model/task/ablation/metric among the finished cells: a ranking's ROC needs no threshold."""
+    from ..algorithms.attribution import attribute
+    from ..config import build
+    from .roc import ranking_curve
+
+    seen, out = set(), []
+    for cell in cells:
+        cfg = cell.config()
+        key = tuple(getattr(cfg, k) for k in EVAL_KEYS)
+        if key in seen:
+            continue
+        seen.add(key)
+        _, _, ev = build(cfg)
+        a = attribute(ev, method=cfg.attribution, steps=cfg.steps)
+        graph = circuits[cell.name].model_graph
+        for kind in ("nodes", "edges"):
+            curve = ranking_curve(truth, a.ranking(kind)[::-1], kind, graph)
+            if curve is not None:
+                curve.series = f"{cfg.attribution} ranking: {cfg.model}, {cfg.task}, {cfg.ablation}, {cfg.metric}"
+                out.append(curve)
+        log(f"ROC of the {cfg.attribution} ranking on {cfg.task} ({cfg.model}) computed")
+    return out
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, executor=None, truth: str | Path | None = None, log=print,
+              ranking: bool = True) -> dict:
     """Run every cell of `spec` not finished yet into out/cells/<name>/; returns the summary (sweep.json).
 
     A finished cell (checkpoint done, same settings) is skipped and counted; an interrupted one resumes
-    from its decision log; a failing one is a row with its error. truth: a known circuit for the ROC.
+    from its decision log; a failing one is a row with its error. truth: a known circuit for the ROC (of
+    each threshold series, and with `ranking` of each model and task's attribution ranking too).
     """
     from .executors import LocalExecutor
     from .roc import load_truth, plot_roc, roc_curves  # noqa: F401  (truth checked before anything runs)
@@ -92,6 +124,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, executor=None, truth: str | Path
             per_cell, curves = roc_curves(known, ordered)
             for name, r in per_cell.items():
                 rows[name]["truth"] = r
+            if ranking:
+                curves += ranking_curves(known, [c for c in spec.cells if c.name in circuits], circuits, log)
             roc = {"truth": known.source, "curves": [c.to_json() for c in curves]}
         summary = _summary(spec, rows, executor, t0, roc)
         atomic_write_text(out / "sweep.json", json.dumps(summary, indent=1))
