@@ -140,8 +140,8 @@ def plot_roc(curves: list[RocCurve], path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 5))
     for c in curves:
         xs, ys = zip(*c.points)
-        ax.plot(xs, ys, "-o" if c.kind == "nodes" else "--s", markersize=4,
-                label=f"{c.kind}: {c.series[:50]} (AUC {c.auc:.3f})")
+        style = ("-" if c.kind == "nodes" else "--") + (("o" if c.kind == "nodes" else "s") if c.cells else "")
+        ax.plot(xs, ys, style, markersize=4, label=f"{c.kind}: {c.series[:60]} (AUC {c.auc:.3f})")  # a ranking: no markers
     ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
