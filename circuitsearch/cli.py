@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="directory: one run directory per order, "
                    "comparison.json, comparison.svg, report.md (resumes)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--workers", type=int, help="prune the orders in parallel on this many local worker "
+                   "processes (as `sweep` does; the circuits are the same)")
+    p.add_argument("--ray", metavar="auto|local|ADDRESS", help="prune the orders as Ray tasks (see `sweep --ray`)")
 
     p = sub.add_parser("attribute", help="attribution patching: estimated effect of every node and edge, "
                        "from a few forward and backward passes")
@@ -132,6 +135,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tasks", help="comma-separated tasks (default: the runs' own tasks)")
     p.add_argument("--out", default="runs/crosstask.json", help="where the matrix is written as JSON")
 
+    p = sub.add_parser("sweep", help="run many prunes over settings (models x tasks x orders x thresholds ...) "
+                       "from a TOML file, on this machine's cores or a Ray cluster; summary, plots, ROC")
+    p.add_argument("spec", metavar="SWEEP.toml", help="the sweep file: [fixed] settings, [axes] (crossed), "
+                   "[[cases]] (bundles, e.g. model with its task); see README, Sweeps")
+    p.add_argument("--out", default="runs/sweep", help="sweep directory: cells/<name>/ (a run directory per "
+                   "cell), sweep.json, report.md, plots/ (resumes: finished cells are skipped)")
+    p.add_argument("--ray", metavar="auto|local|ADDRESS", help="run the cells on Ray: the running cluster (auto), "
+                   "one started here (local), or ADDRESS; needs pip install 'circuitsearch[ray]'")
+    p.add_argument("--workers", type=int, help="local worker processes (default: cores, bounded by memory; "
+                   "0: every cell in this process, one after another)")
+    p.add_argument("--truth", help="a known circuit (circuit.json or {\"nodes\": [...], \"edges\": [...]}): "
+                   "true/false positive rates per cell, ROC curves and AUC")
+    _add_batch(p)
+    p.add_argument("--check", action="store_true", help="check the file and list the cells; run nothing")
+
     p = sub.add_parser("render", help="draw a circuit (circuit.json or a run directory) as SVG, PNG or PDF")
     p.add_argument("circuit")
     p.add_argument("--out", help="output file (.svg, .png, .pdf); default beside the circuit")
@@ -143,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"prune": cmd_prune, "score": cmd_score, "tasks": cmd_tasks, "models": cmd_models,
                 "render": cmd_render, "attribute": cmd_attribute, "diff": cmd_diff,
-                "evaluate": cmd_evaluate, "compare-orders": cmd_compare}[args.command](args)
+                "evaluate": cmd_evaluate, "compare-orders": cmd_compare, "sweep": cmd_sweep}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
@@ -239,8 +257,19 @@ def cmd_compare(args) -> int:
                       max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
                       template=args.template, corruption=args.corruption, **_engine_args(args))
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
-    cmp = run_compare(cfg, orders, args.out, progress=not args.quiet, force=args.no_memory_check,
-                      batch=args.batch)
+    if args.workers is not None or args.ray is not None:
+        from .sweeps import LocalExecutor, RayExecutor
+        from .sweeps.compare import compare_orders
+
+        if args.workers is not None and args.workers < 1:
+            raise ValueError(f"--workers {args.workers}: give at least 1 (or leave it out to prune the orders "
+                             "one after another in this process)")
+        executor = (RayExecutor(address=args.ray, batch=args.batch) if args.ray is not None
+                    else LocalExecutor(workers=args.workers, batch=args.batch))
+        cmp = compare_orders(cfg, orders, args.out, executor, force=args.no_memory_check)
+    else:
+        cmp = run_compare(cfg, orders, args.out, progress=not args.quiet, force=args.no_memory_check,
+                          batch=args.batch)
     print()
     print(format_comparison(cmp), end="")
     print(f"\nfiles in {args.out}/: comparison.json, comparison.svg, report.md, one run directory per order")
@@ -357,6 +386,39 @@ def cmd_evaluate(args) -> int:
     atomic_write_text(out, json.dumps(ct.to_json(), indent=1))
     print(f"\nwrote {out}")
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from .sweeps import InlineExecutor, LocalExecutor, RayExecutor, load_spec, run_sweep
+
+    spec = load_spec(args.spec)  # every cell checked before anything runs
+    if args.check:
+        for c in spec.cells:
+            print(f"{c.kind:6s} {c.name}")
+        print(f"{len(spec.cells)} cells; settings checked")
+        return 0
+    if args.ray is not None:
+        if args.workers is not None:
+            raise ValueError("--workers sizes the local executor; with --ray, Ray places the cells (one CPU each)")
+        executor = RayExecutor(address=args.ray, batch=args.batch)
+    elif args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers {args.workers} is negative: give a number of processes, or 0 to run the "
+                         "cells in this process")
+    elif args.workers == 0:
+        executor = InlineExecutor(batch=args.batch)
+    else:
+        executor = LocalExecutor(workers=args.workers, batch=args.batch)
+    summary = run_sweep(spec, args.out, executor, truth=args.truth)
+    c = summary["counts"]
+    print(f"\n{len(summary['cells'])} cells: {c.get('done', 0)} run, {c.get('skipped', 0)} finished before, "
+          f"{c.get('failed', 0)} failed ({summary['wall_seconds']:.1f} s)")
+    for r in summary["cells"]:
+        if r["status"] == "failed":
+            print(f"  failed: {r['name']}: {r['error']}")
+    for curve in summary.get("roc", {}).get("curves", []):
+        print(f"  ROC {curve['kind']} {curve['series']}: AUC {curve['auc']:.3f}")
+    print(f"files in {args.out}/: sweep.json, report.md, plots/, cells/<name>/ (run directories), logs/")
+    return 1 if c.get("failed") else 0
 
 
 def cmd_render(args) -> int:

@@ -79,12 +79,15 @@ def test_no_import_cycle():
 
 
 def test_imports_point_down():
-    """cli -> runs -> algorithms -> patching -> models/tasks/graphs; config and evaluation stay below runs."""
+    """cli -> sweeps -> runs -> algorithms -> patching -> models/tasks/graphs; config and evaluation stay below runs."""
     g = import_graph()
     for name, deps in g.items():
         ups = {d for d in deps if d == "circuitsearch.cli" or d.startswith("circuitsearch.runs")}
-        if name != "circuitsearch.cli" and not name.startswith("circuitsearch.runs"):
-            assert not ups, f"{name} imports {ups}: only the command line imports runs/, nothing imports cli"
+        if name != "circuitsearch.cli" and not name.startswith(("circuitsearch.runs", "circuitsearch.sweeps")):
+            assert not ups, f"{name} imports {ups}: only the command line and sweeps/ import runs/, nothing imports cli"
+        sweeps = {d for d in deps if d.startswith("circuitsearch.sweeps")}
+        if name != "circuitsearch.cli" and not name.startswith("circuitsearch.sweeps"):
+            assert not sweeps, f"{name} imports {sweeps}: only the command line imports sweeps/ (cli -> sweeps -> runs)"
         if name.startswith("circuitsearch.algorithms"):
             assert not deps & {"circuitsearch.evaluation", "circuitsearch.config"}, f"{name} imports upwards"
     assert not g["circuitsearch.models"] & {"circuitsearch.toys", "circuitsearch.catalogue"}
