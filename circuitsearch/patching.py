@@ -573,8 +573,8 @@ class Evaluator:
     def _forward_many(self, base: Run | None, start: int, masks: list, embed_live: torch.Tensor,
                       source: Source | None = "self", count: bool = True, batch: Batch | None = None) -> list:
         """K circuits (one per Masks) that each change `base` from stage `start` on, in one forward pass
-        over their rows stacked along the batch; each circuit's rows compute exactly what its own pass
-        would."""
+        over their rows stacked along the batch; each circuit's rows go through the same computation as
+        its own pass would (equal up to the rounding of differently sized GEMMs, about 1e-6)."""
         src = self.source if source == "self" else source
         batch = batch or self.batch
         eng, L, K, B = self.engine, self.L, len(masks), embed_live.shape[0]
