@@ -90,7 +90,7 @@ def test_batch_flag(tmp_path, capsys):
                      "--batch", k, "--out", str(out)]) == 0
         lines = [json.loads(x) for x in (out / "decisions.jsonl").read_text().splitlines()]
         logs.append([(d["phase"], d["pass"], d["candidate"], d["removed"]) for d in lines])
-        assert "batch" not in json.loads((out / "circuit.json").read_text()).get("settings", {})
+        assert "batch" not in json.loads((out / "checkpoint.json").read_text())["config"]
     assert logs[0] == logs[1] and len(logs[0]) > 10
     assert main(["prune", "--model", "test:planted", "--task", "planted", "--n-prompts", "12", "--quiet",
                  "--batch", "3", "--out", str(tmp_path / "b1")]) == 0  # resumes the finished run

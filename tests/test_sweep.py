@@ -5,6 +5,7 @@ worker killed mid-cell costs only that cell's replay; a failing cell is a row, n
 Tiny models only (test:planted, induction-2l); workers are slowed by a set-up hook where a kill
 has to land mid-cell.
 """
+import contextlib
 import functools
 import json
 import os
@@ -173,15 +174,16 @@ def test_a_second_run_skips_finished_cells_and_retries_failed_ones(local_sweep, 
     assert len(summary["cells"]) == 12  # one row per cell, nothing double-counted
 
 
-def test_a_killed_worker_costs_only_its_cells_replay(local_sweep, tmp_path):
-    _, whole, _, _ = local_sweep
-    text = SPEC.split("[[cases]]            #")[0] + "[axes]\norder = ['reverse']\nabsolute = [0.8]\n"
-    out = tmp_path / "out"
+@contextlib.contextmanager
+def killing_a_worker(out, cells: str):
+    """While the block runs, SIGKILL the process running the first cell matching `cells` (a glob)
+    once it has logged 5 decisions (its pid is in the cell's lock). Watches until the block ends,
+    however long the workers take to start on a loaded machine. Yields the killed cells' names."""
     killed, done = [], threading.Event()
 
-    def killer():  # SIGKILL the worker running the first cell to log 5 decisions (its pid is in the lock)
-        while not done.is_set() and not killed:  # watches until the sweep returns, however slow the start
-            for log in (out / "cells").glob("*/decisions.jsonl"):
+    def killer():
+        while not done.is_set() and not killed:
+            for log in (out / "cells").glob(f"{cells}/decisions.jsonl"):
                 lock = log.parent / ".lock"
                 if len(log.read_text().splitlines()) >= 5 and lock.exists() and not finished(log.parent):
                     holder = json.loads(lock.read_text() or "{}")
@@ -194,11 +196,19 @@ def test_a_killed_worker_costs_only_its_cells_replay(local_sweep, tmp_path):
     thread = threading.Thread(target=killer)
     thread.start()
     try:
-        summary = run_sweep(load_spec(spec_file(tmp_path, text)), out,
-                            LocalExecutor(workers=1, setup=functools.partial(slow_decisions, 0.01)), **QUIET)
+        yield killed
     finally:
         done.set()
         thread.join()
+
+
+def test_a_killed_worker_costs_only_its_cells_replay(local_sweep, tmp_path):
+    _, whole, _, _ = local_sweep
+    text = SPEC.split("[[cases]]            #")[0] + "[axes]\norder = ['reverse']\nabsolute = [0.8]\n"
+    out = tmp_path / "out"
+    with killing_a_worker(out, "*") as killed:
+        summary = run_sweep(load_spec(spec_file(tmp_path, text)), out,
+                            LocalExecutor(workers=1, setup=functools.partial(slow_decisions, 0.01)), **QUIET)
     assert killed, "the kill never landed"
     rows = {r["name"]: r for r in summary["cells"]}
     assert summary["counts"] == {"done": 2} and len(rows) == 2 and summary["executor"]["pool_restarts"] == 1
@@ -272,26 +282,8 @@ def test_ray_gives_the_local_cells_and_survives_a_killed_worker(local_sweep, tmp
                           "worker_process_setup_hook": "test_sweep.slow_decisions"})
     try:
         out = tmp_path / "ray"
-        killed, done = [], threading.Event()
-
-        def killer():  # watches until the sweep returns: a loaded machine can take long to start Ray
-            while not done.is_set() and not killed:
-                for log in (out / "cells").glob("*task=induction*/decisions.jsonl"):
-                    holder = json.loads((log.parent / ".lock").read_text() or "{}")
-                    if len(log.read_text().splitlines()) >= 5 and holder.get("pid") and "released" not in holder \
-                            and not finished(log.parent):
-                        os.kill(holder["pid"], signal.SIGKILL)
-                        killed.append(log.parent.name)
-                        break
-                time.sleep(0.01)
-
-        thread = threading.Thread(target=killer)
-        thread.start()
-        try:
+        with killing_a_worker(out, "*task=induction*") as killed:
             summary = run_sweep(load_spec(spec_file(tmp)), out, RayExecutor(address=None), **QUIET)
-        finally:
-            done.set()
-            thread.join()
         assert killed, "the kill never landed"
         assert summary["counts"] == {"done": 8, "failed": 4}
         assert next(r for r in summary["cells"] if r["name"] == killed[0])["replayed"] >= 5

@@ -108,7 +108,7 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
                 settle(cand, decision)
                 i += 1
                 continue
-            block = [c for c in seq[i: i + spec.size()]]
+            block = seq[i: i + spec.size()]
             block = block[: next((j for j, c in enumerate(block) if j and last.get(c, (None,))[0] == version),
                                  len(block))]  # a candidate that can be skipped ends the block
             guesses, variants, assumed = [], [], []
