@@ -77,6 +77,16 @@ def test_block_size_rule():
         Speculation(0)
 
 
+def test_block_stops_before_a_candidate_that_would_make_every_row_start_early():
+    """Candidates of the last layers, then one of the first: the block leaves that one out, because
+    with it every row would recompute the whole model; in layer order nothing changes."""
+    late = [0.1] * 6
+    assert block_size(0.99, spans=late + [1.0] + late) == 6
+    assert block_size(0.99, spans=[0.1] * 16) == block_size(0.99) == 16
+    assert block_size(0.99, spans=[1.0] + late) == 7  # the early one first costs nothing extra
+    assert block_size(0.99, spans=[0.3, 0.3]) == 2  # no more than there are candidates
+
+
 def test_skipped_tries_on_an_unchanged_circuit(test_model, evaluators):
     """A try on the circuit an earlier try already saw is not run again, and the search still ends
     in the same circuit as when every try runs (reverse order: the previous pass's last tries

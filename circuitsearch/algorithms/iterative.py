@@ -62,6 +62,8 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
     key = "nodes" if level == "nodes" else "edges"
     order = order.prepare(ev, run, level)
     spec = Speculation(batch)
+    stage = ev.index.node_stage if level == "nodes" else ev.index.edge_stage  # where each candidate enters the pass
+    top = 3 * ev.L + 2  # stages run from -1 (embed) to 3L (logits)
     version = 0          # how many removals the circuit has seen in this phase
     last: dict = {}      # candidate -> (version, decision) of its last try
     for p in range(max_passes):
@@ -108,7 +110,8 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
                 settle(cand, decision)
                 i += 1
                 continue
-            block = seq[i: i + spec.size()]
+            ahead = seq[i: i + spec.max_k]
+            block = ahead[: spec.size([(top - 1 - stage[c]) / top for c in ahead])]
             block = block[: next((j for j, c in enumerate(block) if j and last.get(c, (None,))[0] == version),
                                  len(block))]  # a candidate that can be skipped ends the block
             guesses, variants, assumed = [], [], []

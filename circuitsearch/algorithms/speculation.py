@@ -13,6 +13,13 @@ of right guesses (Laplace estimate over the last WINDOW guesses) and a pass over
 costing about OVERHEAD + K single-candidate rows, K minimises the expected cost per decision,
 (OVERHEAD + K) (1 - q) / (1 - q^K), up to MAX_K. Rare removals or confident guesses give large
 blocks; a phase where guesses keep failing falls back to one candidate at a time.
+
+A pass starts at the earliest layer any of its candidates touches, so every row of the block pays
+for the layers from there on. When the candidates come in layer order (alternate, reverse) that is
+no cost; in attribution order they jump across layers, and one early-layer candidate would make
+the whole block recompute the model from its layer. So each candidate's span (the share of the
+forward pass it needs) enters the cost: a block of K costs (OVERHEAD + K) times the largest span
+among its first K candidates.
 """
 from __future__ import annotations
 
@@ -23,14 +30,16 @@ MAX_K = 16
 WINDOW = 16
 
 
-def block_size(q: float, overhead: float = OVERHEAD, max_k: int = MAX_K) -> int:
+def block_size(q: float, overhead: float = OVERHEAD, max_k: int = MAX_K, spans=None) -> int:
     """The K in 1..max_k with the least expected cost per decision when each guess is right with
-    probability q."""
-    if q >= 1.0:
-        return max_k
-    best, best_cost = 1, float("inf")
+    probability q; spans[j] (default all 1) is the share of the forward pass candidate j needs."""
+    if spans is not None:
+        max_k = min(max_k, len(spans))
+    best, best_cost, span = 1, float("inf"), 0.0
     for k in range(1, max_k + 1):
-        cost = (overhead + k) * (1 - q) / (1 - q ** k)
+        span = max(span, 1.0 if spans is None else spans[k - 1])
+        decisions = k if q >= 1.0 else (1 - q ** k) / (1 - q)  # expected decisions up to the first wrong guess
+        cost = (overhead + k) * span / decisions
         if cost < best_cost - 1e-12:
             best, best_cost = k, cost
     return best
@@ -48,11 +57,12 @@ class Speculation:
         self.tried: set = set()                      # candidates tried in this phase
         self.rows = self.blocks = self.wasted = 0
 
-    def size(self) -> int:
+    def size(self, spans=None) -> int:
+        """How many of the next candidates to score together; spans: their shares of a forward pass."""
         if self.max_k == 1:
             return 1
         q = (sum(self.hits) + 1) / (len(self.hits) + 2)
-        return block_size(q, max_k=self.max_k)
+        return block_size(q, max_k=self.max_k, spans=spans)
 
     def guess(self, cand: int) -> bool:
         """Whether `cand` is predicted to be removed."""
