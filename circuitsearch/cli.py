@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task", help="one task to score every circuit on (built-in name or .jsonl)")
     g.add_argument("--tasks", help="comma-separated tasks (default: the runs' own tasks)")
     p.add_argument("--out", default="runs/crosstask.json", help="where the matrix is written as JSON")
+    p.add_argument("--workers", type=int, help="score the tasks (columns) in parallel on this many local worker "
+                   "processes (as `sweep` does; same scores); their logs and finished columns go to OUT's name "
+                   "with .columns/")
+    p.add_argument("--ray", metavar="auto|local|ADDRESS", help="score the tasks (columns) as Ray tasks (see `sweep --ray`)")
 
     p = sub.add_parser("sweep", help="run many prunes over settings (models x tasks x orders x thresholds ...) "
                        "from a TOML file, on this machine's cores or a Ray cluster; summary, plots, ROC")
@@ -257,15 +261,10 @@ def cmd_compare(args) -> int:
                       max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
                       template=args.template, corruption=args.corruption, **_engine_args(args))
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
-    if args.workers is not None or args.ray is not None:
-        from .sweeps import LocalExecutor, RayExecutor
+    executor = _executor(args)
+    if executor is not None:
         from .sweeps.compare import compare_orders
 
-        if args.workers is not None and args.workers < 1:
-            raise ValueError(f"--workers {args.workers}: give at least 1 (or leave it out to prune the orders "
-                             "one after another in this process)")
-        executor = (RayExecutor(address=args.ray, batch=args.batch) if args.ray is not None
-                    else LocalExecutor(workers=args.workers, batch=args.batch))
         cmp = compare_orders(cfg, orders, args.out, executor, force=args.no_memory_check)
     else:
         cmp = run_compare(cfg, orders, args.out, progress=not args.quiet, force=args.no_memory_check,
@@ -370,18 +369,35 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def _executor(args):
+    """compare-orders' and evaluate's --workers / --ray: a sweeps executor, or None (in this process)."""
+    if args.workers is None and args.ray is None:
+        return None
+    from .sweeps import LocalExecutor, RayExecutor
+
+    if args.workers is not None and args.ray is not None:
+        raise ValueError("--workers sizes the local executor; with --ray, Ray places the work (one CPU each)")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: give at least 1 (or leave it out to run everything "
+                         "one after another in this process)")
+    batch = getattr(args, "batch", 16)
+    return (RayExecutor(address=args.ray, batch=batch) if args.ray is not None
+            else LocalExecutor(workers=args.workers, batch=batch))
+
+
 def cmd_evaluate(args) -> int:
     from .evaluation import cross_task, format_matrix
     from .io import atomic_write_text
 
     tasks = [args.task] if args.task else ([t.strip() for t in args.tasks.split(",") if t.strip()]
                                            if args.tasks else None)
-    ct = cross_task(args.runs, tasks)
+    out = Path(args.out)
+    executor = _executor(args)
+    ct = cross_task(args.runs, tasks, executor=executor, workdir=out.with_suffix(".columns"))
     print()
     print(format_matrix(ct, "faithfulness"), end="")
     print()
     print(format_matrix(ct, "normalized"), end="")
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, json.dumps(ct.to_json(), indent=1))
     print(f"\nwrote {out}")

@@ -90,3 +90,22 @@ def test_evaluate_command_writes_the_matrix(runs, tmp_path, capsys):
     assert data["tasks"] == ["planted"] and len(data["faithfulness"]) == 2
     assert data["faithfulness"][1][0] == pytest.approx(runs["edges"][1].scores["faithfulness"], abs=1e-6)
     assert "circuit \\ task" in capsys.readouterr().out
+
+
+def test_evaluate_on_local_workers_equals_the_one_process_matrix(runs, tmp_path, capsys):
+    """Columns (tasks) scored on worker processes give the in-process matrix exactly; a second run
+    reuses the finished columns instead of scoring again."""
+    other = str(runs["edges"][0] / "task.json")  # a second column: the edges run's own prompts as a task
+    args = ["evaluate", str(runs["nodes"][0]), str(runs["edges"][0]), "--tasks", f"planted,{other}"]
+    assert main([*args, "--out", str(tmp_path / "one.json")]) == 0
+    assert main([*args, "--out", str(tmp_path / "pool.json"), "--workers", "2"]) == 0
+    one, pool = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "pool.json"))
+    assert one == pool and len(one["tasks"]) == 2 and len(one["scores"][0]) == 2
+    columns = sorted((tmp_path / "pool.columns" / "columns").glob("*.json"))
+    assert len(columns) == 2 and len(list((tmp_path / "pool.columns" / "logs").glob("*.log"))) == 2
+    stamps = [c.stat().st_mtime_ns for c in columns]
+    assert main([*args, "--out", str(tmp_path / "pool.json"), "--workers", "1"]) == 0
+    assert [c.stat().st_mtime_ns for c in columns] == stamps  # kept, not scored again
+    assert json.loads((tmp_path / "pool.json").read_text()) == one
+    assert main([*args, "--out", str(tmp_path / "x.json"), "--workers", "0"]) == 2
+    assert "--workers 0" in capsys.readouterr().err

@@ -288,6 +288,12 @@ def test_ray_gives_the_local_cells_and_survives_a_killed_worker(local_sweep, tmp
         assert summary["counts"] == {"done": 8, "failed": 4}
         assert next(r for r in summary["cells"] if r["name"] == killed[0])["replayed"] >= 5
         assert cell_results(out) == cell_results(local_out)
+        # evaluate's cross-task matrix on the same cluster: the in-process scores
+        from circuitsearch.evaluation import cross_task
+        planted = sorted(p for p in (out / "cells").glob("*task=planted*order=reverse*") if finished(p))
+        one = cross_task(planted, log=lambda *a: None)
+        on_ray = cross_task(planted, executor=RayExecutor(address=None), workdir=tmp_path / "cols", **QUIET)
+        assert len(planted) == 2 and on_ray.to_json() == one.to_json()
     finally:
         ray.shutdown()
 

@@ -132,6 +132,11 @@ def run_cell(out: str, cell: Cell, batch: int = 16) -> CellResult:
 
         log(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {worker}: cell {cell.name}")
         try:
+            if cell.kind == "evaluate":  # a column of evaluate's cross-task matrix
+                from ..evaluation import run_column
+                scores = run_column(out, cell, get_model(cell.settings["model"]), log)
+                return _stamp(CellResult(cell.name, cell.settings, cell.kind, "done", scores={"column": scores}),
+                              worker, t0)
             if is_done(out, cell):
                 return _stamp(result_from_dir(out, cell, "skipped"), worker, t0)
             model = get_model(cell.settings.get("model", "smollm2-135m"))
