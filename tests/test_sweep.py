@@ -218,6 +218,48 @@ def test_a_killed_worker_costs_only_its_cells_replay(local_sweep, tmp_path):
         assert mine[name] == ref[name], name
 
 
+def test_workers_end_when_the_sweep_process_is_killed(tmp_path):
+    """SIGKILL of the sweep process (nothing it can catch) leaves no worker running on, writing into
+    its cell and holding the cell's run lock; the sweep run again finishes that cell from its log."""
+    import subprocess
+    import sys
+
+    text = SPEC.split("[[cases]]            #")[0] + "[axes]\norder = ['reverse']\nabsolute = [0.8]\n"
+    spec, out = spec_file(tmp_path, text), tmp_path / "out"
+    script = ("import functools, sys; sys.path.insert(0, %r)\n"
+              "from test_sweep import slow_decisions\n"
+              "from circuitsearch.sweeps import LocalExecutor, load_spec, run_sweep\n"
+              "run_sweep(load_spec(%r), %r, LocalExecutor(workers=1, setup=functools.partial(slow_decisions, 0.05)),"
+              " log=lambda *a: None)\n") % (TESTS, str(spec), str(out))
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    try:
+        worker, deadline = None, time.time() + 300
+        while worker is None and time.time() < deadline and parent.poll() is None:
+            for log in (out / "cells").glob("*/decisions.jsonl"):
+                holder = json.loads((log.parent / ".lock").read_text() or "{}") if (log.parent / ".lock").exists() else {}
+                if len(log.read_text().splitlines()) >= 3 and holder.get("pid") and "released" not in holder:
+                    worker = holder["pid"]
+            time.sleep(0.01)
+        assert worker is not None and worker != parent.pid, "no worker was seen mid-cell"
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker kept running after its sweep process was killed")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    summary = run_sweep(load_spec(spec), out, LocalExecutor(workers=1), **QUIET)
+    assert summary["counts"].get("failed", 0) == 0 and sum(r["replayed"] for r in summary["cells"]) >= 3
+
+
 # ---------------------------------------------------------------- ROC against a known circuit
 
 def test_auc_is_the_trapezoid_with_the_corners_added():

@@ -60,8 +60,26 @@ def plan_workers(cells: list[Cell], workers: int | None = None, cores: int | Non
     return Plan(workers, max(1, cores // workers), reason)
 
 
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """A daemon thread that ends this worker once the sweep process that started it is gone.
+
+    A pool's workers outlive a parent killed by a signal it cannot catch (SIGTERM, SIGKILL); left
+    running they would go on writing into their cells and hold the cells' run locks against the
+    sweep run again."""
+    import threading
+
+    def watch():
+        while True:
+            time.sleep(every)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _init_worker(threads: int, setup) -> None:
     """Each worker process: torch threads sized to its share of the cores, then the caller's setup."""
+    _exit_with_parent(os.getppid())
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
     torch.set_num_threads(threads)
