@@ -91,7 +91,9 @@ def _config(run: SavedRun, task: str, model) -> PruneConfig:
     meta = run.circuit.meta if isinstance(run.circuit.meta, dict) else {}
     tm = meta.get("task_meta", {})
     return PruneConfig(model=model.name, task=task, ablation=m["ablation"], metric=m["metric"],
-                       qkv=run.circuit.graph.get("qkv", True), n_prompts=int(meta.get("n_prompts", 24)),
+                       qkv=run.circuit.graph.get("qkv", True),
+                       split_embed=bool(run.circuit.graph.get("split_embed", False)),
+                       n_prompts=int(meta.get("n_prompts", 24)),
                        seed=int(tm.get("seed", m.get("seed", 0))), template=int(tm.get("template", 0)),
                        corruption=tm.get("corruption", "random"))
 
@@ -125,14 +127,15 @@ def cross_task(run_dirs: list, tasks: list[str] | None = None, model=None, log=p
     scores = []
     for r in runs:
         m = r.circuit.method
+        graph = tuple(sorted(r.circuit.graph.items()))  # circuits of another graph (qkv, split_embed) need their own
         row = []
         for t in tasks:
             if t == r.task.name:
-                task, key = r.task, (str(r.path), m["ablation"], m["metric"])
+                task, key = r.task, (str(r.path), m["ablation"], m["metric"], graph)
             else:
                 if t not in shared:
                     shared[t] = _task_for(t, runs, model, r)
-                task, key = shared[t], (t, m["ablation"], m["metric"])
+                task, key = shared[t], (t, m["ablation"], m["metric"], graph)
             if key not in evs:
                 evs[key] = evaluator(_config(r, t, model), model, task)
             s = evs[key].score_circuit(r.circuit)
