@@ -244,3 +244,13 @@ def test_cli_refuses_split_embed_on_a_rotary_model(capsys):
                  "--split-embed"]) == 2
     err = capsys.readouterr().err
     assert "rotary" in err and "--split-embed" in err
+
+
+def test_cli_score_with_split_embed_says_pos_needs_zero_ablation(capsys):
+    assert main(["score", "--model", "induction-2l", "--task", "induction", "--n-prompts", "4",
+                 "--split-embed"]) == 0
+    err = capsys.readouterr().err
+    assert "pos" in err and "--ablation zero" in err
+    assert main(["score", "--model", "induction-2l", "--task", "induction", "--n-prompts", "4",
+                 "--split-embed", "--ablation", "zero"]) == 0
+    assert "--ablation zero" not in capsys.readouterr().err
