@@ -33,6 +33,9 @@ def _add_model_task(p: argparse.ArgumentParser) -> None:
                    "looser tolerance)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 for models narrower than 256, else one per core)")
+    p.add_argument("--split-embed", action="store_true",
+                   help="graph with two embedding senders, tok (token) and pos (learned position), in place of "
+                   "embed; models with learned positions only (GPT-2 style, not rotary)")
 
 
 def _batch(text: str) -> int:
@@ -306,7 +309,8 @@ def cmd_attribute(args) -> int:
 
 
 def _engine_args(args) -> dict:
-    return {"device": args.device, "dtype": args.dtype, "threads": args.threads}
+    """The settings every model-and-task command shares beyond the task: engine and graph."""
+    return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "split_embed": args.split_embed}
 
 
 def _evaluator(args):

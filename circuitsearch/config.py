@@ -29,6 +29,7 @@ class PruneConfig:
     template: int = 0
     corruption: str = "random"
     qkv: bool = True
+    split_embed: bool = False    # the graph's embedding as two senders, tok and pos (learned positions only)
     attribution: str = "eap-ig"  # the ranking of --order attribution and of target searches
     steps: int = 5               # its EAP-IG integration steps
     device: str = "cpu"          # where the engine runs (the bridge stays where it loaded)
@@ -36,11 +37,11 @@ class PruneConfig:
     threads: int | None = None   # torch threads; None: engine.choose_threads' rule (not a result setting)
 
     def to_json(self) -> dict:
-        """The settings that determine the result: threads never, device and dtype when not the defaults
-        (so run directories written before they existed keep their settings)."""
+        """The settings that determine the result: threads never; device, dtype and split_embed when not the
+        defaults (so run directories written before they existed keep their settings)."""
         d = dict(self.__dict__)
         d.pop("threads")
-        for k, default in (("device", "cpu"), ("dtype", "float32")):
+        for k, default in (("device", "cpu"), ("dtype", "float32"), ("split_embed", False)):
             if d[k] == default:
                 d.pop(k)
         return d
@@ -74,6 +75,8 @@ class PruneConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         parse_device(self.device)
+        if not isinstance(self.split_embed, bool):
+            raise ValueError(f"split_embed {self.split_embed!r} must be true or false")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"--threads {self.threads!r} must be a whole number of at least 1")
@@ -133,12 +136,13 @@ def resolve_task(config: PruneConfig, model, task_file: str | Path | None = None
 
 
 def evaluator(config: PruneConfig, model, task):
-    """The Evaluator of `task` on `model` with the config's ablation, metric and graph (qkv)."""
+    """The Evaluator of `task` on `model` with the config's ablation, metric and graph (qkv, split_embed)."""
     from .engine import DTYPES, Engine
     from .patching import Evaluator
 
     engine = Engine(model, device=config.device, dtype=DTYPES[config.dtype])
-    return Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv, engine=engine)
+    return Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv, engine=engine,
+                     split_embed=config.split_embed)
 
 
 def memory_needed(model, task) -> int:
@@ -186,4 +190,13 @@ def build(config: PruneConfig, model=None, task_file: str | Path | None = None, 
     choose_threads(model, config.threads)
     task = resolve_task(config, model, task_file)
     check_fits(model, task, log, force)
+    if config.split_embed and config.ablation != "zero" and log is not None:
+        log(POS_NOTE)
     return model, task, evaluator(config, model, task)
+
+
+# Why `pos` rarely matters under mean and resample ablation: said whenever a split-embed run uses them.
+POS_NOTE = ("note: with --split-embed under mean or resample ablation, pos is ablated to the position embedding of "
+            "the corrupted prompts at the same positions, which is its own value: removing pos or its edges "
+            "changes nothing, so a circuit without pos does not show that nothing reads positions. "
+            "--ablation zero tests that")

@@ -419,6 +419,25 @@ class Engine:
             x = x + self.w.W_pos[: tokens.shape[1]]
         return x
 
+    def embed_parts(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token embedding, learned position embedding), each [B, P, d]; their sum is embed(tokens)
+        bit for bit (the same one addition). ModelError for a model without learned positions."""
+        self.require_learned_positions()
+        x = self.w.W_E[tokens.to(self.device)]
+        if self.w.embed_scale != 1.0:
+            x = x * torch.tensor(self.w.embed_scale, dtype=x.dtype)
+        return x, self.w.W_pos[: tokens.shape[1]].expand_as(x)
+
+    def require_learned_positions(self) -> None:
+        """ModelError unless the model adds a learned position embedding to its token embedding (what a
+        graph with separate tok and pos senders needs)."""
+        if self.w.W_pos is None:
+            raise ModelError(f"model {self.model.name!r} has no learned position embedding to split off "
+                             f"(positional_embedding_type={self.model.bridge.cfg.positional_embedding_type!r}: "
+                             "positions enter inside attention, not as an input to the residual stream), so its "
+                             "embedding cannot be split into tok and pos senders: use the default graph (one "
+                             "`embed` sender, no --split-embed)")
+
     def norm(self, x: torch.Tensor, params: tuple | None) -> torch.Tensor:
         """LayerNorm or RMSNorm as `params` (kind, weight, bias, eps) say; identity for None."""
         if params is None:

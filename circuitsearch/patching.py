@@ -62,6 +62,7 @@ class Run:
     logits: torch.Tensor | None = None      # answer-position logits ([B, 2] or [B, vocab])
     diffs: dict = field(default_factory=dict)  # sender index -> live - ablated output
     sums: dict = field(default_factory=dict)   # receiver group -> (rows, Σ over removed senders, updates since full)
+    parts: list | None = None  # split-embed graph: [tok, pos] outputs after ablation (embed is their sum)
     _names: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -129,12 +130,14 @@ def distinct_rows(task: Task, ablation: str) -> tuple[torch.Tensor, torch.Tensor
 
 @dataclass
 class Source:
-    """Ablation values (broadcastable to [B, P, ...]) for embed, head z and MLP outputs."""
+    """Ablation values (broadcastable to [B, P, ...]) for embed, head z and MLP outputs; in a split-embed
+    graph `parts` holds those of tok and pos (and embed is their sum)."""
 
     kind: str
     embed: torch.Tensor
     z: list
     mlp_out: list
+    parts: list | None = None
 
 
 @dataclass
@@ -150,6 +153,7 @@ class _Pass:
     B: int
     source: Source | None   # the ablation source of one circuit's rows
     embed: torch.Tensor | None = None
+    parts: list | None = None                  # split-embed graph: stacked tok and pos outputs
     z: dict = field(default_factory=dict)      # layer -> stacked z
     mlp: dict = field(default_factory=dict)    # layer -> stacked MLP output
     diffs: dict = field(default_factory=dict)  # sender -> stacked live − ablated output (K > 1)
@@ -172,8 +176,9 @@ class _Pass:
         return [t] if self.K == 1 else list(t.unflatten(0, (self.K, self.B)).unbind(0))
 
     def ablation(self, what: str, l: int | None = None) -> torch.Tensor:
-        """The ablation value of `what` (embed, z or mlp_out, at layer l) for the stacked rows: a shared
-        one (mean, zero) as it is, a per-row one (resample) tiled for the K circuits, once per pass."""
+        """The ablation value of `what` (embed, z or mlp_out at layer l, parts at index l) for the stacked
+        rows: a shared one (mean, zero) as it is, a per-row one (resample) tiled for the K circuits, once
+        per pass."""
         t = getattr(self.source, what) if l is None else getattr(self.source, what)[l]
         if self.K == 1 or t.shape[0] == 1:
             return t
@@ -201,10 +206,15 @@ class Evaluator:
     index ids). For search, run(...) returns a cached Run and extend(run, nodes=..., edges=...)
     scores a circuit that removes a little more, recomputing only from the earliest layer the
     change touches.
+
+    split_embed=True scores circuits of the graph whose embedding is two senders, `tok` (the token
+    embedding) and `pos` (the learned position embedding), each ablated and patched on its own; only
+    for models with learned positions (a ModelError otherwise).
     """
 
     def __init__(self, model: Model, task: Task, ablation: str = "mean", metric: str = "logit_diff",
-                 qkv: bool = True, weights: Weights | None = None, engine: Engine | None = None):
+                 qkv: bool = True, weights: Weights | None = None, engine: Engine | None = None,
+                 split_embed: bool = False):
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
         self.model, self.task, self.ablation = model, task, ablation
@@ -213,7 +223,11 @@ class Evaluator:
         self.w = self.engine.w
         self.L, self.H = model.n_layers, model.n_heads
         self.attn_only = model.attn_only
-        self.graph = ModelGraph(self.L, self.H, self.attn_only, qkv, parallel=self.engine.parallel)
+        if split_embed:
+            self.engine.require_learned_positions()
+        self.split_embed = bool(split_embed)
+        self.graph = ModelGraph(self.L, self.H, self.attn_only, qkv, parallel=self.engine.parallel,
+                                split_embed=self.split_embed)
         self.index = index_of(self.graph)
         self.senders = self.index.senders
         self.sender_index = {s: i for i, s in enumerate(self.senders)}
@@ -233,8 +247,8 @@ class Evaluator:
         everything = Batch(task.corrupted, task.answers, task.wrong_answers, torch.ones(len(task)))
         with torch.inference_mode():
             empty = self._empty_masks()
-            self._embed_clean = self.engine.embed(self.batch.tokens)
-            corrupt = self._forward(None, -1, empty, self.engine.embed(task.corrupted), source=None, batch=everything)
+            self._embed_clean = self._embed_live(self.batch.tokens)
+            corrupt = self._forward(None, -1, empty, self._embed_live(task.corrupted), source=None, batch=everything)
             self.source = self._make_source(corrupt, first)
             self.clean_run = self._forward(None, -1, empty, self._embed_clean)
             if not self.metric.two_columns:
@@ -245,6 +259,11 @@ class Evaluator:
             self.full = self.clean_run.score
             self.corrupted = corrupt.score
             self.empty = self.score(nodes=self.senders)
+
+    def _embed_live(self, tokens: torch.Tensor):
+        """The live embedding of `tokens` as the forward pass takes it: [B, P, d], or in a split-embed
+        graph the list [tok, pos] of its parts."""
+        return list(self.engine.embed_parts(tokens)) if self.split_embed else self.engine.embed(tokens)
 
     def _check_task(self, task: Task) -> None:
         """Token ids inside the model's vocabularies (prompts: input, answers: output) and context."""
@@ -404,12 +423,18 @@ class Evaluator:
         mix = lambda live, abl: abl + alpha * (live - abl)
         inputs = {"attn": [None] * L, "mlp": [None] * L, "logits": None}
         with torch.enable_grad():
-            live = eng.embed(self.batch.tokens).requires_grad_()
-            # torch.where keeps the graph attached to `live` when embed is ablated, so every receiver
-            # input still requires grad (its gradient is what we want, not the embedding's)
-            embed = torch.where(ablated[0], src.embed, mix(live, src.embed))
-            out = [embed - src.embed]  # live - ablated output of each sender in forward order
-            resid = embed
+            # torch.where keeps the graph attached to the live embedding when it is ablated, so every
+            # receiver input still requires grad (its gradient is what we want, not the embedding's)
+            if self.split_embed:  # tok and pos: senders 0 and 1, each mixed and ablated on its own
+                parts = [torch.where(ablated[s], a, mix(t.clone().requires_grad_(), a))
+                         for s, (t, a) in enumerate(zip(eng.embed_parts(self.batch.tokens), src.parts))]
+                out = [t - a for t, a in zip(parts, src.parts)]  # live - ablated output of each sender
+                resid = parts[0] + parts[1]
+            else:
+                live = eng.embed(self.batch.tokens).requires_grad_()
+                embed = torch.where(ablated[0], src.embed, mix(live, src.embed))
+                out = [embed - src.embed]  # live - ablated output of each sender in forward order
+                resid = embed
 
             def delta(mask):  # Σ over removed senders of (live - ablated), per receiver row
                 cols = mask.any(0).nonzero()[:, 0].tolist()
@@ -460,7 +485,8 @@ class Evaluator:
         if getattr(self, "_grad_src", None) is None:
             c = lambda t: None if t is None else t.clone()
             s = self.source
-            self._grad_src = Source(s.kind, c(s.embed), [c(t) for t in s.z], [c(t) for t in s.mlp_out])
+            self._grad_src = Source(s.kind, c(s.embed), [c(t) for t in s.z], [c(t) for t in s.mlp_out],
+                                    None if s.parts is None else [c(t) for t in s.parts])
         return self._grad_src
 
     # ------------------------------------------------------------------ forward
@@ -473,11 +499,13 @@ class Evaluator:
         """Ablation values from the corrupted run (over all the task's rows); resample keeps `rows`."""
         if self.ablation == "resample":
             return Source("resample", corrupt.embed[rows], [t[rows] for t in corrupt.z],
-                          [None if t is None else t[rows] for t in corrupt.mlp_out])
+                          [None if t is None else t[rows] for t in corrupt.mlp_out],
+                          None if corrupt.parts is None else [t[rows] for t in corrupt.parts])
         mean = lambda t: None if t is None else t.mean(0, keepdim=True)
         zero = lambda t: None if t is None else torch.zeros_like(t[:1])
         f = mean if self.ablation == "mean" else zero
-        return Source(self.ablation, f(corrupt.embed), [f(t) for t in corrupt.z], [f(t) for t in corrupt.mlp_out])
+        return Source(self.ablation, f(corrupt.embed), [f(t) for t in corrupt.z], [f(t) for t in corrupt.mlp_out],
+                      None if corrupt.parts is None else [f(t) for t in corrupt.parts])
 
     def _sender_diff(self, run: Run, s: int) -> torch.Tensor:
         """live − ablated output of sender s in `run` (cached in run.diffs)."""
@@ -486,7 +514,7 @@ class Evaluator:
             ix = self.index
             kind, layer = ix.node_kind[s], ix.node_layer[s]
             if kind == EMBED:
-                d = run.embed - self.source.embed
+                d = run.embed - self.source.embed if run.parts is None else run.parts[s] - self.source.parts[s]
             elif kind == HEAD:
                 h = ix.node_head[s]
                 zl = run.z[layer][:, :, h] - self.source.z[layer][:, :, h]
@@ -505,7 +533,7 @@ class Evaluator:
             ix = self.index
             kind, layer = ix.node_kind[s], ix.node_layer[s]
             if kind == EMBED:
-                d = p.embed - p.ablation("embed")
+                d = p.embed - p.ablation("embed") if p.parts is None else p.parts[s] - p.ablation("parts", s)
             elif kind == HEAD:
                 h = ix.node_head[s]
                 d = (p.z[layer][:, :, h] - p.ablation("z", layer)[:, :, h]) @ self.w.layers[layer].W_O[h]
@@ -577,26 +605,29 @@ class Evaluator:
         its own pass would (equal up to the rounding of differently sized GEMMs, about 1e-6)."""
         src = self.source if source == "self" else source
         batch = batch or self.batch
-        eng, L, K, B = self.engine, self.L, len(masks), embed_live.shape[0]
+        eng, L, K = self.engine, self.L, len(masks)
+        B = (embed_live[0] if isinstance(embed_live, list) else embed_live).shape[0]
         if base is None or start < 0:
             base, start = None, -1
         p = _Pass([], base, start, torch.stack([m.ablated for m in masks]), torch.stack([m.removed for m in masks]),
                   B, src)
         if base is None:
-            emb = p.tile(embed_live)
-            off = p.ablated[:, 0]
-            if src is not None and bool(off.any()):
-                emb = (p.ablation("embed").expand_as(emb) if bool(off.all())
-                       else torch.where(p.rows(off)[:, None, None], p.ablation("embed"), emb))
+            if isinstance(embed_live, list):  # split-embed graph: tok and pos are senders 0 and 1
+                p.parts = [self._embed_part(p, s, t) for s, t in enumerate(embed_live)]
+                emb = p.parts[0] + p.parts[1]
+            else:
+                emb = self._embed_part(p, 0, embed_live, "embed")
             p.embed = emb
-            p.runs = [Run(self.index, m, e, [None] * L, [None] * L, [None] * L, [None] * L)
-                      for m, e in zip(masks, p.split(emb))]
+            parts = [p.split(t) for t in p.parts] if p.parts is not None else None
+            p.runs = [Run(self.index, m, e, [None] * L, [None] * L, [None] * L, [None] * L,
+                          parts=None if parts is None else [t[k] for t in parts])
+                      for k, (m, e) in enumerate(zip(masks, p.split(emb)))]
         else:
             stage = self.index.node_stage
             diffs = {s: d for s, d in base.diffs.items() if stage[s] < start}
             sums = {g: v for g, v in base.sums.items() if self._group_stage[g] < start}
             p.runs = [Run(self.index, m, base.embed, list(base.resid_pre), list(base.z), list(base.resid_mid),
-                          list(base.mlp_out), diffs=dict(diffs), sums=dict(sums)) for m in masks]
+                          list(base.mlp_out), diffs=dict(diffs), sums=dict(sums), parts=base.parts) for m in masks]
         edges = bool(p.removed.any())
         first = max(start, 0) // 3
         if first >= L:
@@ -664,6 +695,16 @@ class Evaluator:
             self.forward_equivalents += K * self._cost(start)
             self.batched_passes += K > 1
         return p.runs
+
+    def _embed_part(self, p: "_Pass", s: int, live: torch.Tensor, what: str = "parts") -> torch.Tensor:
+        """Embedding sender s's output for the stacked rows: `live` tiled, its ablation value in the circuits
+        that ablate s (`what`: the Source field holding it, the whole embed or the parts indexed by s)."""
+        emb = p.tile(live)
+        off = p.ablated[:, s]
+        if p.source is not None and bool(off.any()):
+            abl = p.ablation(what, None if what == "embed" else s)
+            emb = abl.expand_as(emb) if bool(off.all()) else torch.where(p.rows(off)[:, None, None], abl, emb)
+        return emb
 
     def _heads_z(self, p: "_Pass", l: int, resid: torch.Tensor, hab: torch.Tensor | None,
                  edges: bool) -> torch.Tensor:

@@ -4,6 +4,9 @@ Slow and simple on purpose: every hook point is the bridge's own, nothing is cac
 calls. Tests and benchmarks hold the fast evaluator to it. On grouped-query models the
 bridge's k/v input hooks are per key/value head, so edges into k and v must be removed
 alike for all query heads of a group (the evaluator has no such restriction).
+
+The names say the graph: `embed` is the whole embedding (hook_embed and hook_pos_embed together),
+`tok` and `pos` (a split-embed graph) are hook_embed and hook_pos_embed alone.
 """
 from __future__ import annotations
 
@@ -55,8 +58,15 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
         else:
             removed[r].append(s)
 
+    if ({"tok", "pos"} & (nodes | {split_edge(e)[0] for e in edges})) and not has_pos:
+        raise ValueError("tok and pos name the token and position embeddings of a model with learned positions; "
+                         "this model has no hook_pos_embed")
+    hook_of = {"tok": "hook_embed", "pos": "hook_pos_embed"}
+
     def diff(sender: str) -> torch.Tensor:
         info = parse_node(sender, L)
+        if sender in hook_of:
+            return live[hook_of[sender]] - src[hook_of[sender]]
         if info.kind == "embed":
             d = live["hook_embed"] - src["hook_embed"]
             return d + (live["hook_pos_embed"] - src["hook_pos_embed"]) if has_pos else d
@@ -69,7 +79,7 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
 
     def replace_hook(kind, name, layer=None):
         def fn(t, hook):
-            if kind == "embed" and "embed" in nodes:
+            if kind == "embed" and ("embed" in nodes or {"hook_embed": "tok", "hook_pos_embed": "pos"}[name] in nodes):
                 t = src[name].expand_as(t).clone()
             elif kind == "z":
                 ablate = [h for h in range(H) if f"a{layer}.{h}" in nodes]

@@ -111,7 +111,7 @@ def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int =
         scale = -1.0 / steps
         est = torch.zeros(ix.R, S, dtype=D.dtype)  # receiver row x sender
         for l in range(L):
-            n = 1 + l * (H + (0 if ev.attn_only else 1))  # senders before layer l's heads
+            n = ix.n_embed + l * (H + (0 if ev.attn_only else 1))  # senders before layer l's heads
             G = grads["attn"][l].flatten(2, 3)  # [B, P, 3H, d], q of every head, then k, then v
             E = torch.einsum("bprd,bpsd->rs", G, D[:, :, :n]) * scale
             est[:, :n].index_add_(0, ev._attn_rows[l], E)  # one receiver per head: q, k and v summed

@@ -194,8 +194,8 @@ def run_phases(ev: Evaluator, level: str, phase: Phase, dangling: Thresholds | N
 
 
 def dangling_nodes(ev: Evaluator, run: Run, from_embed: bool = True) -> list[str]:
-    """Surviving nodes with no path to the logits, or (while embed survives, unless from_embed
-    is False) none from embed."""
+    """Surviving nodes with no path to the logits, or (while the embedding survives, unless from_embed
+    is False) none from it (from `embed`, or from `tok` or `pos` in a split-embed graph)."""
     ix = ev.index
     g = nx.DiGraph()
     alive = ix.names(run.present_nodes().nonzero()[:, 0], "nodes") + ["logits"]
@@ -203,14 +203,15 @@ def dangling_nodes(ev: Evaluator, run: Run, from_embed: bool = True) -> list[str
     present = run.present_edges()
     g.add_edges_from(zip(ix.names(ix.edge_src[present], "nodes"), ix.names(ix.edge_dst_node[present], "nodes")))
     to_logits = nx.ancestors(g, "logits")
-    from_embed = nx.descendants(g, "embed") if "embed" in g and from_embed else None
+    inputs = [n for n in ev.graph.embed_nodes if n in g]
+    from_embed = set().union(*(nx.descendants(g, n) for n in inputs)) if inputs and from_embed else None
     return [n for n in alive[:-1]
-            if n not in to_logits or (from_embed is not None and n != "embed" and n not in from_embed)]
+            if n not in to_logits or (from_embed is not None and n not in inputs and n not in from_embed)]
 
 
 def remove_dangling(ev: Evaluator, result: PruneResult, thresholds: Thresholds) -> None:
     """Ablate nodes left without a path to the logits (exact: nothing downstream reads them),
-    then those without a path from embed if the thresholds accept it (they still write a
+    then those without a path from the embedding if the thresholds accept it (they still write a
     constant that can matter)."""
     dangling = dangling_nodes(ev, result.run)
     if not dangling:

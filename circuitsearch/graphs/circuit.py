@@ -51,9 +51,10 @@ def model_graph_of(signature: dict) -> ModelGraph:
 
 
 def node_sort_key(name: str, n_layers: int) -> tuple:
-    """Forward order: embed, then per layer its heads by index, then its MLP, then logits."""
+    """Forward order: embed (tok before pos), then per layer its heads by index, then its MLP, then logits."""
     info = parse_node(name, n_layers)
-    return (info.layer, 1 if info.kind == "mlp" else 0, info.head if info.head is not None else 0)
+    return (info.layer, 1 if info.kind == "mlp" else 0,
+            info.head if info.head is not None else 1 if name == "pos" else 0)
 
 
 def edge_sort_key(edge: str, n_layers: int) -> tuple:

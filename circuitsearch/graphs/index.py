@@ -5,8 +5,9 @@ indices and boolean masks over them. The index is built once per graph (`ModelGr
 every name that enters the program is turned into an index here, with a clear error for a
 name the graph does not have.
 
-Indices follow forward order. Nodes: embed, each layer's heads then its MLP, logits; the
-senders are every node but logits, so a sender's index is its node index. Receivers: for each
+Indices follow forward order. Nodes: embed (or tok, pos: n_embed embedding senders), each
+layer's heads then its MLP, logits; the senders are every node but logits, so a sender's index
+is its node index. Receivers: for each
 node after embed, its inputs (a head's q, k, v, or the head itself when the graph has one
 receiver per head; an MLP; the logits). Edges: `ModelGraph.edges` order.
 
@@ -53,10 +54,11 @@ class GraphIndex:
         self.node_head = [-1 if i.head is None else i.head for i in infos]
         self.node_stage = [_node_stage(i.kind, i.layer, L) for i in infos]
         self.logits = self.N - 1
+        self.n_embed = len(graph.embed_nodes)  # the embedding senders are nodes 0 .. n_embed-1
 
         self.receivers: list[str] = []
         recv_node, recv_input = [], []
-        for n in self.nodes[1:]:
+        for n in self.nodes[self.n_embed:]:
             for r in graph.receivers_of(n):
                 self.receivers.append(r)
                 recv_node.append(self.node_id[n])

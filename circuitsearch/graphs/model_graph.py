@@ -3,6 +3,8 @@
 Nodes are `embed`, `a{layer}.{head}`, `m{layer}` and `logits`. A head reads its input
 through three receivers `a{l}.{h}.q|k|v`; an MLP and the logits read through themselves.
 An edge `src->dst` joins a sender node to a receiver that comes later in the forward pass.
+With split_embed the embedding is two senders, `tok` (token embedding) and `pos` (learned
+position embedding), in place of `embed`, so a circuit says which of the two a node reads.
 """
 from __future__ import annotations
 
@@ -13,11 +15,14 @@ from functools import cached_property
 _HEAD = re.compile(r"^a(\d+)\.(\d+)$")
 _MLP = re.compile(r"^m(\d+)$")
 _RECV = re.compile(r"^a(\d+)\.(\d+)\.([qkv])$")
+EMBED_NODES = ("embed",)           # the embedding sender of the default graph
+SPLIT_EMBED_NODES = ("tok", "pos")  # its two parts in a split_embed graph, in forward order
 
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """What a node name means: kind is embed, head, mlp or logits; layer -1 for embed."""
+    """What a node name means: kind is embed, head, mlp or logits; layer -1 for embed (and for `tok`
+    and `pos`, the parts of the embedding in a split_embed graph: kind embed too)."""
 
     name: str
     kind: str
@@ -26,9 +31,9 @@ class NodeInfo:
 
 
 def parse_node(name: str, n_layers: int | None = None) -> NodeInfo:
-    """Parse a node name (`embed`, `a9.1`, `m3`, `logits`); logits sit at layer n_layers (None when
-    n_layers is not given: its layer is unknown without the model)."""
-    if name == "embed":
+    """Parse a node name (`embed`, `tok`, `pos`, `a9.1`, `m3`, `logits`); logits sit at layer n_layers
+    (None when n_layers is not given: its layer is unknown without the model)."""
+    if name in EMBED_NODES or name in SPLIT_EMBED_NODES:
         return NodeInfo(name, "embed", -1)
     if name == "logits":
         return NodeInfo(name, "logits", n_layers)
@@ -39,8 +44,8 @@ def parse_node(name: str, n_layers: int | None = None) -> NodeInfo:
     if m:
         return NodeInfo(name, "mlp", int(m.group(1)))
     raise ValueError(
-        f"unknown node name {name!r}: expected 'embed', 'a<layer>.<head>' (e.g. a9.1), "
-        "'m<layer>' or 'logits'"
+        f"unknown node name {name!r}: expected 'embed' (or 'tok' and 'pos' with split embeddings), "
+        "'a<layer>.<head>' (e.g. a9.1), 'm<layer>' or 'logits'"
     )
 
 
@@ -75,6 +80,8 @@ class ModelGraph:
     parallel=True is a model whose blocks run attention and MLP side by side on the layer's
     input (GPT-NeoX/Pythia, GPT-J): the MLP of layer l does not read that layer's heads, so
     there is no edge a{l}.h->m{l}.
+    split_embed=True replaces the sender `embed` by `tok` and `pos` (token and learned position
+    embedding; their sum is the embedding), for models with learned positions only.
     """
 
     n_layers: int
@@ -82,18 +89,29 @@ class ModelGraph:
     attn_only: bool = False
     qkv: bool = True
     parallel: bool = False
+    split_embed: bool = False
 
     def signature(self) -> dict:
-        """What two circuits must share to be compared (`parallel` only when set, so circuits saved
-        before it existed keep their signature)."""
+        """What two circuits must share to be compared (`parallel` and `split_embed` only when set, so
+        circuits saved before they existed keep their signature)."""
         sig = {"n_layers": self.n_layers, "n_heads": self.n_heads,
                "attn_only": self.attn_only, "qkv": self.qkv}
-        return {**sig, "parallel": True} if self.parallel else sig
+        if self.parallel:
+            sig["parallel"] = True
+        if self.split_embed:
+            sig["split_embed"] = True
+        return sig
 
     @classmethod
     def from_signature(cls, sig: dict) -> "ModelGraph":
         return cls(int(sig["n_layers"]), int(sig["n_heads"]), bool(sig.get("attn_only", False)),
-                   bool(sig.get("qkv", True)), bool(sig.get("parallel", False)))
+                   bool(sig.get("qkv", True)), bool(sig.get("parallel", False)),
+                   bool(sig.get("split_embed", False)))
+
+    @property
+    def embed_nodes(self) -> tuple[str, ...]:
+        """The embedding senders: (`embed`,), or (`tok`, `pos`) with split_embed."""
+        return SPLIT_EMBED_NODES if self.split_embed else EMBED_NODES
 
     def heads(self, layer: int) -> list[str]:
         return [f"a{layer}.{h}" for h in range(self.n_heads)]
@@ -104,8 +122,8 @@ class ModelGraph:
 
     @cached_property
     def nodes(self) -> list[str]:
-        """All nodes in forward order: embed, each layer's heads then MLP, logits."""
-        out = ["embed"]
+        """All nodes in forward order: embed (or tok, pos), each layer's heads then MLP, logits."""
+        out = list(self.embed_nodes)
         for layer in range(self.n_layers):
             out += self.layer_nodes(layer)
         return out + ["logits"]
@@ -129,7 +147,7 @@ class ModelGraph:
         info = parse_node(node, self.n_layers)
         if info.kind == "embed":
             return []
-        out = ["embed"]
+        out = list(self.embed_nodes)
         for layer in range(self.n_layers):
             if layer > info.layer or (layer == info.layer and info.kind == "head"):
                 break
@@ -146,7 +164,7 @@ class ModelGraph:
     def edges(self) -> list[str]:
         """All edges, ordered by receiver in forward order, then sender in forward order."""
         out = []
-        for node in self.nodes[1:]:
+        for node in self.nodes[len(self.embed_nodes):]:
             for recv in self.receivers_of(node):
                 out += [f"{s}->{recv}" for s in self.senders_into(node)]
         return out
@@ -159,6 +177,8 @@ class ModelGraph:
 
     def check_node(self, name: str) -> str:
         info = parse_node(name, self.n_layers)
+        if name not in self._node_set and info.kind == "embed":
+            raise ValueError(self._embed_hint(name))
         if name not in self._node_set:
             raise ValueError(f"node {name!r} is not in this model ({self.n_layers} layers × "
                              f"{self.n_heads} heads{', attention only' if self.attn_only else ''})")
@@ -167,8 +187,18 @@ class ModelGraph:
     def check_edge(self, edge: str) -> str:
         if edge not in self._edge_set:
             src, dst = split_edge(edge)
+            if src not in self._node_set and parse_node(src).kind == "embed":
+                raise ValueError(f"edge {edge!r}: {self._embed_hint(src)}")
             raise ValueError(f"edge {edge!r} is not in this model's graph: {src} does not feed {dst}")
         return edge
+
+    def _embed_hint(self, name: str) -> str:
+        """Why an embedding node name is not in this graph, and which names are."""
+        if self.split_embed:
+            return (f"node {name!r} is not in this graph: it splits the embedding into 'tok' (token) and "
+                    "'pos' (position) senders")
+        return (f"node {name!r} is not in this graph: its embedding is one sender, 'embed' ('tok' and 'pos' "
+                "exist only in a graph with split embeddings, --split-embed)")
 
     @cached_property
     def _node_set(self) -> frozenset:

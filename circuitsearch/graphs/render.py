@@ -24,6 +24,7 @@ KIND_SHAPE = {"embed": "box", "logits": "box", "head": "ellipse", "mlp": "box"}
 KIND_FILL = {"embed": ("#eeeeee", "#c8c8c8"), "logits": ("#eeeeee", "#c8c8c8"),  # (no effect, largest effect)
              "head": ("#eef5fb", "#8fbde0"), "mlp": ("#fff3e3", "#f5b36b")}
 DX, DY, MLP_RISE = 0.85, 0.75, 0.4  # inches: column and row pitch; MLP sits this far above its heads
+EMBED_SHIFT = {"tok": -0.45, "pos": 0.45}  # inches from the centre: the 0.8-wide tok and pos boxes side by side
 SWATCH = "\u25ac\u25ac"  # two black rectangles, drawn in the legend colour
 _INPUT_RANK = {"q": 0, "k": 1, "v": 2, "": 3}
 LABEL_LIMIT = 80  # above this many drawn edges, edges carry no q/k/v text (colours and legend remain)
@@ -80,8 +81,8 @@ def positions(nodes: list[str], n_layers: int) -> dict[str, tuple[float, float]]
             out[n] = (col[i.head] * DX, row[i.layer] * DY)
         elif i.kind == "mlp":
             out[n] = ((len(cols) - 1 + 1.15) * DX if cols else 0.0, row[i.layer] * DY + MLP_RISE)
-        elif i.kind == "embed":
-            out[n] = (width / 2, -DY)
+        elif i.kind == "embed":  # a split embedding side by side: tok left, pos right
+            out[n] = (width / 2 + EMBED_SHIFT.get(n, 0.0), -DY)
         else:
             out[n] = (width / 2, top)
     return out

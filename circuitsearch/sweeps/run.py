@@ -42,7 +42,7 @@ def load_circuits(out: Path, rows: list[dict]) -> dict:
             if r["status"] in ("done", "skipped") and r.get("circuit")}
 
 
-EVAL_KEYS = ("model", "task", "n_prompts", "seed", "template", "corruption", "ablation", "metric", "qkv",
+EVAL_KEYS = ("model", "task", "n_prompts", "seed", "template", "corruption", "ablation", "metric", "qkv", "split_embed",
              "attribution", "steps")  # what an attribution ranking depends on
 
 

@@ -23,7 +23,7 @@ EXTRA_KEYS = ("target", "patience", "curves")  # settings of a cell that are not
 SETTING_KEYS = CONFIG_KEYS + EXTRA_KEYS
 THRESHOLD_KEYS = ("absolute", "relative")
 INT_KEYS = ("max_passes", "n_prompts", "seed", "template", "steps", "patience")
-BOOL_KEYS = ("qkv", "curves")
+BOOL_KEYS = ("qkv", "split_embed", "curves")
 TARGET_ORDER = "target"  # order = "target": a target search (run_targets) instead of iterative pruning
 NAME_LIMIT = 150         # longer cell names are cut and end in a hash of the settings
 
