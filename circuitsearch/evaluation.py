@@ -90,10 +90,12 @@ def _config(run: SavedRun, task: str, model) -> PruneConfig:
     m = run.circuit.method
     meta = run.circuit.meta if isinstance(run.circuit.meta, dict) else {}
     tm = meta.get("task_meta", {})
+    template = tm.get("template", 0)
     return PruneConfig(model=model.name, task=task, ablation=m["ablation"], metric=m["metric"],
                        qkv=run.circuit.graph.get("qkv", True), n_prompts=int(meta.get("n_prompts", 24)),
-                       seed=int(tm.get("seed", m.get("seed", 0))), template=int(tm.get("template", 0)),
-                       corruption=tm.get("corruption", "random"))
+                       seed=int(tm.get("seed", m.get("seed", 0))), template=template if template == "all" else int(template),
+                       corruption=tm.get("corruption", "random"), positions=m.get("positions", "last"),
+                       reduce=m.get("reduce"))
 
 
 def _task_for(name: str, runs: list[SavedRun], model, like: SavedRun):

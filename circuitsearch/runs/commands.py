@@ -46,6 +46,8 @@ def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: di
               "dangling_removed": result.dangling}
     if config.order == "attribution":
         method.update(attribution=config.attribution, steps=config.steps)
+    if config.positions != "last" or config.reduce is not None:
+        method.update(positions=config.positions, reduce=ev.reduce)
     if estimated:
         method["estimated_effects"] = estimated
     return Circuit(model=ev.model.name, graph=ev.graph.signature(), task=ev.task.name, nodes=nodes, edges=edges,
