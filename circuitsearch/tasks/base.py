@@ -170,19 +170,33 @@ def _answer_split(tokenizer, name: str, i: int, what: str, prompt: str, corrupte
     ids = _encode(tokenizer, text)
     if not ids:
         raise TaskError(f"task {name!r}, prompt {i}: {what} {text!r} has no tokens")
-    after = {}
+    names = lambda t: [tokenizer.decode([x]) for x in t]
+    after, shown = {}, {}
     for kind, ptext in (("clean", prompt), ("corrupted", corrupted)):
         whole, head = _encode(tokenizer, ptext + text), _encode(tokenizer, ptext)
         after[kind] = whole[len(head):] if whole[: len(head)] == head else None
-    show = lambda t: "unsplittable" if t is None else [tokenizer.decode([x]) for x in t]
+        shown[kind] = (names(after[kind]) if after[kind] is not None else
+                       f"merged with the prompt's last token into {names(whole[max(len(head) - 1, 0):])}")
     if after["clean"] != after["corrupted"]:
-        raise TaskError(f"task {name!r}, prompt {i}: {what} {text!r} splits as {show(after['clean'])} after the "
-                        f"clean prompt but {show(after['corrupted'])} after the corrupted one; the answer must be "
+        raise TaskError(f"task {name!r}, prompt {i}: {what} {text!r} splits as {shown['clean']} after the "
+                        f"clean prompt but {shown['corrupted']} after the corrupted one; the answer must be "
                         "the same tokens after both (change the prompt's last characters, e.g. end both with a space)")
     if after["clean"] != ids:
-        raise TaskError(f"task {name!r}, prompt {i}: {what} {text!r} is {show(ids)} alone but {show(after['clean'])} "
+        raise TaskError(f"task {name!r}, prompt {i}: {what} {text!r} is {names(ids)} alone but {shown['clean']} "
                         "after the prompt; move the characters the tokenizer merges into the prompt or the answer")
     return ids
+
+
+def first_difference(a: Sequence[int], w: Sequence[int], answer: str, wrong: str) -> int:
+    """Where token lists a (answer) and w (wrong answer) first differ; TaskError when one is the other's prefix."""
+    c = 0
+    while c < min(len(a), len(w)) and a[c] == w[c]:
+        c += 1
+    if c == len(a) or c == len(w):
+        kind = "the same tokens as" if len(a) == len(w) else ("a prefix of" if c == len(a) else "begins with")
+        raise TaskError(f"{answer} is {kind} {wrong}, so no token tells them apart; choose answers that differ "
+                        "in a token")
+    return c
 
 
 def build_task(name: str, tokenizer, clean: Sequence[str], corrupted: Sequence[str],
@@ -225,14 +239,8 @@ def build_task(name: str, tokenizer, clean: Sequence[str], corrupted: Sequence[s
         for i in range(len(clean)):
             a = _answer_split(tokenizer, name, i, "answer", clean[i], corrupted[i], answers[i])
             w = _answer_split(tokenizer, name, i, "wrong answer", clean[i], corrupted[i], wrong_answers[i])
-            c = 0
-            while c < min(len(a), len(w)) and a[c] == w[c]:
-                c += 1
-            if c == len(a) or c == len(w):
-                kind = "the same tokens as" if len(a) == len(w) else (
-                    "a prefix of" if c == len(a) else "begins with")
-                raise TaskError(f"task {name!r}, prompt {i}: answer {answers[i]!r} is {kind} the wrong answer "
-                                f"{wrong_answers[i]!r}, so no token tells them apart; choose answers that differ in a token")
+            c = first_difference(a, w, f"task {name!r}, prompt {i}: answer {answers[i]!r}",
+                                 f"the wrong answer {wrong_answers[i]!r}")
             clean_ids[i] = clean_ids[i] + a[:c]
             corr_ids[i] = corr_ids[i] + a[:c]
             ans.append(a[c])
@@ -362,7 +370,7 @@ def read_task_file(path: str | Path) -> list[dict]:
             for k in TASK_FIELDS:
                 if not isinstance(row[k], str) or not row[k]:
                     raise TaskError(f"{path}:{ln}: field {k!r} must be a non-empty string (text) or token ids "
-                                    f"(clean and corrupted lists of ids, answer and wrong_answer one id each), "
+                                    f"(clean and corrupted lists of ids, answer and wrong_answer one id or a list of ids each), "
                                     f"not {row[k]!r}")
             if rows and is_id_row(rows[0]):
                 raise TaskError(f"{path}:{ln}: text, but the lines before hold token ids; one file holds one kind")
@@ -374,10 +382,12 @@ def read_task_file(path: str | Path) -> list[dict]:
 
 
 def is_id_row(row: dict) -> bool:
-    """A task file line given as token ids: clean and corrupted lists of ids, answer and wrong_answer ids."""
+    """A task file line given as token ids: clean and corrupted lists of ids, answer and wrong_answer ids
+    (one id, or a list of ids for an answer of several tokens)."""
     isid = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
-    return (all(isinstance(row.get(k), list) and row[k] and all(isid(v) for v in row[k]) for k in ("clean", "corrupted"))
-            and isid(row.get("answer")) and isid(row.get("wrong_answer")))
+    ids = lambda v: isinstance(v, list) and v and all(isid(x) for x in v)
+    return (all(ids(row.get(k)) for k in ("clean", "corrupted"))
+            and all(isid(row.get(k)) or ids(row.get(k)) for k in ("answer", "wrong_answer")))
 
 
 def _row_group(row: dict):
@@ -408,16 +418,24 @@ def load_task(path: str | Path, tokenizer) -> Task:
                 raise TaskError(f"task file {str(path)!r}, prompt {i + 1}: clean is {len(r['clean'])} token ids but "
                                 f"corrupted is {len(r['corrupted'])}; corrupted prompts must align token by token "
                                 "with the clean ones (prompts of different lengths are fine)")
-        t = lambda k: torch.tensor([r[k] for r in rows], dtype=torch.long)
         text = lambda ids: tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids))
-        one = lambda i: text([i])
+        as_list = lambda v: v if isinstance(v, list) else [v]
+        answers = [as_list(r["answer"]) for r in rows]
+        wrongs = [as_list(r["wrong_answer"]) for r in rows]
+        multi = any(len(a) > 1 or len(w) > 1 for a, w in zip(answers, wrongs))
+        fed = [first_difference(a, w, f"{path}: prompt {i + 1}: answer {a}", f"the wrong answer {w}") if multi else 0
+               for i, (a, w) in enumerate(zip(answers, wrongs))]
+        clean = [r["clean"] + a[:c] for r, a, c in zip(rows, answers, fed)]
+        corrupted = [r["corrupted"] + a[:c] for r, a, c in zip(rows, answers, fed)]
         gids, names = group_ids(labels, len(rows))
         meta = {"source": str(path), "token_ids": True} | ({"groups": names} if names else {})
-        task = Task(path.stem, pad([r["clean"] for r in rows]), pad([r["corrupted"] for r in rows]),
-                    t("answer"), t("wrong_answer"),
+        task = Task(path.stem, pad(clean), pad(corrupted),
+                    torch.tensor([a[c] for a, c in zip(answers, fed)]), torch.tensor([w[c] for w, c in zip(wrongs, fed)]),
                     [text(r["clean"]) for r in rows], [text(r["corrupted"]) for r in rows],
-                    [one(r["answer"]) for r in rows], [one(r["wrong_answer"]) for r in rows],
-                    meta=meta, lengths=torch.tensor([len(r["clean"]) for r in rows]), groups=gids)
+                    [text(a) for a in answers], [text(w) for w in wrongs],
+                    meta=meta, lengths=torch.tensor([len(r) for r in clean]), groups=gids,
+                    answer_ids=answers if multi else None, wrong_ids=wrongs if multi else None,
+                    fed=fed if multi else None)
         validate(task)
         return task
     if tokenizer is None:
