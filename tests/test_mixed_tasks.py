@@ -326,3 +326,19 @@ def test_batched_extensions_on_a_mixed_task_equal_single_ones(model):
     for (nodes, edges), run in zip(variants, many):
         one = ev.extend(base, nodes, edges)
         assert abs(run.score - one.score) < TOL and abs(run.score - ev.rescore(run)) < TOL
+
+
+def test_cli_reads_the_metric_where_told(capsys):
+    from circuitsearch.cli import main
+    assert main(["score", "--model", "induction-2l", "--task", "induction", "--positions", "all"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ev = Evaluator(load_model("induction-2l"), induction_task(n=24, seed=0), positions="all")
+    assert out["full"] == pytest.approx(ev.full, abs=1e-6) and out["corrupted"] == pytest.approx(ev.corrupted, abs=1e-6)
+    assert main(["score", "--model", "induction-2l", "--task", "induction", "--positions", "S99"]) == 2
+    assert "no position named 'S99'" in capsys.readouterr().err
+    assert main(["score", "--model", "induction-2l", "--task", "induction", "--metric", "logprob",
+                 "--positions", "all"]) == 2
+    assert "positions last only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse refuses it
+        main(["score", "--model", "induction-2l", "--task", "induction", "--template", "first"])
+    assert "'first' is not a template number (0, 1, ...) or all" in capsys.readouterr().err
