@@ -130,11 +130,11 @@ def cross_task(run_dirs: list, tasks: list[str] | None = None, model=None, log=p
         row = []
         for t in tasks:
             if t == r.task.name:
-                task, key = r.task, (str(r.path), m["ablation"], m["metric"])
+                task, key = r.task, (str(r.path), m["ablation"], m["metric"], m.get("positions"), m.get("reduce"))
             else:
                 if t not in shared:
                     shared[t] = _task_for(t, runs, model, r)
-                task, key = shared[t], (t, m["ablation"], m["metric"])
+                task, key = shared[t], (t, m["ablation"], m["metric"], m.get("positions"), m.get("reduce"))
             if key not in evs:
                 evs[key] = evaluator(_config(r, t, model), model, task)
             s = evs[key].score_circuit(r.circuit)
