@@ -43,8 +43,10 @@ def get_task(name: str, tokenizer, n: int = 24, seed: int = 0, template: int | s
         meta = dict(parts[0].meta, template="all",
                     templates=[{k: p.meta[k] for k in ("n_generated", "n_correct", "n_kept") if k in p.meta}
                                for p in parts])
-        for k in ("n_generated", "n_correct", "n_kept"):
+        for k in ("n_generated", "n_correct", "n_kept"):  # totals over the templates
             meta.pop(k, None)
+            if all(k in p.meta for p in parts):
+                meta[k] = sum(p.meta[k] for p in parts)
         meta["groups"] = list(range(len(parts)))
         return concat_tasks(name, parts, meta)
     builder = TASKS[name][0]
