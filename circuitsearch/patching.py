@@ -249,7 +249,6 @@ class Evaluator:
         first, inverse = distinct_rows(task, ablation, self.readout)
         self.engine.check(task.clean[first])  # never silently wrong: the engine reproduces the bridge here
         self.rows_inverse = inverse
-        self._first = first
         counts = torch.bincount(inverse, minlength=len(first)).float()
         self.batch = Batch.of(task.clean[first], self.readout.rows(first), counts)
         everything = Batch.of(task.corrupted, self.readout, torch.ones(len(task)))
