@@ -342,3 +342,28 @@ def test_cli_reads_the_metric_where_told(capsys):
     with pytest.raises(SystemExit):  # argparse refuses it
         main(["score", "--model", "induction-2l", "--task", "induction", "--template", "first"])
     assert "'first' is not a template number (0, 1, ...) or all" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_token_text_answers_on_the_embedded_model(smollm2):
+    """' San Francisco' vs ' San Diego' after a prompt: logprob is the teacher-forced total from the
+    bridge's plain forward, the default reads ' Francisco' vs ' Diego' after '... San'."""
+    tok = smollm2.tokenizer
+    enc = lambda t: tok(t, add_special_tokens=False)["input_ids"]
+    clean = ["The Golden Gate Bridge is in the city of", "The bridge I saw last year is in"]
+    corrupted = ["The Golden Gate Tower is in the city of", "The bridge I saw last week is in"]
+    task = build_task("cities", tok, clean, corrupted, [" San Francisco"] * 2, [" San Diego"] * 2,
+                      groups=["a", "b"])
+    assert task.mixed and task.fed == [1, 1]
+    ev = Evaluator(smollm2, task, metric="logprob")
+    hand, diffs = [], []
+    for c in clean:
+        p, a = enc(c), enc(" San Francisco")
+        with torch.no_grad():
+            logp = torch.log_softmax(smollm2.bridge(torch.tensor([p + a[:-1]]))[0].float(), -1)
+        hand.append(sum(float(logp[len(p) - 1 + j, t]) for j, t in enumerate(a)))
+        with torch.no_grad():
+            last = smollm2.bridge(torch.tensor([p + a[:1]]))[0, -1]
+        diffs.append(float(last[enc(" Francisco")[0]] - last[enc(" Diego")[0]]))
+    assert ev.full == pytest.approx(sum(hand) / 2, abs=1e-4)
+    assert Evaluator(smollm2, task).full == pytest.approx(sum(diffs) / 2, abs=1e-4)
