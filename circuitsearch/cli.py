@@ -23,7 +23,12 @@ def _add_model_task(p: argparse.ArgumentParser) -> None:
                    "(text, or token ids) or a run's task.json")
     p.add_argument("--n-prompts", type=int, default=24, help="prompts to use (default 24)")
     p.add_argument("--seed", type=int, default=0, help="seed for prompt generation and random orders")
-    p.add_argument("--template", type=int, default=0, help="which template of the built-in task")
+    p.add_argument("--template", type=_template, default=0, help="which template of the built-in task, or all "
+                   "(n prompts of each template in one task)")
+    p.add_argument("--positions", default="last", help="where the metric is read: last (default), all (every "
+                   "position, teacher forced), or position names of the task, e.g. S2,end")
+    p.add_argument("--reduce", choices=("mean", "sum"), default=None,
+                   help="how a prompt's positions combine (default: sum for logprob, else mean)")
     p.add_argument("--no-memory-check", action="store_true",
                    help="run a task that looks too large for this machine's memory anyway")
     p.add_argument("--corruption", default="random", help="how corrupted prompts are made (task-specific)")
@@ -36,6 +41,15 @@ def _add_model_task(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-embed", action="store_true",
                    help="graph with two embedding senders, tok (token) and pos (learned position), in place of "
                    "embed; models with learned positions only (GPT-2 style, not rotary)")
+
+
+def _template(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a template number (0, 1, ...) or all") from None
 
 
 def _batch(text: str) -> int:
@@ -64,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_task(p)
     p.add_argument("--level", choices=("nodes", "edges", "both"), default="both")
     p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
-    p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy"), default="logit_diff")
+    p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy", "l2", "logprob"), default="logit_diff")
     p.add_argument("--absolute", type=_threshold, default=0.8,
                    help="keep at least this fraction of the full model's performance (default 0.8; 'off')")
     p.add_argument("--relative", type=_threshold, default=None,
@@ -93,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated orders (default forward,reverse,alternate,attribution,random:1,random:2)")
     p.add_argument("--level", choices=("nodes", "edges", "both"), default="both")
     p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
-    p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy"), default="logit_diff")
+    p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy", "l2", "logprob"), default="logit_diff")
     p.add_argument("--absolute", type=_threshold, default=0.8, help="as for prune (default 0.8)")
     p.add_argument("--relative", type=_threshold, default=None, help="as for prune (default off)")
     p.add_argument("--max-passes", type=int, default=10)
@@ -111,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=("eap", "eap-ig"), default="eap-ig")
     p.add_argument("--steps", type=int, default=5, help="EAP-IG integration steps (default 5)")
     p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
-    p.add_argument("--metric", choices=("logit_diff", "prob", "kl"), default="logit_diff")
+    p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "l2", "logprob"), default="logit_diff")
     p.add_argument("--check", action="store_true", help="also ablate every node exactly and report the rank "
                    "correlation (one forward pass per node)")
     p.add_argument("--top", type=int, default=15, help="how many nodes and edges to list")
@@ -120,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="scores of the full model, the corrupted run and the empty circuit")
     _add_model_task(p)
     p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
-    p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy"), default="logit_diff")
+    p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy", "l2", "logprob"), default="logit_diff")
 
     sub.add_parser("tasks", help="list the built-in tasks")
     sub.add_parser("models", help="list the models and what each needs")
@@ -309,8 +323,9 @@ def cmd_attribute(args) -> int:
 
 
 def _engine_args(args) -> dict:
-    """The settings every model-and-task command shares beyond the task: engine and graph."""
-    return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "split_embed": args.split_embed}
+    """The engine's, the graph's and the readout's settings (every command with _add_model_task has them)."""
+    return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "split_embed": args.split_embed,
+            "positions": args.positions, "reduce": args.reduce}
 
 
 def _evaluator(args):

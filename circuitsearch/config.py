@@ -26,7 +26,7 @@ class PruneConfig:
     max_passes: int = 10
     n_prompts: int = 24
     seed: int = 0
-    template: int = 0
+    template: int | str = 0      # a template number, or "all" (every template, one group each)
     corruption: str = "random"
     qkv: bool = True
     split_embed: bool = False    # the graph's embedding as two senders, tok and pos (learned positions only)
@@ -35,13 +35,16 @@ class PruneConfig:
     device: str = "cpu"          # where the engine runs (the bridge stays where it loaded)
     dtype: str = "float32"       # the engine's dtype: float32, float64, bfloat16, float16
     threads: int | None = None   # torch threads; None: engine.choose_threads' rule (not a result setting)
+    positions: str = "last"      # where the metric is read: last, all, or position names (readout.py)
+    reduce: str | None = None    # over positions: mean or sum (None: sum for logprob, else mean)
 
     def to_json(self) -> dict:
-        """The settings that determine the result: threads never; device, dtype and split_embed when not the
-        defaults (so run directories written before they existed keep their settings)."""
+        """The settings that determine the result: threads never; device, dtype, split_embed, positions and
+        reduce when not the defaults (so run directories written before they existed keep their settings)."""
         d = dict(self.__dict__)
         d.pop("threads")
-        for k, default in (("device", "cpu"), ("dtype", "float32"), ("split_embed", False)):
+        for k, default in (("device", "cpu"), ("dtype", "float32"), ("split_embed", False), ("positions", "last"),
+                           ("reduce", None)):
             if d[k] == default:
                 d.pop(k)
         return d
@@ -61,8 +64,15 @@ class PruneConfig:
         for flag, value in (("n-prompts", self.n_prompts), ("max-passes", self.max_passes), ("steps", self.steps)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"--{flag} {value!r} must be a whole number of at least 1")
-        if isinstance(self.template, bool) or not isinstance(self.template, int) or self.template < 0:
-            raise ValueError(f"--template {self.template!r} must be a template number (0, 1, ...)")
+        if self.template != "all" and (isinstance(self.template, bool) or not isinstance(self.template, int)
+                                       or self.template < 0):
+            raise ValueError(f"--template {self.template!r} must be a template number (0, 1, ...) or all")
+        from .readout import REDUCTIONS, parse_positions
+        positions = parse_positions(self.positions)
+        if self.reduce is not None and self.reduce not in REDUCTIONS:
+            raise ValueError(f"--reduce {self.reduce!r}: choose one of {', '.join(REDUCTIONS)}")
+        if self.metric == "logprob" and positions != "last":
+            raise ValueError("the logprob metric reads the answer's own tokens; it takes --positions last only")
         phases(self.level)
         if self.ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {self.ablation!r}; choose one of {', '.join(ABLATIONS)}")
@@ -142,7 +152,7 @@ def evaluator(config: PruneConfig, model, task):
 
     engine = Engine(model, device=config.device, dtype=DTYPES[config.dtype])
     return Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv, engine=engine,
-                     split_embed=config.split_embed)
+                     split_embed=config.split_embed, positions=config.positions, reduce=config.reduce)
 
 
 def memory_needed(model, task) -> int:

@@ -90,12 +90,14 @@ def _config(run: SavedRun, task: str, model) -> PruneConfig:
     m = run.circuit.method
     meta = run.circuit.meta if isinstance(run.circuit.meta, dict) else {}
     tm = meta.get("task_meta", {})
+    template = tm.get("template", 0)
     return PruneConfig(model=model.name, task=task, ablation=m["ablation"], metric=m["metric"],
                        qkv=run.circuit.graph.get("qkv", True),
                        split_embed=bool(run.circuit.graph.get("split_embed", False)),
                        n_prompts=int(meta.get("n_prompts", 24)),
-                       seed=int(tm.get("seed", m.get("seed", 0))), template=int(tm.get("template", 0)),
-                       corruption=tm.get("corruption", "random"))
+                       seed=int(tm.get("seed", m.get("seed", 0))), template=template if template == "all" else int(template),
+                       corruption=tm.get("corruption", "random"), positions=m.get("positions", "last"),
+                       reduce=m.get("reduce"))
 
 
 def _task_for(name: str, runs: list[SavedRun], model, like: SavedRun):
@@ -115,12 +117,13 @@ def score_column(runs: list[SavedRun], task: str, model, log=print) -> list[dict
     shared, evs, column = None, {}, []
     for r in runs:
         m = r.circuit.method
-        graph = tuple(sorted(r.circuit.graph.items()))  # circuits of another graph (qkv, split_embed) need their own
+        # circuits of another graph (qkv, split_embed) or read at other positions need their own evaluator
+        how = (m["ablation"], m["metric"], m.get("positions"), m.get("reduce"), tuple(sorted(r.circuit.graph.items())))
         if task == r.task.name:
-            t, key = r.task, (str(r.path), m["ablation"], m["metric"], graph)
+            t, key = r.task, (str(r.path), *how)
         else:
             shared = shared or _task_for(task, runs, model, r)
-            t, key = shared, (task, m["ablation"], m["metric"], graph)
+            t, key = shared, (task, *how)
         if key not in evs:
             evs[key] = evaluator(_config(r, task, model), model, t)
         s = evs[key].score_circuit(r.circuit)

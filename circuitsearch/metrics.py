@@ -1,8 +1,9 @@
-"""Task metrics read at the answer position, and how scores become faithfulness.
+"""Task metrics read at the readout positions, and how scores become faithfulness.
 
-A metric maps the answer-position logits of a batch to one number. Logit difference only
-needs two unembedding columns per prompt, so it declares them and the evaluator computes
-just those; the others need the whole vocabulary.
+A metric maps the logits at one readout position (and its target and wrong token) to one
+number; the evaluator reduces a prompt's positions to one value (see readout.py). Logit
+difference only needs two unembedding columns per position, so it declares them and the
+evaluator computes just those; the others need the whole vocabulary.
 """
 from __future__ import annotations
 
@@ -11,18 +12,22 @@ from typing import Callable
 
 import torch
 
-METRICS = ("logit_diff", "prob", "kl", "accuracy")
+METRICS = ("logit_diff", "prob", "kl", "accuracy", "l2", "logprob")
 
 
 @dataclass(frozen=True)
 class Metric:
-    """name; whether higher is better; whether it reads only the answer/wrong columns."""
+    """name; whether higher is better; whether it reads only the answer/wrong columns; which of the
+    full model's outputs it compares with (`reference`: "logprobs", "logits" or None); whether its
+    faithfulness is circuit / full (`ratio`) or the normalized score."""
 
     name: str
     higher_is_better: bool
     two_columns: bool
     fn: Callable[..., torch.Tensor]
     description: str
+    reference: str | None = None
+    ratio: bool = True
 
     def __call__(self, logits: torch.Tensor, answers: torch.Tensor, wrong: torch.Tensor,
                  reference_logprobs: torch.Tensor | None = None) -> float:
@@ -52,12 +57,27 @@ def _accuracy(logits, answers, wrong, ref):
     return (logits.argmax(-1) == answers).float()
 
 
+def _l2(logits, answers, wrong, ref):
+    if ref is None:
+        raise ValueError("the l2 metric needs the full model's logits as reference")
+    return (logits.float() - ref).norm(dim=-1)
+
+
+def _logprob(logits, answers, wrong, ref):
+    return torch.log_softmax(logits.float(), -1).gather(1, answers[:, None])[:, 0]
+
+
 _REGISTRY = {
     "logit_diff": Metric("logit_diff", True, True, _logit_diff,
                          "logit of the answer minus logit of the wrong answer (default)"),
     "prob": Metric("prob", True, False, _prob, "probability of the answer"),
-    "kl": Metric("kl", False, False, _kl, "KL divergence from the full model's next-token distribution"),
+    "kl": Metric("kl", False, False, _kl, "KL divergence from the full model's next-token distribution",
+                 reference="logprobs"),
     "accuracy": Metric("accuracy", True, False, _accuracy, "top-1 accuracy"),
+    "l2": Metric("l2", False, False, _l2, "L2 distance of the output logits to the full model's (numeric outputs)",
+                 reference="logits"),
+    "logprob": Metric("logprob", True, False, _logprob,
+                      "the answer's teacher-forced log-probability, summed over its tokens", ratio=False),
 }
 
 
@@ -71,9 +91,13 @@ def get_metric(name: str) -> Metric:
 def faithfulness(metric: Metric, score: float, full: float, empty: float) -> float:
     """Fraction of the full model's performance the circuit keeps.
 
-    circuit / full for the higher-is-better metrics (the seed papers' "% of full"); for KL,
-    where the full model scores 0, it is 1 − KL / KL(empty), which is also its normalized score.
+    circuit / full for the higher-is-better metrics (the seed papers' "% of full"); for KL and
+    L2, where the full model scores 0, it is 1 − score / empty, which is also their normalized
+    score; for log-probability (negative, so a ratio would grow as the circuit gets worse) it
+    is the normalized score.
     """
+    if not metric.ratio:
+        return normalized(metric, score, full, empty)
     if metric.higher_is_better:
         return score / full if full != 0 else float("nan")
     return 1.0 - score / empty if empty != 0 else float("nan")

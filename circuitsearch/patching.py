@@ -9,7 +9,8 @@ A circuit is two masks over the graph index: ablated nodes and removed edges (th
 dense, receiver × sender). Names are turned into indices once, where they enter.
 
 Semantics (design.md): an ablated node's output is replaced by its ablation value (mean over
-the corrupted prompts per position, the aligned corrupted prompt, or zero). A removed edge
+the corrupted prompts of the same template and length per position, the aligned corrupted
+prompt, or zero). A removed edge
 s->r makes receiver r read `resid - (live_s - ablated_s)`: the sender's ablated output in
 place of its live output in the current (pruned) run.
 """
@@ -25,6 +26,7 @@ from .graphs.index import EMBED, HEAD, GraphIndex, index_of
 from .graphs.model_graph import ModelGraph
 from .metrics import Metric, faithfulness, get_metric, normalized
 from .models import Model
+from .readout import Readout, make_readout
 from .tasks.base import Task
 
 ABLATIONS = ("mean", "resample", "zero")
@@ -59,7 +61,7 @@ class Run:
     final: torch.Tensor | None = None       # [B, P, d] residual after the last layer
     score: float = float("nan")
     per_prompt: torch.Tensor | None = None  # metric per prompt
-    logits: torch.Tensor | None = None      # answer-position logits ([B, 2] or [B, vocab])
+    logits: torch.Tensor | None = None      # readout logits ([B, 2] or [B, vocab]; [B, T, ...] at T positions)
     diffs: dict = field(default_factory=dict)  # sender index -> live - ablated output
     sums: dict = field(default_factory=dict)   # receiver group -> (rows, Σ over removed senders, updates since full)
     parts: list | None = None  # split-embed graph: [tok, pos] outputs after ablation (embed is their sum)
@@ -103,19 +105,34 @@ class Batch:
     """
 
     tokens: torch.Tensor    # [B, P]
-    answers: torch.Tensor   # [B]
-    wrong: torch.Tensor     # [B]
+    answers: torch.Tensor   # [B] (last position only) or [B, T] targets
+    wrong: torch.Tensor     # [B] or [B, T]
     weight: torch.Tensor    # [B] occurrences of the row in the task
-    ref: torch.Tensor | None = None  # full model's log-probs per row (KL metric)
+    ref: torch.Tensor | None = None  # full model's log-probs (KL) or logits (L2) per row [B, (T,) vocab]
+    pos: torch.Tensor | None = None    # [B, T] readout positions; None: the last position of every row
+    valid: torch.Tensor | None = None  # [B, T] which of them count
+    reduce: str = "mean"               # how a row's positions become one value
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, readout: Readout, weight: torch.Tensor) -> "Batch":
+        if readout.last_only:
+            return cls(tokens, readout.target[:, 0], readout.wrong[:, 0], weight, reduce=readout.reduce)
+        return cls(tokens, readout.target, readout.wrong, weight, pos=readout.pos, valid=readout.valid,
+                   reduce=readout.reduce)
 
     @property
     def cols(self) -> torch.Tensor:
-        return torch.stack([self.answers, self.wrong], 1)
+        return torch.stack([self.answers, self.wrong], -1)
 
 
-def distinct_rows(task: Task, ablation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first index of each distinct row, inverse map) over the rows that determine a clean run."""
+def distinct_rows(task: Task, ablation: str, readout: Readout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first index of each distinct row, inverse map) over what determines a row's clean run and score:
+    tokens, length, group (its mean-ablation source), readout, and its corrupted prompt under resample."""
     parts = [task.clean, task.answers[:, None], task.wrong_answers[:, None]]
+    if task.mixed or bool(task.groups.any()):
+        parts += [task.lengths[:, None], task.groups[:, None]]
+    if readout is not None and not readout.last_only:
+        parts.append(readout.key())
     if ablation == "resample":
         parts.append(task.corrupted)
     key = torch.cat(parts, 1)
@@ -214,11 +231,14 @@ class Evaluator:
 
     def __init__(self, model: Model, task: Task, ablation: str = "mean", metric: str = "logit_diff",
                  qkv: bool = True, weights: Weights | None = None, engine: Engine | None = None,
-                 split_embed: bool = False):
+                 split_embed: bool = False, positions: str | tuple = "last", reduce: str | None = None):
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
-        self.model, self.task, self.ablation = model, task, ablation
         self.metric: Metric = get_metric(metric)
+        # the task as given (saved with runs) and as run: logprob feeds each answer after its prompt
+        self.model, self.task, self.ablation = model, task, ablation
+        task, self.readout = make_readout(task, self.metric, positions, reduce)
+        self.run_task, self.positions, self.reduce = task, positions, self.readout.reduce
         self.engine = engine or Engine(model, weights)
         self.w = self.engine.w
         self.L, self.H = model.n_layers, model.n_heads
@@ -239,12 +259,12 @@ class Evaluator:
         self.forward_equivalents = 0.0
         self.backward_passes = 0
         self._check_task(task)
-        first, inverse = distinct_rows(task, ablation)
+        first, inverse = distinct_rows(task, ablation, self.readout)
         self.engine.check(task.clean[first])  # never silently wrong: the engine reproduces the bridge here
         self.rows_inverse = inverse
         counts = torch.bincount(inverse, minlength=len(first)).float()
-        self.batch = Batch(task.clean[first], task.answers[first], task.wrong_answers[first], counts)
-        everything = Batch(task.corrupted, task.answers, task.wrong_answers, torch.ones(len(task)))
+        self.batch = Batch.of(task.clean[first], self.readout.rows(first), counts)
+        everything = Batch.of(task.corrupted, self.readout, torch.ones(len(task)))
         with torch.inference_mode():
             empty = self._empty_masks()
             self._embed_clean = self._embed_live(self.batch.tokens)
@@ -252,7 +272,8 @@ class Evaluator:
             self.source = self._make_source(corrupt, first)
             self.clean_run = self._forward(None, -1, empty, self._embed_clean)
             if not self.metric.two_columns:
-                self.batch.ref = torch.log_softmax(self.clean_run.logits.float(), -1)
+                logits = self.clean_run.logits.float()
+                self.batch.ref = logits if self.metric.reference == "logits" else torch.log_softmax(logits, -1)
                 everything.ref = self.batch.ref[inverse]
                 self._finish(self.clean_run, self.batch)
                 self._finish(corrupt, everything)
@@ -266,14 +287,23 @@ class Evaluator:
         return list(self.engine.embed_parts(tokens)) if self.split_embed else self.engine.embed(tokens)
 
     def _check_task(self, task: Task) -> None:
-        """Token ids inside the model's vocabularies (prompts: input, answers: output) and context."""
+        """Token ids inside the model's vocabularies (prompts: input, answers: output) and context;
+        prompts of mixed lengths only on a causal model (padding is exact only there)."""
         n_ctx = self.engine.n_ctx
         if n_ctx is not None and task.seq_len > n_ctx:
             raise ValueError(f"task prompts are {task.seq_len} tokens but the model's context is {n_ctx}")
+        if task.mixed and not self.engine.w.causal:
+            raise ValueError(f"task {task.name!r} has prompts of {len(set(task.lengths.tolist()))} different token "
+                             f"lengths, but model {self.model.name!r} attends bidirectionally, so the padding of the "
+                             "shorter prompts would change their computation; split the task by length (one task "
+                             "per template) for this model")
+        r = self.readout
         for what, t, vocab, side in (("clean prompts", task.clean, self.engine.d_vocab_in, "input"),
                                      ("corrupted prompts", task.corrupted, self.engine.d_vocab_in, "input"),
                                      ("answers", task.answers, self.engine.d_vocab_out, "output"),
-                                     ("wrong answers", task.wrong_answers, self.engine.d_vocab_out, "output")):
+                                     ("wrong answers", task.wrong_answers, self.engine.d_vocab_out, "output"),
+                                     ("readout targets", r.target[r.valid], self.engine.d_vocab_out, "output"),
+                                     ("readout wrong tokens", r.wrong[r.valid], self.engine.d_vocab_out, "output")):
             if int(t.max()) >= vocab or int(t.min()) < 0:
                 raise ValueError(f"task {task.name!r}: {what} hold token ids outside the model's vocabulary "
                                  f"(its {side} vocabulary is ids 0..{vocab - 1}); was the task made with another "
@@ -411,7 +441,8 @@ class Evaluator:
         live value (alpha = 1: the circuit itself; alpha = 0: everything ablated), which is
         the path integrated gradients walk. One forward and one backward pass. Returns
         {"attn": [L] x [B, P, 3, H, d], "mlp": [L] x [B, P, d], "logits": [B, d]} for the
-        distinct prompt rows, each row's gradient weighted by its share of the task.
+        distinct prompt rows, each row's gradient weighted by its share of the task ("logits":
+        [B, P, d] when the metric reads other positions than the last of full-length prompts).
         """
         if self.metric.name == "accuracy":
             raise ValueError("accuracy has no gradient: attribute with logit_diff, prob or kl instead")
@@ -462,10 +493,14 @@ class Evaluator:
                     out.append(m - src.mlp_out[l])
                     resid = resid + m
             d = delta(removed[self._logits_row][None])
-            x = inputs["logits"] = resid[:, -1].clone() if isinstance(d, float) else (resid - d[:, :, 0])[:, -1]
             b = self.batch
-            logits = eng.unembed(x, b.cols if self.metric.two_columns else None)
-            per = self.metric.per_prompt(logits, b.answers, b.wrong, b.ref)
+            if b.pos is None:  # the last position: the logits receiver's input there [B, d]
+                x = inputs["logits"] = resid[:, -1].clone() if isinstance(d, float) else (resid - d[:, :, 0])[:, -1]
+                logits = eng.unembed(x, b.cols if self.metric.two_columns else None)
+            else:  # several positions: its input at every position [B, P, d] (zero gradient where unread)
+                x = inputs["logits"] = resid.clone() if isinstance(d, float) else resid - d[:, :, 0]
+                logits = self._readout_logits(x, b)
+            per = self._per_prompt(logits, b)
             score = (per * b.weight).sum() / b.weight.sum()
             flat = inputs["attn"] + [t for t in inputs["mlp"] if t is not None] + [x]
             grads = torch.autograd.grad(score, flat, allow_unused=True, materialize_grads=True)
@@ -496,11 +531,28 @@ class Evaluator:
         return Masks(torch.zeros(ix.N, dtype=torch.bool), torch.zeros(ix.R, ix.S, dtype=torch.bool))
 
     def _make_source(self, corrupt: Run, rows: torch.Tensor) -> Source:
-        """Ablation values from the corrupted run (over all the task's rows); resample keeps `rows`."""
+        """Ablation values from the corrupted run (over all the task's rows); resample keeps `rows`.
+
+        Mean: the mean over the corrupted prompts of the same group (template and length) at each
+        position; with one group one shared row, as always, else one row per distinct row (its group's).
+        """
         if self.ablation == "resample":
             return Source("resample", corrupt.embed[rows], [t[rows] for t in corrupt.z],
                           [None if t is None else t[rows] for t in corrupt.mlp_out],
                           None if corrupt.parts is None else [t[rows] for t in corrupt.parts])
+        task = self.run_task
+        _, gid = torch.unique(torch.stack([task.groups, task.lengths], 1), dim=0, return_inverse=True)
+        G = int(gid.max()) + 1
+        if self.ablation == "mean" and G > 1:
+            count = torch.bincount(gid, minlength=G).float()
+
+            def mean(t):
+                if t is None:
+                    return None
+                sums = torch.zeros(G, *t.shape[1:], dtype=t.dtype).index_add_(0, gid, t)
+                return (sums / count.view(G, *[1] * (t.dim() - 1)).to(t.dtype))[gid[rows]]
+            return Source("mean", mean(corrupt.embed), [mean(t) for t in corrupt.z], [mean(t) for t in corrupt.mlp_out],
+                          None if corrupt.parts is None else [mean(t) for t in corrupt.parts])
         mean = lambda t: None if t is None else t.mean(0, keepdim=True)
         zero = lambda t: None if t is None else torch.zeros_like(t[:1])
         f = mean if self.ablation == "mean" else zero
@@ -680,8 +732,7 @@ class Evaluator:
         for run, f in zip(p.runs, p.split(resid)):
             run.final = f
         delta = self._delta(p, self._logits_row, ("logits",)) if edges else None
-        last = (resid if delta is None else resid - delta[:, :, 0])[:, -1]
-        logits = eng.unembed(last, p.tile(batch.cols) if self.metric.two_columns else None)
+        logits = self._readout_logits(resid if delta is None else resid - delta[:, :, 0], batch, p.tile)
         for run, lg in zip(p.runs, p.split(logits)):
             run.logits = lg
             if self.metric.two_columns or batch.ref is not None:
@@ -752,7 +803,28 @@ class Evaluator:
             left = self.L - layer - 1
         return max(left, 0.0) / self.L
 
+    def _readout_logits(self, resid: torch.Tensor, batch: Batch, tile=lambda t: t) -> torch.Tensor:
+        """Logits at the batch's readout positions of the (stacked) residual [R, P, d]: [R, c] at the last
+        position (c: 2 columns or the vocabulary), or [R, T, c] at each row's T positions."""
+        two = self.metric.two_columns
+        if batch.pos is None:
+            return self.engine.unembed(resid[:, -1], tile(batch.cols) if two else None)
+        pos = tile(batch.pos)
+        x = resid.gather(1, pos[..., None].expand(*pos.shape, resid.shape[-1]))  # [R, T, d]
+        logits = self.engine.unembed(x.flatten(0, 1), tile(batch.cols).flatten(0, 1) if two else None)
+        return logits.unflatten(0, pos.shape)
+
+    def _per_prompt(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The metric of each row [B]: at its one position, or reduced (mean/sum) over its valid positions."""
+        if batch.pos is None:
+            return self.metric.per_prompt(logits, batch.answers, batch.wrong, batch.ref)
+        B, T = batch.pos.shape
+        ref = None if batch.ref is None else batch.ref.flatten(0, 1)
+        flat = self.metric.per_prompt(logits.flatten(0, 1), batch.answers.flatten(), batch.wrong.flatten(), ref)
+        per = torch.where(batch.valid, flat.view(B, T), torch.zeros((), dtype=flat.dtype)).sum(1)
+        return per / batch.valid.sum(1) if batch.reduce == "mean" else per
+
     def _finish(self, run: Run, batch: Batch) -> None:
         """The metric per distinct row, and the score: its mean over all the task's rows."""
-        run.per_prompt = self.metric.per_prompt(run.logits, batch.answers, batch.wrong, batch.ref)
+        run.per_prompt = self._per_prompt(run.logits, batch)
         run.score = float((run.per_prompt * batch.weight).sum() / batch.weight.sum())

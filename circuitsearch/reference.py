@@ -42,6 +42,9 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
     """Answer-position logits [n, vocab] of the clean prompts with nodes ablated and edges removed.
 
     source: ablation_source(...) computed once by the caller; computed here if not given."""
+    if task.mixed or bool(task.groups.any()):
+        raise ValueError(f"task {task.name!r} has several lengths or groups; the reference oracle reads the last "
+                         "position and takes one mean over all prompts, so score each group alone with it")
     b, L = model.bridge, model.n_layers
     H, n_kv = model.n_heads, model.n_kv_heads
     nodes, edges = set(nodes), list(edges)

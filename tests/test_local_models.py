@@ -166,7 +166,7 @@ def test_readme_python_lines(ids_task):
     ([{"clean": [1, 2], "corrupted": [3, 4], "answer": 5, "wrong_answer": 6},
       {"clean": "a b", "corrupted": "c d", "answer": "e", "wrong_answer": "f"}], ":2: text, but the lines before"),
     ([{"clean": [1, 2], "corrupted": [3, 4], "answer": 5, "wrong_answer": 6},
-      {"clean": [1, 2, 3], "corrupted": [3, 4, 5], "answer": 5, "wrong_answer": 6}], "the same number of token ids"),
+      {"clean": [1, 2, 3], "corrupted": [3, 4], "answer": 5, "wrong_answer": 6}], "must align token by token"),
     ([{"clean": [1, -2], "corrupted": [3, 4], "answer": 5, "wrong_answer": 6}], "must be a non-empty string (text) or token ids"),
 ])
 def test_bad_token_id_task_files_are_named(tmp_path, lines, message, capsys):

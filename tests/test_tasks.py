@@ -48,11 +48,12 @@ def test_sequence_answers_continue_the_sequence(tok):
 
 
 @pytest.mark.parametrize("clean, corrupted, answer, wrong, message", [
-    (["1 2 3 4 "], ["5 1 9 2 "], "10", "4", "is 2 tokens"),
+    (["1 2 3 4 "], ["5 1 9 2 "], "10", "1", "begins with the wrong answer"),
+    (["1 2 3 4 "], ["5 1 9 2 "], "1", "10", "is a prefix of the wrong answer"),
+    (["1 2 3 4 "], ["5 1 9 2 "], "10", "10", "the same token"),
     (["1 2 3 4 "], ["5 1 9 "], "5", "4", "corrupted prompts must align"),
     ([], [], None, None, "is empty"),
     (["1 2 3 4 "], ["1 2 3 4 "], "5", "4", "identical to the clean one"),
-    (["1 2 3 4 ", "1 2 3 4 5 6 "], ["4 2 1 3 ", "1 1 1 1 1 1 "], "5", "4", "same token length"),
     (["1 2 3 4 "], ["4 3 2 1 "], "5", "5", "the same token"),
 ])
 def test_bad_input_is_rejected(tok, clean, corrupted, answer, wrong, message):

@@ -117,7 +117,9 @@ def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int =
             est[:, :n].index_add_(0, ev._attn_rows[l], E)  # one receiver per head: q, k and v summed
             if not ev.attn_only:
                 est[ev._mlp_row[l], : n + H] = torch.einsum("bpd,bpsd->s", grads["mlp"][l], D[:, :, : n + H]) * scale
-        est[ev._logits_row] = torch.einsum("bd,bsd->s", grads["logits"], D[:, -1]) * scale
+        g = grads["logits"]  # [B, d] at the last position, or [B, P, d] when the metric reads several
+        est[ev._logits_row] = (torch.einsum("bd,bsd->s", g, D[:, -1]) if g.dim() == 2
+                               else torch.einsum("bpd,bpsd->s", g, D)) * scale
     return est[ix.edge_recv, ix.edge_src]
 
 

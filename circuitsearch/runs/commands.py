@@ -46,11 +46,19 @@ def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: di
               "dangling_removed": result.dangling}
     if config.order == "attribution":
         method.update(attribution=config.attribution, steps=config.steps)
+    if config.positions != "last" or config.reduce is not None:
+        method.update(positions=config.positions, reduce=ev.reduce)
     if estimated:
         method["estimated_effects"] = estimated
     return Circuit(model=ev.model.name, graph=ev.graph.signature(), task=ev.task.name, nodes=nodes, edges=edges,
                    scores=ev.scores(final), method=method, stats=stats,
                    meta={"n_prompts": len(ev.task), "task_meta": ev.task.meta, "model": ev.model.describe()})
+
+
+def _token_lengths(task) -> str:
+    """A task's prompt length, or its range when the prompts differ."""
+    lo, hi = int(task.lengths.min()), int(task.lengths.max())
+    return str(hi) if lo == hi else f"{lo}-{hi}"
 
 
 def _kept_note(task) -> str:
@@ -161,7 +169,7 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
         model, task, ev = build(config, model, saved_task(out), log, force)
         save_task(out, task)
         log(f"{model.name}: {model.n_layers} layers x {model.n_heads} heads; task {task.name}: {len(task)} prompts "
-            f"of {task.seq_len} tokens{_kept_note(task)}; full {config.metric} {ev.full:.3f}, corrupted "
+            f"of {_token_lengths(task)} tokens{_kept_note(task)}; full {config.metric} {ev.full:.3f}, corrupted "
             f"{ev.corrupted:.3f}, empty circuit {ev.empty:.3f}")
         decisions = prepared.decisions
         if decisions:

@@ -103,6 +103,8 @@ def _value(where: str, key: str, value):
             raise SpecError(f"{where}: {key} = {value!r} must be a number in [0, 1] or \"off\"")
         return float(value)
     if key in INT_KEYS:
+        if key == "template" and value == "all":
+            return value
         if isinstance(value, bool) or not isinstance(value, int):
             raise SpecError(f"{where}: {key} = {value!r} must be a whole number")
         return value

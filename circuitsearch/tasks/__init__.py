@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import builtin  # noqa: F401  (registers the built-in tasks)
-from .base import TASKS, Task, TaskError, build_task, load_task
+from .base import TASKS, TEMPLATES, Task, TaskError, build_task, concat_tasks, load_task
 
 __all__ = ["Task", "TaskError", "build_task", "load_task", "TASKS", "get_task", "list_tasks", "filter_correct"]
 
@@ -16,7 +16,8 @@ def list_tasks() -> list[tuple[str, str]]:
 def filter_correct(task: Task, model, keep: int | None = None) -> Task:
     """Only the prompts whose clean top-1 prediction is the answer (at most `keep` of them)."""
     with torch.no_grad():
-        pred = model.bridge(task.clean)[:, -1].argmax(-1)
+        logits = model.bridge(task.clean)
+        pred = logits[torch.arange(len(task)), task.lengths - 1].argmax(-1)  # each prompt's last real position
     ok = (pred == task.answers).nonzero()[:, 0].tolist()
     if not ok:
         raise TaskError(f"the model answers none of the {len(task)} prompts of task {task.name!r} correctly; "
@@ -26,13 +27,28 @@ def filter_correct(task: Task, model, keep: int | None = None) -> Task:
     return kept
 
 
-def get_task(name: str, tokenizer, n: int = 24, seed: int = 0, template: int = 0, corruption: str | None = None,
+def get_task(name: str, tokenizer, n: int = 24, seed: int = 0, template: int | str = 0, corruption: str | None = None,
              model=None, filter: bool = True) -> Task:
-    """A built-in task of n prompts; with a model and filter on, only prompts it answers correctly."""
+    """A built-in task of n prompts; with a model and filter on, only prompts it answers correctly.
+    template "all": n prompts of every template, joined into one task (each template its own group)."""
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)} (or a .jsonl file)")
     if n < 1:
         raise TaskError(f"n must be at least 1, not {n}")
+    if template == "all":
+        if name not in TEMPLATES:
+            raise TaskError(f"task {name!r} does not declare how many templates it has, so --template all "
+                            "cannot list them; give a template number")
+        parts = [get_task(name, tokenizer, n, seed, t, corruption, model, filter) for t in range(TEMPLATES[name])]
+        meta = dict(parts[0].meta, template="all",
+                    templates=[{k: p.meta[k] for k in ("n_generated", "n_correct", "n_kept") if k in p.meta}
+                               for p in parts])
+        for k in ("n_generated", "n_correct", "n_kept"):  # totals over the templates
+            meta.pop(k, None)
+            if all(k in p.meta for p in parts):
+                meta[k] = sum(p.meta[k] for p in parts)
+        meta["groups"] = list(range(len(parts)))
+        return concat_tasks(name, parts, meta)
     builder = TASKS[name][0]
     kw = {"seed": seed, "template": template}
     if corruption is not None:

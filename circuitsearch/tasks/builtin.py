@@ -107,7 +107,8 @@ def sequence_task(name: str, tokenizer, n: int = 24, seed: int = 0, template: in
 
 
 def _register_sequence(name: str, description: str) -> None:
-    register(name, description)(lambda tokenizer, **kw: sequence_task(name, tokenizer, **kw))
+    register(name, description, templates=len(SEQ_TEMPLATES[name]))(
+        lambda tokenizer, **kw: sequence_task(name, tokenizer, **kw))
 
 
 _register_sequence("digits", "increasing numerals: '3 4 5 6 ' -> '7'")
@@ -121,7 +122,8 @@ GT_TEMPLATES = ["The war lasted from the year 1{c}{t}{u} to the year 1{c}",
                 "The contract ran from 1{c}{t}{u} until 1{c}"]
 
 
-@register("greater-than", "greater-than: 'from the year 1732 to the year 17' -> a tens digit above 3")
+@register("greater-than", "greater-than: 'from the year 1732 to the year 17' -> a tens digit above 3",
+          templates=len(GT_TEMPLATES))
 def greater_than(tokenizer, n: int = 24, seed: int = 0, template: int = 0, corruption: str = "random") -> Task:
     """The end year's tens digit (digits are single tokens here): answer start tens + 1, wrong start
     tens − 1. Corrupted prompts set the start year's tens digit to 0 ('random') or to 9 ('nine'),
@@ -146,7 +148,8 @@ IOI_TEMPLATES = ["When {A} and {B} went to the store, {S} gave a drink to",
                  "Then, {A} and {B} had a long argument, and afterwards {S} said to"]
 
 
-@register("ioi", "indirect object: 'When Mary and John went to the store, John gave a drink to' -> ' Mary'")
+@register("ioi", "indirect object: 'When Mary and John went to the store, John gave a drink to' -> ' Mary'",
+          templates=len(IOI_TEMPLATES))
 def ioi(tokenizer, n: int = 24, seed: int = 0, template: int = 0, corruption: str = "abc") -> Task:
     """Answer the indirect object (the name said once), wrong answer the subject (said twice).
     Corruptions: 'abc' (the repeated name becomes a third name) or 'random' (all three random)."""
