@@ -200,13 +200,6 @@ def build(config: PruneConfig, model=None, task_file: str | Path | None = None, 
     choose_threads(model, config.threads)
     task = resolve_task(config, model, task_file)
     check_fits(model, task, log, force)
-    if config.split_embed and config.ablation != "zero" and log is not None:
-        log(POS_NOTE)
     return model, task, evaluator(config, model, task)
 
 
-# Why `pos` rarely matters under mean and resample ablation: said whenever a split-embed run uses them.
-POS_NOTE = ("note: with --split-embed under mean or resample ablation, pos is ablated to the position embedding of "
-            "the corrupted prompts at the same positions, which is its own value: removing pos or its edges "
-            "changes nothing, so a circuit without pos does not show that nothing reads positions. "
-            "--ablation zero tests that")

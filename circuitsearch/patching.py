@@ -531,6 +531,22 @@ class Evaluator:
         return Masks(torch.zeros(ix.N, dtype=torch.bool), torch.zeros(ix.R, ix.S, dtype=torch.bool))
 
     def _make_source(self, corrupt: Run, rows: torch.Tensor) -> Source:
+        """The ablation source; in a split-embed graph `pos` ablates to its mean over the prompt's positions.
+
+        Every prompt has the same position embedding at a position, so its mean (or resampled) value
+        there is itself: ablated so, `pos` could never be removed. Its mean over positions keeps its
+        scale and removes where a token is. (`embed` and `tok` keep the per-position definition.)"""
+        src = self._source_values(corrupt, rows)
+        if src.parts is not None and self.ablation != "zero":
+            pos = src.parts[1]
+            lengths = (self.run_task.lengths[rows] if pos.shape[0] == len(rows) else
+                       self.run_task.lengths[:1]).to(pos.device)
+            real = (torch.arange(pos.shape[1], device=pos.device)[None] < lengths[:, None]).to(pos.dtype)
+            avg = (pos * real[..., None]).sum(1, keepdim=True) / lengths.to(pos.dtype)[:, None, None]
+            src.parts = [src.parts[0], avg.expand_as(pos).clone()]
+        return src
+
+    def _source_values(self, corrupt: Run, rows: torch.Tensor) -> Source:
         """Ablation values from the corrupted run (over all the task's rows); resample keeps `rows`.
 
         Mean: the mean over the corrupted prompts of the same group (template and length) at each

@@ -34,6 +34,9 @@ def ablation_source(model: Model, task: Task, ablation: str) -> dict[str, torch.
         elif ablation == "zero":
             t = torch.zeros_like(t[:1])
         out[name] = t
+    if "hook_pos_embed" in out:  # `pos` of a split-embed graph ablates to its mean over positions (see patching)
+        t = out["hook_pos_embed"]
+        out["pos"] = t if ablation == "zero" else t.mean(1, keepdim=True).expand_as(t).clone()
     return out
 
 
@@ -69,7 +72,7 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
     def diff(sender: str) -> torch.Tensor:
         info = parse_node(sender, L)
         if sender in hook_of:
-            return live[hook_of[sender]] - src[hook_of[sender]]
+            return live[hook_of[sender]] - src["pos" if sender == "pos" else hook_of[sender]]
         if info.kind == "embed":
             d = live["hook_embed"] - src["hook_embed"]
             return d + (live["hook_pos_embed"] - src["hook_pos_embed"]) if has_pos else d
@@ -82,8 +85,10 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
 
     def replace_hook(kind, name, layer=None):
         def fn(t, hook):
-            if kind == "embed" and ("embed" in nodes or {"hook_embed": "tok", "hook_pos_embed": "pos"}[name] in nodes):
+            if kind == "embed" and "embed" in nodes:
                 t = src[name].expand_as(t).clone()
+            elif kind == "embed" and {"hook_embed": "tok", "hook_pos_embed": "pos"}[name] in nodes:
+                t = src["pos" if name == "hook_pos_embed" else name].expand_as(t).clone()
             elif kind == "z":
                 ablate = [h for h in range(H) if f"a{layer}.{h}" in nodes]
                 if ablate:
