@@ -162,3 +162,11 @@ def test_templates_describe_themselves():
     assert templates("decreasing")[0].pattern == "9, 8, 7, 6, |5"
     assert templates("months")[2].pattern == "in March, in April, in May, in June, in| July"
     assert templates("ioi")[0].pattern.endswith("gave a drink to|")
+
+
+def test_cli_lists_the_templates(capsys):
+    from circuitsearch.cli import main
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "14 ioi-14" in out and "among-words-comma" in out and "planted" in out
+    assert "'in March, in April, in May, in June, in| July'" in out

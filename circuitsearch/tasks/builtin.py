@@ -132,7 +132,7 @@ CYCLIC = {"months", "days"}
 def _template(name: str, template: int, n_templates: int) -> int:
     if isinstance(template, bool) or not isinstance(template, int) or not 0 <= template < n_templates:
         raise TaskError(f"task {name!r} has templates 0..{n_templates - 1}, not {template!r}; "
-                        f"`circuitsearch tasks` or templates({name!r}) lists them")
+                        "`circuitsearch tasks` lists them")
     return template
 
 
