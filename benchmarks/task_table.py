@@ -6,30 +6,32 @@ model answers correctly (top-1); the Evaluator (mean ablation, logit difference,
 mean-ablated). A template is sound when full is well above both baselines. Prints a Markdown table
 (and writes the rows as JSON with --json):
 
-    python benchmarks/task_table.py [--tasks digits,ioi] [--prompts 24] [--json rows.json]
+    python benchmarks/task_table.py [--tasks digits,ioi | --only months:4,ioi:12] [--prompts 24] [--json rows.json]
 """
 import argparse
 import json
+import sys
 import time
 
 import torch
 
 from circuitsearch import load_model
-from circuitsearch.config import PruneConfig, evaluator
+from circuitsearch.engine import Engine
+from circuitsearch.patching import Evaluator
 from circuitsearch.tasks import TaskError, get_task
 from circuitsearch.tasks.builtin import templates
 
 TASKS = ["digits", "decreasing", "number-words", "months", "days", "letters", "greater-than", "ioi"]
 
 
-def measure(model, name: str, info, n: int) -> dict:
+def measure(model, engine, name: str, info, n: int) -> dict:
     row = {"task": name, "template": info.index, "name": info.name, "kind": info.kind, "pattern": info.pattern}
     t0 = time.perf_counter()
     try:
         task = get_task(name, model.tokenizer, n=n, template=info.index, model=model)
     except TaskError as e:  # the model answers none of the prompts
         return row | {"generated": 3 * n, "correct": 0, "kept": 0, "error": str(e)}
-    ev = evaluator(PruneConfig(task=name, template=info.index), model, task)
+    ev = Evaluator(model, task, "mean", "logit_diff", engine=engine)  # prune's defaults
     return row | {"generated": task.meta["n_generated"], "correct": task.meta["n_correct"],
                   "kept": task.meta["n_kept"], "tokens": task.seq_len, "full": ev.full,
                   "corrupted": ev.corrupted, "empty": ev.empty, "seconds": time.perf_counter() - t0}
@@ -52,16 +54,22 @@ def table(rows: list[dict]) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tasks", default=",".join(TASKS))
+    ap.add_argument("--only", default=None, help="just these templates, e.g. months:4,ioi:12")
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = load_model("smollm2-135m")
+    engine = Engine(model)  # one engine (weights extracted once) for every template
     rows = []
-    for name in args.tasks.split(","):
+    picks = [(p.split(":")[0], int(p.split(":")[1])) for p in args.only.split(",")] if args.only else None
+    for name in sorted({n for n, _ in picks}, key=TASKS.index) if picks else args.tasks.split(","):
         for info in templates(name):
-            rows.append(measure(model, name, info, args.prompts))
+            if picks and (name, info.index) not in picks:
+                continue
+            rows.append(measure(model, engine, name, info, args.prompts))
+            print(table(rows[-1:]).splitlines()[-1], f"{rows[-1].get('seconds', 0):.1f} s", file=sys.stderr, flush=True)
     print(table(rows))
     print(f"\n{len(rows)} templates in {time.perf_counter() - t0:.0f} s (model load included)")
     if args.json:

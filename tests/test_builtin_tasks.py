@@ -103,7 +103,7 @@ def test_fillers_and_words_between_members(tok, name):
                 # every member is followed by a word of WORDS, the same one in the corrupted prompt
                 for j in range(spec.n_shown):
                     p = t.positions[f"S{j}"]
-                    nxt = p + 1 if spec.item == "{m} {w}" else p + 2
+                    nxt = p + {"{m} {w}": 1, "{m}, {w}": 2, "{m} ({w})": 2}[spec.item]
                     word = tok.decode(t.clean[i, nxt]).strip()
                     assert word in WORDS and t.clean[i, nxt] == t.corrupted[i, nxt]
                     seen.add(word)
@@ -137,10 +137,12 @@ def test_greater_than_answer_is_above_the_start(tok):
 
 def test_first_two_templates_unchanged(tok):
     """Earlier runs rebuild their prompts by seed and template: templates 0 and 1 keep their prompts
-    (these are the prompts the built-ins made before they had more templates)."""
+    (these are the prompts the built-ins made before they had more templates), except decreasing's
+    template 0, which became template 2 when "Count down:" became the default."""
     assert get_task("digits", tok, n=2, seed=1).clean_text == ["2 3 4 5 ", "3 4 5 6 "]
     assert get_task("months", tok, n=1, seed=0).clean_text == ["Months: August, September, October, November,"]
-    assert get_task("decreasing", tok, n=1, seed=0).clean_text == ["6, 5, 4, 3, "]
+    assert get_task("decreasing", tok, n=1, seed=0, template=2).clean_text == ["6, 5, 4, 3, "]  # was template 0
+    assert get_task("decreasing", tok, n=1, seed=0).clean_text[0].startswith("Count down: ")
     assert get_task("ioi", tok, n=1, seed=0, template=1).clean_text == [
         "Then, Sarah and David had a long argument, and afterwards David said to"]
 
@@ -159,7 +161,7 @@ def test_unknown_template_rejected(tok, bad):
 def test_templates_describe_themselves():
     digits = templates("digits")
     assert digits[0].pattern == "1 2 3 4 |5" and digits[0].kind == "plain"
-    assert templates("decreasing")[0].pattern == "9, 8, 7, 6, |5"
+    assert templates("decreasing")[0].pattern == "Count down: 9, 8, 7, 6, |5"
     assert templates("months")[2].pattern == "in March, in April, in May, in June, in| July"
     assert templates("ioi")[0].pattern.endswith("gave a drink to|")
 

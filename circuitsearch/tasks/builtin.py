@@ -4,7 +4,8 @@ letters, decreasing), greater-than and IOI, each with several templates, a seed 
 A template is one way of writing a task's prompts. Within one template every prompt has the same
 token length (so it is an ordinary Task); templates differ in length. `templates(name)` lists a
 task's templates in order; a builder takes `template=i`. The first two templates of every task are
-the ones it has always had, drawn from the same seeds, so earlier runs rebuild the same prompts.
+the ones it has always had, drawn from the same seeds, so earlier runs rebuild the same prompts; except
+decreasing, whose default (template 0) is now "Count down: 9, 8, 7, 6, " and whose old template 0 is 2.
 
 Sequence tasks show some members of a sequence and ask for the next. The wrong answer is the last
 member shown (what a model that merely copies would say). Corruptions: "random" replaces every
@@ -86,8 +87,8 @@ def _lengths(base: SeqTemplate, lengths: Sequence[int]) -> list[SeqTemplate]:
                         base.prefix, base.item, k, "length") for k in lengths]
 
 
-def _digit_templates(first: SeqTemplate, second: SeqTemplate) -> list[SeqTemplate]:
-    return [first, second,
+def _digit_templates(first: SeqTemplate, *others: SeqTemplate) -> list[SeqTemplate]:
+    return [first, *others,
             SeqTemplate("filler-apples", "filler-apples", ", ", ", ", "", item="{m} apples", kind="filler"),
             SeqTemplate("filler-then", "filler-then", " then ", " then ", "", kind="filler"),
             SeqTemplate("among-words", "among-words", " ", " ", "", item="{m} {w}", kind="among-words"),
@@ -103,7 +104,8 @@ def _word_templates(first: SeqTemplate, second: SeqTemplate, filler: str, length
             SeqTemplate(f"filler-{filler.replace('{m}', '').strip()}", f"filler:{filler}", ", ",
                         f", {before}" if before else ",", " ", item=filler, kind="filler"),
             SeqTemplate("filler-then", "filler-then", " then ", " then", " ", kind="filler"),
-            SeqTemplate("among-words", "among-words", " ", "", " ", item="{m} {w}", kind="among-words"),
+            # "March cat April dog ..." without punctuation: SmolLM2 continued 2 to 19 of 72 prompts; in brackets it does
+            SeqTemplate("among-words-paren", "among-words-paren", ", ", ",", " ", item="{m} ({w})", kind="among-words"),
             SeqTemplate("among-words-comma", "among-words-comma", ", ", ",", " ", item="{m}, {w}",
                         kind="among-words"),
             *_lengths(first, lengths)]
@@ -111,9 +113,11 @@ def _word_templates(first: SeqTemplate, second: SeqTemplate, filler: str, length
 
 SEQ_TEMPLATES: dict[str, list[SeqTemplate]] = {
     "digits": _digit_templates(_plain("space", "0", " ", " ", ""), _plain("comma", "1", ", ", ", ", "")),
-    # comma-separated first: space-separated, SmolLM2 barely counts down (full logit difference 1.82,
-    # and mean ablation of every node scored above the corrupted run)
-    "decreasing": _digit_templates(_plain("comma", "0", ", ", ", ", ""), _plain("space", "1", " ", " ", "")),
+    # "Count down: " first: without it SmolLM2 barely counts down (space-separated, template 1: full logit
+    # difference 1.98; comma-separated, template 2 and the default until then: 3.93 with the empty circuit,
+    # 0.37, above the corrupted run, 0.25); with it 8.35, corrupted -0.61, empty -0.73 (benchmarks/RESULTS.md)
+    "decreasing": _digit_templates(_plain("count-down", "count-down", ", ", ", ", "", "Count down: "),
+                                   _plain("space", "1", " ", " ", ""), _plain("comma", "0", ", ", ", ", "")),
     "number-words": _word_templates(_plain("comma", "0", ", ", ",", " "),
                                     _plain("count-space", "1", " ", "", " ", "Count: "), "page {m}"),
     "months": _word_templates(_plain("months-comma", "0", ", ", ",", " ", "Months: "),
@@ -217,7 +221,7 @@ def _register_sequence(name: str, description: str) -> None:
 
 
 _register_sequence("digits", "increasing numerals: '3 4 5 6 ' -> '7'")
-_register_sequence("decreasing", "decreasing numerals: '9, 8, 7, 6, ' -> '5'")
+_register_sequence("decreasing", "decreasing numerals: 'Count down: 9, 8, 7, 6, ' -> '5'")
 _register_sequence("number-words", "number words: 'one, two, three, four,' -> ' five'")
 _register_sequence("months", "months: 'March, April, May, June,' -> ' July'")
 _register_sequence("days", "days of the week: 'Monday, Tuesday, Wednesday, Thursday,' -> ' Friday'")
@@ -271,7 +275,7 @@ IOI_TEMPLATES = ["When {A} and {B} went to the store, {S} gave a drink to",
                  "Once {A} and {B} got to the beach, {S} threw the ball to",
                  "Later, {A} and {B} sat down at the restaurant, and {S} passed the menu to",
                  "When {A} and {B} finished the game, {S} gave the trophy to",
-                 "At the hospital, {A} and {B} were working late. {S} brought some coffee to",
+                 "After dinner, {A} and {B} went for a walk, and {S} told a story to",
                  "On Monday, {A} and {B} went to the market, and {S} sold a basket to",
                  "After school, {A} and {B} played in the garden. {S} gave a flower to"]
 
