@@ -87,12 +87,13 @@ def _lengths(base: SeqTemplate, lengths: Sequence[int]) -> list[SeqTemplate]:
                         base.prefix, base.item, k, "length") for k in lengths]
 
 
-def _digit_templates(first: SeqTemplate, *others: SeqTemplate) -> list[SeqTemplate]:
+def _digit_templates(first: SeqTemplate, *others: SeqTemplate, prefix: str = "") -> list[SeqTemplate]:
+    """Numeral members: a space before a digit is its own token, so prompts end in a space and answers have none."""
     return [first, *others,
-            SeqTemplate("filler-apples", "filler-apples", ", ", ", ", "", item="{m} apples", kind="filler"),
-            SeqTemplate("filler-then", "filler-then", " then ", " then ", "", kind="filler"),
-            SeqTemplate("among-words", "among-words", " ", " ", "", item="{m} {w}", kind="among-words"),
-            SeqTemplate("among-words-comma", "among-words-comma", ", ", ", ", "", item="{m} {w}",
+            SeqTemplate("filler-apples", "filler-apples", ", ", ", ", "", prefix, item="{m} apples", kind="filler"),
+            SeqTemplate("filler-then", "filler-then", " then ", " then ", "", prefix, kind="filler"),
+            SeqTemplate("among-words", "among-words", " ", " ", "", prefix, item="{m} {w}", kind="among-words"),
+            SeqTemplate("among-words-comma", "among-words-comma", ", ", ", ", "", prefix, item="{m} {w}",
                         kind="among-words"),
             *_lengths(first, (3, 5, 6, 7, 8))]
 
@@ -117,7 +118,8 @@ SEQ_TEMPLATES: dict[str, list[SeqTemplate]] = {
     # difference 1.98; comma-separated, template 2 and the default until then: 3.93 with the empty circuit,
     # 0.37, above the corrupted run, 0.25); with it 8.35, corrupted -0.61, empty -0.73 (benchmarks/RESULTS.md)
     "decreasing": _digit_templates(_plain("count-down", "count-down", ", ", ", ", "", "Count down: "),
-                                   _plain("space", "1", " ", " ", ""), _plain("comma", "0", ", ", ", ", "")),
+                                   _plain("space", "1", " ", " ", ""), _plain("comma", "0", ", ", ", ", ""),
+                                   prefix="Count down: "),
     "number-words": _word_templates(_plain("comma", "0", ", ", ",", " "),
                                     _plain("count-space", "1", " ", "", " ", "Count: "), "page {m}"),
     "months": _word_templates(_plain("months-comma", "0", ", ", ",", " ", "Months: "),
