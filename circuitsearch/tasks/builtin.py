@@ -72,6 +72,7 @@ class SeqTemplate:
         return fixed.split()
 
     def pattern(self, pool: Sequence[str], step: int) -> str:
+        """An example prompt and answer, 'prompt|answer', from pool's first members (for listings)."""
         shown = [pool[(i * step) % len(pool)] for i in range(self.n_shown + 1)]
         words = iter(WORDS)
         items = [self.item.format(m=m, w=next(words)) for m in shown[:-1]]
@@ -116,7 +117,7 @@ SEQ_TEMPLATES: dict[str, list[SeqTemplate]] = {
     "digits": _digit_templates(_plain("space", "0", " ", " ", ""), _plain("comma", "1", ", ", ", ", "")),
     # "Count down: " first: without it SmolLM2 barely counts down (space-separated, template 1: full logit
     # difference 1.98; comma-separated, template 2 and the default until then: 3.93 with the empty circuit,
-    # 0.37, above the corrupted run, 0.25); with it 8.35, corrupted -0.61, empty -0.73 (benchmarks/RESULTS.md)
+    # 0.37, above the corrupted run, 0.25); with it 9.09, corrupted 0.77, empty 0.54 (benchmarks/RESULTS.md)
     "decreasing": _digit_templates(_plain("count-down", "count-down", ", ", ", ", "", "Count down: "),
                                    _plain("space", "1", " ", " ", ""), _plain("comma", "0", ", ", ", ", ""),
                                    prefix="Count down: "),
