@@ -172,3 +172,15 @@ def test_cli_lists_the_templates(capsys):
     out = capsys.readouterr().out
     assert "14 ioi-14" in out and "among-words-comma" in out and "planted" in out
     assert "'in March, in April, in May, in June, in| July'" in out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUILTIN)
+def test_default_templates_are_sound_on_smollm2(smollm2, name):
+    """Template 0 of every built-in task: SmolLM2 answers at least 24 of 72 prompts and the full model is far
+    above the corrupted run and the empty circuit (benchmarks/task_table.py measures every template)."""
+    from circuitsearch.patching import Evaluator
+    t = get_task(name, smollm2.tokenizer, n=24, model=smollm2)
+    assert t.meta["n_kept"] == 24
+    ev = Evaluator(smollm2, t, "mean")
+    assert ev.full > 3 and max(ev.corrupted, ev.empty) < 0.2 * ev.full
