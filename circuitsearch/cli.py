@@ -199,9 +199,18 @@ def cmd_tasks(args) -> int:
     from . import toys
     from .tasks import list_tasks
 
+    from .tasks.builtin import templates
+    from .tasks.base import TaskError
+
     toy_tasks = [(name, desc) for name, (_, desc) in toys.TASKS.items()]
     for name, desc in list_tasks() + toy_tasks:
         print(f"{name:14s} {desc}")
+        try:
+            shapes = templates(name)
+        except TaskError:  # a toy task: one template
+            continue
+        for t in shapes:  # --template N; the prompt shown before |, the answer after it
+            print(f"{'':14s}   {t.index:2d} {t.name:20s} {t.pattern!r}")
     print(f"{'FILE.jsonl':14s} your own: one JSON object a line with clean, corrupted, answer, wrong_answer")
     return 0
 

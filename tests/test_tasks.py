@@ -65,8 +65,8 @@ def test_bad_input_is_rejected(tok, clean, corrupted, answer, wrong, message):
 def test_unknown_task_and_template(tok):
     with pytest.raises(TaskError, match="unknown task 'sums'.*digits"):
         get_task("sums", tok)
-    with pytest.raises(TaskError, match="templates 0..1, not 5"):
-        get_task("digits", tok, template=5)
+    with pytest.raises(TaskError, match="templates 0..10, not 99"):
+        get_task("digits", tok, template=99)
     with pytest.raises(TaskError, match="unknown corruption"):
         get_task("digits", tok, corruption="melt")
 
