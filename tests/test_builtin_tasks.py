@@ -147,7 +147,7 @@ def test_first_two_templates_unchanged(tok):
         "Then, Sarah and David had a long argument, and afterwards David said to"]
 
 
-@pytest.mark.parametrize("bad", [99, -1, "all", 1.0, True])
+@pytest.mark.parametrize("bad", [99, -1, "every", 1.0, True])  # "all" is --template all
 def test_unknown_template_rejected(tok, bad):
     n = len(templates("digits"))
     with pytest.raises(TaskError, match=rf"task 'digits' has templates 0\.\.{n - 1}, not {re.escape(repr(bad))}"):

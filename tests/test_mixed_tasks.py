@@ -195,12 +195,19 @@ def test_answer_that_splits_differently_after_clean_and_corrupted_is_rejected(to
 
 def test_template_all_joins_the_templates(tok):
     from circuitsearch.tasks import get_task
-    t = get_task("digits", tok, n=4, seed=1, template="all")
-    parts = [get_task("digits", tok, n=4, seed=1, template=k) for k in (0, 1)]
-    assert len(t) == 8 and t.groups.tolist() == [0] * 4 + [1] * 4 and t.meta["template"] == "all"
-    assert t.lengths.tolist() == [p.seq_len for p in parts for _ in range(4)]
-    assert t.positions["end"] == [p.seq_len - 1 for p in parts for _ in range(4)]
-    assert t.positions["S2"] == [p.positions["S2"] for p in parts for _ in range(4)]
+    from circuitsearch.tasks.base import TEMPLATES
+    T = TEMPLATES["digits"]
+    n = 2 * T + 1  # the first template gets the odd prompt
+    t = get_task("digits", tok, n=n, seed=1, template="all")
+    share = [3] + [2] * (T - 1)
+    parts = [get_task("digits", tok, n=k, seed=1, template=i) for i, k in enumerate(share)]
+    assert len(t) == n and t.groups.tolist() == [i for i, k in enumerate(share) for _ in range(k)]
+    assert t.meta["template"] == "all" and len(set(t.lengths.tolist())) > 1  # the templates differ in length
+    assert torch.equal(t.clean[:3, : parts[0].seq_len], parts[0].clean)
+    assert t.lengths.tolist() == [p.seq_len for p, k in zip(parts, share) for _ in range(k)]
+    assert t.positions["end"] == [p.seq_len - 1 for p, k in zip(parts, share) for _ in range(k)]
+    with pytest.raises(TaskError, match=f"--n-prompts {T} or more"):
+        get_task("digits", tok, n=T - 1, template="all")
 
 
 # ---------------------------------------------------------------- task files and schema

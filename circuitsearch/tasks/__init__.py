@@ -30,7 +30,8 @@ def filter_correct(task: Task, model, keep: int | None = None) -> Task:
 def get_task(name: str, tokenizer, n: int = 24, seed: int = 0, template: int | str = 0, corruption: str | None = None,
              model=None, filter: bool = True) -> Task:
     """A built-in task of n prompts; with a model and filter on, only prompts it answers correctly.
-    template "all": n prompts of every template, joined into one task (each template its own group)."""
+    template "all": n prompts in all, spread evenly over the templates and joined into one task (each
+    template its own group), so a study over every template costs what one template costs."""
     if name not in TASKS:
         raise TaskError(f"unknown task {name!r}; built-in tasks: {', '.join(TASKS)} (or a .jsonl file)")
     if n < 1:
@@ -39,7 +40,12 @@ def get_task(name: str, tokenizer, n: int = 24, seed: int = 0, template: int | s
         if name not in TEMPLATES:
             raise TaskError(f"task {name!r} does not declare how many templates it has, so --template all "
                             "cannot list them; give a template number")
-        parts = [get_task(name, tokenizer, n, seed, t, corruption, model, filter) for t in range(TEMPLATES[name])]
+        T = TEMPLATES[name]
+        if n < T:
+            raise TaskError(f"--template all spreads the {n} prompts over task {name!r}'s {T} templates: give "
+                            f"--n-prompts {T} or more (at least one prompt a template)")
+        share = [n // T + (t < n % T) for t in range(T)]  # n in all, as even as it goes
+        parts = [get_task(name, tokenizer, k, seed, t, corruption, model, filter) for t, k in enumerate(share)]
         meta = dict(parts[0].meta, template="all",
                     templates=[{k: p.meta[k] for k in ("n_generated", "n_correct", "n_kept") if k in p.meta}
                                for p in parts])
