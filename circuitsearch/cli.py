@@ -421,7 +421,11 @@ def cmd_evaluate(args) -> int:
                                            if args.tasks else None)
     out = Path(args.out)
     executor = _executor(args)
-    ct = cross_task(args.runs, tasks, executor=executor, workdir=out.with_suffix(".columns"))
+    columns = None
+    if executor is not None:
+        from .sweeps.crosstask import columns_on
+        columns = columns_on(executor, out.with_suffix(".columns"))
+    ct = cross_task(args.runs, tasks, columns=columns)
     print()
     print(format_matrix(ct, "faithfulness"), end="")
     print()

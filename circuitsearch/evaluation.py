@@ -133,13 +133,11 @@ def score_column(runs: list[SavedRun], task: str, model, log=print) -> list[dict
     return column
 
 
-def cross_task(run_dirs: list, tasks: list[str] | None = None, model=None, log=print, executor=None,
-               workdir: str | Path | None = None) -> CrossTask:
+def cross_task(run_dirs: list, tasks: list[str] | None = None, model=None, log=print, columns=None) -> CrossTask:
     """Score every run's circuit on every task (default: the runs' own tasks).
 
-    In this process (one model load in all), or with `executor` (a sweeps executor) one column per
-    task as a cell in `workdir` (logs/, columns/): the model loaded once per worker, a finished column
-    kept when the command is run again, the same scores as in-process.
+    In this process (one model load in all), or by `columns(runs, tasks, log)`, which returns the
+    columns computed elsewhere (sweeps.crosstask: one cell per task on a sweep executor).
     """
     runs = [r if isinstance(r, SavedRun) else load_run(r) for r in run_dirs]
     if not runs:
@@ -149,15 +147,13 @@ def cross_task(run_dirs: list, tasks: list[str] | None = None, model=None, log=p
         raise ValueError(f"the circuits are of different models ({', '.join(sorted(models))}); "
                          "cross-task scores compare circuits of one model")
     tasks = list(tasks) if tasks else list(dict.fromkeys(r.task.name for r in runs))
-    if executor is None:
+    if columns is None:
         from .catalogue import load_model
 
         model = model or load_model(runs[0].circuit.model)
         columns = [score_column(runs, t, model, log) for t in tasks]
     else:
-        if workdir is None:
-            raise ValueError("cross_task on an executor needs a workdir for its columns and logs")
-        columns = _columns_on(executor, runs, tasks, Path(workdir), log)
+        columns = columns(runs, tasks, log)
     scores = [[columns[j][i] for j in range(len(tasks))] for i in range(len(runs))]
     prompts = {t: col[0].pop("prompts") for t, col in zip(tasks, columns)}
     for col in columns:
@@ -168,60 +164,3 @@ def cross_task(run_dirs: list, tasks: list[str] | None = None, model=None, log=p
         names = [r.path.name for r in runs]
     return CrossTask(names, tasks, scores, [str(r.path) for r in runs], runs[0].circuit.model,
                      prompts)
-
-
-def column_cells(runs: list[SavedRun], tasks: list[str]) -> list:
-    """One sweep cell per column: settings name the model, the run directories and the task."""
-    from .sweeps.spec import Cell
-
-    paths = [str(r.path.resolve()) for r in runs]
-    return [Cell(f"column={j}-{_safe(t)}", {"model": runs[0].circuit.model,
-                                             "evaluate": {"runs": paths, "task": t}}) for j, t in enumerate(tasks)]
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(name).name)[:60]
-
-
-def column_path(out: str | Path, cell) -> Path:
-    return Path(out) / "columns" / f"{cell.name}.json"
-
-
-def run_column(out: str | Path, cell, model, log=print) -> list[dict]:
-    """A column cell in a worker: its scores, from columns/<name>.json when an earlier session wrote
-    them for the same settings, else computed and written (atomically)."""
-    from .io import atomic_write_text
-
-    path = column_path(out, cell)
-    try:
-        saved = json.loads(path.read_text())
-        if saved.get("settings") == cell.settings:
-            return saved["scores"]
-    except (OSError, json.JSONDecodeError, AttributeError):
-        pass
-    spec = cell.settings["evaluate"]
-    scores = score_column([load_run(p) for p in spec["runs"]], spec["task"], model, log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"settings": cell.settings, "scores": scores}, indent=1))
-    return scores
-
-
-def _columns_on(executor, runs: list[SavedRun], tasks: list[str], workdir: Path, log) -> list[list[dict]]:
-    cells = column_cells(runs, tasks)
-    got: dict = {}
-
-    def on_result(r):
-        if r.status == "failed":
-            got[r.name] = r.error
-            log(f"  column {r.name}: FAILED: {r.error}")
-        else:
-            got[r.name] = r.scores["column"]
-            log(f"  column {r.name}: done")
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    executor.run(workdir, cells, on_result, log=log)
-    failed = [f"{c.name}: {got.get(c.name, 'not run')}" for c in cells if not isinstance(got.get(c.name), list)]
-    if failed:
-        raise RuntimeError("; ".join(failed) + f" (see {workdir}/logs/); finished columns are kept: run the "
-                           "command again to retry the others")
-    return [got[c.name] for c in cells]

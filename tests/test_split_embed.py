@@ -255,11 +255,13 @@ def test_cli_refuses_split_embed_on_a_rotary_model(capsys):
     assert "rotary" in err and "--split-embed" in err
 
 
-def test_cli_score_with_split_embed_says_pos_needs_zero_ablation(capsys):
-    assert main(["score", "--model", "induction-2l", "--task", "induction", "--n-prompts", "4",
-                 "--split-embed"]) == 0
-    err = capsys.readouterr().err
-    assert "pos" in err and "--ablation zero" in err
-    assert main(["score", "--model", "induction-2l", "--task", "induction", "--n-prompts", "4",
-                 "--split-embed", "--ablation", "zero"]) == 0
-    assert "--ablation zero" not in capsys.readouterr().err
+def test_cli_score_with_split_embed_is_the_split_evaluator(capsys):
+    """score --split-embed scores with the split graph: the empty circuit ablates tok and pos, so it
+    differs from the default graph's (pos ablates to its mean over positions, embed per position)."""
+    args = ["score", "--model", "induction-2l", "--task", "induction", "--n-prompts", "4"]
+    assert main([*args, "--split-embed"]) == 0
+    split = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert split["full"] == pytest.approx(plain["full"], abs=1e-5)
+    assert abs(split["empty"] - plain["empty"]) > 1e-3

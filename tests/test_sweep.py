@@ -334,7 +334,8 @@ def test_ray_gives_the_local_cells_and_survives_a_killed_worker(local_sweep, tmp
         from circuitsearch.evaluation import cross_task
         planted = sorted(p for p in (out / "cells").glob("*task=planted*order=reverse*") if finished(p))
         one = cross_task(planted, log=lambda *a: None)
-        on_ray = cross_task(planted, executor=RayExecutor(address=None), workdir=tmp_path / "cols", **QUIET)
+        from circuitsearch.sweeps.crosstask import columns_on
+        on_ray = cross_task(planted, columns=columns_on(RayExecutor(address=None), tmp_path / "cols"), **QUIET)
         assert len(planted) == 2 and on_ray.to_json() == one.to_json()
     finally:
         ray.shutdown()

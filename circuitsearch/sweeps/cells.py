@@ -133,7 +133,7 @@ def run_cell(out: str, cell: Cell, batch: int = 16) -> CellResult:
         log(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {worker}: cell {cell.name}")
         try:
             if cell.kind == "evaluate":  # a column of evaluate's cross-task matrix
-                from ..evaluation import run_column
+                from .crosstask import run_column
                 scores = run_column(out, cell, get_model(cell.settings["model"]), log)
                 return _stamp(CellResult(cell.name, cell.settings, cell.kind, "done", scores={"column": scores}),
                               worker, t0)
