@@ -33,6 +33,10 @@ def _add_model_task(p: argparse.ArgumentParser) -> None:
                    "looser tolerance)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 for models narrower than 256, else one per core)")
+    p.add_argument("--engine", choices=("auto", "fast", "hooked"), default="auto",
+                   help="auto (default): the fast engine where it reproduces the model, else the hook-based path "
+                   "through the bridge's hook points (slower, same scores; a note says why); fast: refuse a model "
+                   "the engine does not reproduce; hooked: always the hook-based path")
 
 
 def _batch(text: str) -> int:
@@ -307,7 +311,7 @@ def cmd_attribute(args) -> int:
 
 
 def _engine_args(args) -> dict:
-    return {"device": args.device, "dtype": args.dtype, "threads": args.threads}
+    return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "engine": args.engine}
 
 
 def _evaluator(args):

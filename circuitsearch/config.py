@@ -34,12 +34,15 @@ class PruneConfig:
     device: str = "cpu"          # where the engine runs (the bridge stays where it loaded)
     dtype: str = "float32"       # the engine's dtype: float32, float64, bfloat16, float16
     threads: int | None = None   # torch threads; None: engine.choose_threads' rule (not a result setting)
+    engine: str = "auto"         # fast, hooked, or auto (fast when it reproduces the model); not a result
+                                 # setting: both paths compute the same scores (the path used is in stats)
 
     def to_json(self) -> dict:
         """The settings that determine the result: threads never, device and dtype when not the defaults
         (so run directories written before they existed keep their settings)."""
         d = dict(self.__dict__)
         d.pop("threads")
+        d.pop("engine")
         for k, default in (("device", "cpu"), ("dtype", "float32")):
             if d[k] == default:
                 d.pop(k)
@@ -51,6 +54,7 @@ class PruneConfig:
         from .algorithms.search import Thresholds, phases
         from .catalogue import find_model
         from .engine import DTYPES, parse_device
+        from .hooked import ENGINES
         from .metrics import get_metric
         from .models import LOCAL, check_local
         from .patching import ABLATIONS
@@ -74,6 +78,8 @@ class PruneConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         parse_device(self.device)
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"--threads {self.threads!r} must be a whole number of at least 1")
@@ -132,13 +138,13 @@ def resolve_task(config: PruneConfig, model, task_file: str | Path | None = None
                     corruption=config.corruption, model=model)
 
 
-def evaluator(config: PruneConfig, model, task):
-    """The Evaluator of `task` on `model` with the config's ablation, metric and graph (qkv)."""
-    from .engine import DTYPES, Engine
-    from .patching import Evaluator
+def evaluator(config: PruneConfig, model, task, log=None):
+    """The evaluator of `task` on `model` with the config's ablation, metric and graph (qkv): the fast
+    engine's, or the hook-based path's (config.engine; auto says why on `log`, see hooked.make_evaluator)."""
+    from .hooked import make_evaluator
 
-    engine = Engine(model, device=config.device, dtype=DTYPES[config.dtype])
-    return Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv, engine=engine)
+    return make_evaluator(model, task, config.ablation, config.metric, qkv=config.qkv, engine=config.engine,
+                          device=config.device, dtype=config.dtype, log=log)
 
 
 def memory_needed(model, task) -> int:
@@ -186,4 +192,4 @@ def build(config: PruneConfig, model=None, task_file: str | Path | None = None, 
     choose_threads(model, config.threads)
     task = resolve_task(config, model, task_file)
     check_fits(model, task, log, force)
-    return model, task, evaluator(config, model, task)
+    return model, task, evaluator(config, model, task, log)

@@ -199,8 +199,8 @@ class HookedEvaluator(Evaluator):
     """The Evaluator's interface and semantics through bridge hooks (see the module docstring).
 
     run/extend/extend_many/rescore recompute the whole forward for every circuit (no layer cache):
-    each circuit counts as one forward pass and one forward-equivalent. receiver_gradients (attribution
-    orders, target searches) is not available on this path and says so.
+    each circuit counts as one forward pass and one forward-equivalent. receiver_gradients (attribution)
+    is one hooked forward and backward through the bridge.
     """
 
     path = "hooked"
@@ -259,16 +259,130 @@ class HookedEvaluator(Evaluator):
                 raise ValueError(f"task {task.name!r}: {what} hold token ids outside the model's vocabulary "
                                  f"(ids 0..{v - 1}); was the task made with another model's tokenizer?")
 
-    def stats(self) -> dict:
-        return {**super().stats(), "path": "hooked"}
-
     def receiver_gradients(self, run: Run | None = None, alpha: float = 1.0) -> dict:
-        raise ModelError("attribution (--order attribution, --target, the attribute command) needs the fast "
-                         f"engine's differentiable forward, and model {self.model.name!r} runs on the hook-based "
-                         "path: use --order reverse, forward or alternate instead")
+        """Evaluator.receiver_gradients through the bridge: one hooked forward (every live sender's output
+        mixed `alpha` of the way from its ablation value, every receiver's input a tensor of its own: each
+        head's q/k/v input recomputed through the projection, on grouped-query models one copy of the
+        prompts per query head of a group) and one backward pass."""
+        if self.metric.name == "accuracy":
+            raise ValueError("accuracy has no gradient: attribute with logit_diff, prob or kl instead")
+        run = run or self.clean_run
+        ix, L, H, S, n_kv = self.index, self.L, self.H, self.S, self.n_kv
+        rep = H // n_kv
+        V, batch = rep, self.batch
+        B = len(batch.tokens)
+        src = self._grad_source()
+        ablated = run.masks.ablated.clone()
+        removed = run.masks.removed & ~ablated[None, :S]
+        tile = (lambda t: t) if V == 1 else (lambda t: t.repeat(V, *[1] * (t.dim() - 1)))
+        mix = lambda live, abl: abl + alpha * (live - abl)
+        live, diffs = {}, {}
+        inputs = {"attn": [None] * L, "mlp": [None] * L, "logits": None}
+
+        def diff(s: int) -> torch.Tensor:
+            if s not in diffs:
+                kind, layer = ix.node_kind[s], ix.node_layer[s]
+                if kind == EMBED:
+                    d = live["embed"] - src.embed
+                elif kind == HEAD:
+                    h = ix.node_head[s]
+                    d = (live["z", layer][:, :, h] - src.z[layer][:, :, h]) @ self._W_O[layer][h]
+                else:
+                    d = live["mlp", layer] - src.mlp_out[layer]
+                diffs[s] = d.expand(B, *d.shape[1:])
+            return diffs[s]
+
+        def delta(row: int):
+            senders = removed[row].nonzero()[:, 0].tolist()
+            return sum(diff(s) for s in senders) if senders else None
+
+        def resid_pre(l):
+            def fn(t, hook):
+                x = t[:B]
+                if l == 0:
+                    x = x.detach().clone().requires_grad_()
+                    x = live["embed"] = torch.where(ablated[0], src.embed, mix(x, src.embed))
+                live["pre", l] = x
+                rows = self._attn_rows[l].view(3, H).tolist()
+                ds = [[delta(rows[i][h]) for h in range(H)] for i in range(3)]
+                inp = x[:, :, None, None, :].expand(*x.shape[:2], 3, H, x.shape[-1])
+                if any(d is not None for row in ds for d in row):
+                    zero = torch.zeros_like(x)
+                    inp = inp - torch.stack([torch.stack([zero if d is None else d for d in row], 2) for row in ds], 2)
+                inputs["attn"][l] = inp
+                return tile(x)
+            return fn
+
+        def projection(l, name):
+            i, blk = "qkv".index(name), self.bridge.blocks[l]
+
+            def fn(t, hook):
+                inp = inputs["attn"][l]
+                if name == "q":
+                    y = tile(torch.stack([_project(blk, "q", inp[:, :, 0, h], h) for h in range(H)], 2))
+                else:  # copy c: each group's key/value head computed from its c-th query head's input
+                    y = torch.cat([torch.stack([_project(blk, name, inp[:, :, i, g * rep + c], g) for g in range(n_kv)], 2)
+                                   for c in range(V)], 0)
+                return y.to(t.dtype).view(t.shape)
+            return fn
+
+        def z_hook(l):
+            off = ablated[self._heads[l]][None, None, :, None]
+
+            def fn(t, hook):
+                z = t[:B] if V == 1 else torch.stack([t[(h % rep) * B:(h % rep + 1) * B, :, h] for h in range(H)], 2)
+                z = live["z", l] = torch.where(off, src.z[l], mix(z, src.z[l]))
+                return tile(z)
+            return fn
+
+        def mlp_in(l):
+            def fn(t, hook):
+                d = delta(self._mlp_row[l])
+                x = inputs["mlp"][l] = t[:B].clone() if d is None else t[:B] - d
+                return tile(x)
+            return fn
+
+        def mlp_out(l):
+            off = bool(ablated[self._mlp[l]])
+
+            def fn(t, hook):
+                m = t[:B]
+                m = live["mlp", l] = src.mlp_out[l].expand_as(m) if off else mix(m, src.mlp_out[l])
+                return tile(m)
+            return fn
+
+        def final(t, hook):
+            d = delta(self._logits_row)
+            x = inputs["logits"] = t[:B].clone() if d is None else t[:B] - d
+            return tile(x)
+
+        hooks = []
+        for l in range(L):
+            hooks.append((f"blocks.{l}.hook_resid_pre", resid_pre(l)))
+            hooks += [(f"blocks.{l}.attn.{x}.hook_out", projection(l, x)) for x in "qkv"]
+            hooks.append((f"blocks.{l}.attn.hook_z", z_hook(l)))
+            if not self.attn_only:
+                hooks += [(f"blocks.{l}.ln2.hook_in", mlp_in(l)), (f"blocks.{l}.hook_mlp_out", mlp_out(l))]
+        hooks.append((self.structure.final_in, final))
+        with torch.enable_grad():
+            logits = self.bridge.run_with_hooks(tile(batch.tokens), fwd_hooks=hooks)
+            logits = getattr(logits, "logits", logits)
+            last = self._read(logits[:B, -1], batch.cols)
+            per = self.metric.per_prompt(last, batch.answers, batch.wrong, batch.ref)
+            score = (per * batch.weight).sum() / batch.weight.sum()
+            flat = inputs["attn"] + [t for t in inputs["mlp"] if t is not None] + [inputs["logits"]]
+            grads = torch.autograd.grad(score, flat, allow_unused=True, materialize_grads=True)
+        self.forward_passes += 1
+        self.forward_equivalents += 1.0
+        self.backward_passes += 1
+        g_attn, rest = list(grads[:L]), list(grads[L:])
+        return {"attn": g_attn, "mlp": [None] * L if self.attn_only else rest[:L], "logits": rest[-1][:, -1]}
 
     def sender_diffs(self, run: Run) -> torch.Tensor:
-        self.receiver_gradients(run)
+        """live − ablated output of every sender in `run`, stacked [B, P, S, d] (one hooked forward)."""
+        out = []
+        self._hooked(run.masks, self.batch, diffs_out=out)
+        return torch.stack(out, 2)
 
     def _forward_many(self, base, start, masks: list, embed_live=None, source="self", count: bool = True,
                       batch: Batch | None = None) -> list:
@@ -335,8 +449,9 @@ class HookedEvaluator(Evaluator):
         mlp = [None if self.attn_only else senders(self._mlp_row[l]) for l in range(self.L)]
         return layers, mlp, senders(self._logits_row), copies
 
-    def _hooked(self, masks: Masks, batch: Batch) -> Run:
-        """The run of one circuit: one bridge forward of batch's rows with the circuit's hooks."""
+    def _hooked(self, masks: Masks, batch: Batch, diffs_out: list | None = None) -> Run:
+        """The run of one circuit: one bridge forward of batch's rows with the circuit's hooks (diffs_out:
+        filled with every sender's live − ablated output)."""
         ix, L, H, B = self.index, self.L, self.H, len(batch.tokens)
         src = self.source
         layers, mlp_senders, logit_senders, V = self._plan(masks)
@@ -450,6 +565,8 @@ class HookedEvaluator(Evaluator):
         tokens = tile(batch.tokens)
         with torch.inference_mode():
             logits = self.bridge.run_with_hooks(tokens, fwd_hooks=hooks)
+            if diffs_out is not None:
+                diffs_out += [diff(s) for s in range(self.S)]
         logits = getattr(logits, "logits", logits)
         run = Run(self.index, masks, None, [], [], [], [])
         run.logits = self._read(logits[:B, -1], batch.cols)
