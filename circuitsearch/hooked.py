@@ -13,17 +13,17 @@ Grouped-query attention: the bridge computes one key/value projection per key/va
 graph gives every query head its own k and v inputs. When query heads of one group read different
 k/v inputs, the forward runs the prompts once per distinct input ("copies" stacked along the batch),
 each head takes its z from its own copy, and every copy continues with the assembled z, so the copies
-stay equal downstream; the cost is a wider batch, the result exact.
+stay equal downstream; the cost is a wider batch, the result exact. Gradients for attribution
+(receiver_gradients) take the same route: one hooked forward and backward, every receiver's input a
+tensor of its own.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
-
 import torch
 
 from .engine import architecture, check_supported, features
-from .graphs.index import EMBED, HEAD, index_of
+from .graphs.index import EMBED, HEAD, MLP, index_of
 from .graphs.model_graph import ModelGraph
 from .metrics import get_metric
 from .models import Model, ModelError
@@ -225,6 +225,9 @@ class HookedEvaluator(Evaluator):
         self.senders = self.index.senders
         self.sender_index = {s: i for i, s in enumerate(self.senders)}
         self.S = self.index.S
+        kinds = set(self.index.node_kind[: self.S])
+        if not kinds <= {EMBED, HEAD, MLP}:  # never score a sender this path does not know as another one
+            raise ModelError(f"the hook-based path knows embed, head and MLP senders; this graph has kinds {kinds}")
         self._layout()
         self.batched_passes = self.forward_passes = self.backward_passes = 0
         self.forward_equivalents = 0.0
