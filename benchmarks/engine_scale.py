@@ -10,9 +10,10 @@ subprocess so its memory is its own. For each size, on one task of random prompt
 - hooked: the HookedEvaluator (structure check included) scoring the same circuits, seconds per
   forward-equivalent (one full forward per circuit); "edges" circuits remove k/v edges that differ
   between the query heads of a group, so the path runs two copies of the prompts (see hooked.py);
-- peak memory: the resident set's high-water mark above the loaded model, per prompt, for each path
-  (fast: the evaluator's build, its scores and one attribution gradient; hooked: build and scores);
-- bytes per parameter: resident memory of the loaded model (bridge) and of the engine's extra copies.
+- peak memory: the resident set's high-water mark above the loaded model (and, fast, the engine's
+  weights), divided by the prompts, for each path (fast: the evaluator's build, its scores and one
+  attribution gradient; hooked: build and scores; bridge: its forward);
+- bytes per parameter: resident memory of the loaded model (bridge) and of the engine's weights.
 
     python benchmarks/engine_scale.py [--prompts 8] [--seq 16] [--reps 3] [--sizes 0,1,2,3,4]
 
@@ -45,10 +46,11 @@ def reset_peak() -> None:
         f.write("5")  # resets VmHWM to the current resident set
 
 
-def one(L: int, d: int, H: int, kv: int, prompts: int, seq: int, reps: int) -> dict:
+def one(L: int, d: int, H: int, kv: int, prompts: int, seq: int, reps: int, path: str) -> dict:
+    """One size on one path (fast or hooked), in this process: the figures as a dict."""
     import torch
 
-    from circuitsearch.engine import choose_threads
+    from circuitsearch.engine import Engine, choose_threads
     from circuitsearch.hooked import HookedEvaluator
     from circuitsearch.models import build_test_model
     from circuitsearch.patching import Evaluator
@@ -105,25 +107,27 @@ def one(L: int, d: int, H: int, kv: int, prompts: int, seq: int, reps: int) -> d
             out[f"{prefix}_{kind}_s_per_fe"] = min(v)
         return by
 
-    reset_peak()
-    t0 = time.perf_counter()
-    ev = Evaluator(model, task)
-    out["fast_build_s"] = time.perf_counter() - t0
-    out["fast_check_rel_diff"] = ev.engine.check(task.clean)
-    out["fast_engine_extra_bytes_per_param"] = (status("VmRSS") - rss_model) / n_params  # weights copied + caches
-    timed(ev, "fast")
-    ev.receiver_gradients()  # one EAP-IG step: the default prune's curves run these
-    out["fast_peak_per_prompt"] = (status("VmHWM") - rss_model) / prompts
-    fast_scores = [ev.score(nodes=n, edges=e) for _, n, e in circuits(ev)[::reps]]
-    del ev
-    reset_peak()
-    t0 = time.perf_counter()
-    hv = HookedEvaluator(model, task)
-    out["hooked_build_s"] = time.perf_counter() - t0
-    timed(hv, "hooked")
-    out["hooked_peak_per_prompt"] = (status("VmHWM") - rss_model) / prompts
-    hooked_scores = [hv.score(nodes=n, edges=e) for _, n, e in circuits(hv)[::reps]]
-    out["hooked_vs_fast_max_abs"] = max(abs(a - b) for a, b in zip(fast_scores, hooked_scores))
+    if path == "fast":
+        reset_peak()
+        t0 = time.perf_counter()
+        engine = Engine(model)  # its weights: the parts it fuses or converts are copies of the bridge's
+        gc.collect()
+        engine_bytes = status("VmRSS") - rss_model
+        out["engine_bytes_per_param"] = engine_bytes / n_params
+        ev = Evaluator(model, task, engine=engine)
+        out["fast_build_s"] = time.perf_counter() - t0
+        out["fast_check_rel_diff"] = ev.engine.check(task.clean)
+        timed(ev, "fast")
+        ev.receiver_gradients()  # one EAP-IG step: the default prune's curves run these
+        out["fast_peak_per_prompt"] = (status("VmHWM") - rss_model - engine_bytes) / prompts
+    else:
+        reset_peak()
+        t0 = time.perf_counter()
+        ev = HookedEvaluator(model, task)
+        out["hooked_build_s"] = time.perf_counter() - t0
+        timed(ev, "hooked")
+        out["hooked_peak_per_prompt"] = (status("VmHWM") - rss_model) / prompts
+    out[f"{path}_scores"] = [ev.score(nodes=n, edges=e) for _, n, e in circuits(ev)[::reps]]
     return out
 
 
@@ -134,23 +138,32 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sizes", default=",".join(str(i) for i in range(len(SIZES))))
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--path", default="fast", help=argparse.SUPPRESS)
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
     if args.one is not None:
-        print(json.dumps(one(*SIZES[args.one], args.prompts, args.seq, args.reps)))
+        print(json.dumps(one(*SIZES[args.one], args.prompts, args.seq, args.reps, args.path)))
         return
     rows = []
     head = (f"{'layers':>6} {'d_model':>7} {'params':>7} {'bridge s':>9} {'fast s/fe':>9} {'hook s/fe':>9} "
-            f"{'hook+kv s/fe':>12} {'MB/prompt fast':>14} {'hooked':>7} {'bridge':>7} {'B/param':>7} {'check':>8}")
+            f"{'hook+kv s/fe':>12} {'MB/prompt fast':>14} {'hooked':>7} {'bridge':>7} {'B/param':>7} {'eng B/p':>7} {'check':>8} {'hook-fast':>9}")
     print(head, flush=True)
     for i in map(int, args.sizes.split(",")):
         t0 = time.perf_counter()
-        r = subprocess.run([sys.executable, __file__, "--one", str(i), "--prompts", str(args.prompts), "--seq",
-                            str(args.seq), "--reps", str(args.reps)], capture_output=True, text=True)
-        if r.returncode:
-            print(f"size {SIZES[i]} failed:\n{r.stderr[-3000:]}", flush=True)
+        row = {}
+        for path in ("fast", "hooked"):  # each path in a process of its own: its memory is its own
+            r = subprocess.run([sys.executable, __file__, "--one", str(i), "--path", path, "--prompts",
+                                str(args.prompts), "--seq", str(args.seq), "--reps", str(args.reps)],
+                               capture_output=True, text=True)
+            if r.returncode:
+                print(f"size {SIZES[i]} {path} failed:\n{r.stderr[-3000:]}", flush=True)
+                break
+            row.update({k: v for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()
+                        if path == "fast" or k.startswith("hooked")})
+        else:
+            row["hooked_vs_fast_max_abs"] = max(abs(a - b) for a, b in zip(row["fast_scores"], row["hooked_scores"]))
+        if "hooked_vs_fast_max_abs" not in row:
             continue
-        row = json.loads(r.stdout.strip().splitlines()[-1])
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
         mb = lambda k: row[k] / 2 ** 20
@@ -158,7 +171,8 @@ def main():
               f"{row['fast_nodes_s_per_fe']:>9.3f} {row['hooked_nodes_s_per_fe']:>9.3f} "
               f"{row['hooked_edges_s_per_fe']:>12.3f} {mb('fast_peak_per_prompt'):>14.1f} "
               f"{mb('hooked_peak_per_prompt'):>7.1f} {mb('bridge_peak_per_prompt'):>7.1f} "
-              f"{row['model_bytes_per_param']:>7.2f} {row['fast_check_rel_diff']:>8.1e}", flush=True)
+              f"{row['model_bytes_per_param']:>7.2f} {row['engine_bytes_per_param']:>7.2f} "
+              f"{row['fast_check_rel_diff']:>8.1e} {row['hooked_vs_fast_max_abs']:>9.1e}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
