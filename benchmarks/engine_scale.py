@@ -12,7 +12,7 @@ subprocess so its memory is its own. For each size, on one task of random prompt
   between the query heads of a group, so the path runs two copies of the prompts (see hooked.py);
 - peak memory: the resident set's high-water mark above the loaded model (and, fast, the engine's
   weights), divided by the prompts, for each path (fast: the evaluator's build, its scores and one
-  attribution gradient; hooked: build and scores; bridge: its forward);
+  attribution gradient; hooked: the same; bridge: its forward);
 - bytes per parameter: resident memory of the loaded model (bridge) and of the engine's weights.
 
     python benchmarks/engine_scale.py [--prompts 8] [--seq 16] [--reps 3] [--sizes 0,1,2,3,4]
@@ -126,6 +126,7 @@ def one(L: int, d: int, H: int, kv: int, prompts: int, seq: int, reps: int, path
         ev = HookedEvaluator(model, task)
         out["hooked_build_s"] = time.perf_counter() - t0
         timed(ev, "hooked")
+        ev.receiver_gradients()  # as on the fast path
         out["hooked_peak_per_prompt"] = (status("VmHWM") - rss_model) / prompts
     out[f"{path}_scores"] = [ev.score(nodes=n, edges=e) for _, n, e in circuits(ev)[::reps]]
     return out
