@@ -38,6 +38,10 @@ def _add_model_task(p: argparse.ArgumentParser) -> None:
                    "looser tolerance)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: 1 for models narrower than 256, else one per core)")
+    p.add_argument("--engine", choices=("auto", "fast", "hooked"), default="auto",
+                   help="auto (default): the fast engine where it reproduces the model, else the hook-based path "
+                   "through the bridge's hook points (slower, same scores; a note says why); fast: refuse a model "
+                   "the engine does not reproduce; hooked: always the hook-based path")
     p.add_argument("--split-embed", action="store_true",
                    help="graph with two embedding senders, tok (token) and pos (learned position), in place of "
                    "embed; models with learned positions only (GPT-2 style, not rotary)")
@@ -333,8 +337,8 @@ def cmd_attribute(args) -> int:
 
 def _engine_args(args) -> dict:
     """The engine's, the graph's and the readout's settings (every command with _add_model_task has them)."""
-    return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "split_embed": args.split_embed,
-            "positions": args.positions, "reduce": args.reduce}
+    return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "engine": args.engine,
+            "split_embed": args.split_embed, "positions": args.positions, "reduce": args.reduce}
 
 
 def _evaluator(args):

@@ -37,12 +37,15 @@ class PruneConfig:
     threads: int | None = None   # torch threads; None: engine.choose_threads' rule (not a result setting)
     positions: str = "last"      # where the metric is read: last, all, or position names (readout.py)
     reduce: str | None = None    # over positions: mean or sum (None: sum for logprob, else mean)
+    engine: str = "auto"         # fast, hooked, or auto (fast when it reproduces the model); not a result
+                                 # setting: both paths compute the same scores (the path used is in stats)
 
     def to_json(self) -> dict:
         """The settings that determine the result: threads never; device, dtype, split_embed, positions and
         reduce when not the defaults (so run directories written before they existed keep their settings)."""
         d = dict(self.__dict__)
         d.pop("threads")
+        d.pop("engine")
         for k, default in (("device", "cpu"), ("dtype", "float32"), ("split_embed", False), ("positions", "last"),
                            ("reduce", None)):
             if d[k] == default:
@@ -55,6 +58,7 @@ class PruneConfig:
         from .algorithms.search import Thresholds, phases
         from .catalogue import find_model
         from .engine import DTYPES, parse_device
+        from .hooked import ENGINES
         from .metrics import get_metric
         from .models import LOCAL, check_local
         from .patching import ABLATIONS
@@ -87,6 +91,8 @@ class PruneConfig:
         parse_device(self.device)
         if not isinstance(self.split_embed, bool):
             raise ValueError(f"split_embed {self.split_embed!r} must be true or false")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"--threads {self.threads!r} must be a whole number of at least 1")
@@ -145,14 +151,15 @@ def resolve_task(config: PruneConfig, model, task_file: str | Path | None = None
                     corruption=config.corruption, model=model)
 
 
-def evaluator(config: PruneConfig, model, task):
-    """The Evaluator of `task` on `model` with the config's ablation, metric and graph (qkv, split_embed)."""
-    from .engine import DTYPES, Engine
-    from .patching import Evaluator
+def evaluator(config: PruneConfig, model, task, log=None):
+    """The evaluator of `task` on `model` with the config's ablation, metric, graph (qkv, split_embed) and
+    readout: the fast engine's, or the hook-based path's (config.engine; auto says why on `log`, see
+    hooked.make_evaluator)."""
+    from .hooked import make_evaluator
 
-    engine = Engine(model, device=config.device, dtype=DTYPES[config.dtype])
-    return Evaluator(model, task, config.ablation, config.metric, qkv=config.qkv, engine=engine,
-                     split_embed=config.split_embed, positions=config.positions, reduce=config.reduce)
+    return make_evaluator(model, task, config.ablation, config.metric, qkv=config.qkv, engine=config.engine,
+                          device=config.device, dtype=config.dtype, log=log, split_embed=config.split_embed,
+                          positions=config.positions, reduce=config.reduce)
 
 
 def memory_needed(model, task) -> int:
@@ -200,6 +207,6 @@ def build(config: PruneConfig, model=None, task_file: str | Path | None = None, 
     choose_threads(model, config.threads)
     task = resolve_task(config, model, task_file)
     check_fits(model, task, log, force)
-    return model, task, evaluator(config, model, task)
+    return model, task, evaluator(config, model, task, log)
 
 

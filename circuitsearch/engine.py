@@ -173,8 +173,8 @@ def check_supported(model: Model) -> None:
                          "graph is made of heads and MLPs, so it does not apply to this model on any path")
     if missing:
         raise ModelError(f"the fast engine does not reproduce model {model.name!r}: it does not implement "
-                         + "; ".join(missing) + ". Nothing was scored (a hook-based path for such models is "
-                         "not built yet)")
+                         + "; ".join(missing) + ". Nothing was scored (--engine auto or hooked runs such a model "
+                         "on the hook-based path)")
 
 
 @dataclass
@@ -594,7 +594,7 @@ class Engine:
                 f"bridge's forward by up to {float(diff.max()):.3g} (prompt {b}, position {p}, token {v}: engine "
                 f"{float(mine[b, p, v]):.5g}, bridge {float(ref[b, p, v]):.5g}), {worst:.2g} of the logit scale "
                 f"{scale:.3g}, past the tolerance {tol:g}. Config features involved: {features(self.model)}. "
-                "Nothing was scored; report the model, or run it on the hook-based path once it exists")
+                "Nothing was scored; report the model, and run it with --engine auto or hooked (the hook-based path)")
         self._checked[key] = worst
         return worst
 

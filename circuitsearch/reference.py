@@ -3,7 +3,9 @@
 Slow and simple on purpose: every hook point is the bridge's own, nothing is cached between
 calls. Tests and benchmarks hold the fast evaluator to it. On grouped-query models the
 bridge's k/v input hooks are per key/value head, so edges into k and v must be removed
-alike for all query heads of a group (the evaluator has no such restriction).
+alike for all query heads of a group, or it raises (the evaluators have no such restriction:
+circuitsearch.hooked, the hook-based path models run on, gives each query head its own k/v
+input by running one copy of the prompts per distinct input).
 
 The names say the graph: `embed` is the whole embedding (hook_embed and hook_pos_embed together),
 `tok` and `pos` (a split-embed graph) are hook_embed and hook_pos_embed alone.

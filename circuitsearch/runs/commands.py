@@ -181,7 +181,8 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
             t1 = time.time()
             result = find_circuit(ev, config.level, thresholds, order, config.max_passes, replay, dlog.record,
                                   progress=progress, batch=batch)
-        stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "search_seconds": round(time.time() - t1, 2),
+        stats = {**ev.stats(), "engine": getattr(ev, "path", "fast"), "seconds": round(time.time() - t0, 2),
+                 "search_seconds": round(time.time() - t1, 2),
                  "decisions": len(result.decisions), "replayed": len(decisions) - replay.dropped,
                  "skipped": result.skipped, "speculation": result.speculation}
         if decisions:  # a resumed run: what this session spent, and the whole run's cost as far as checkpointed
@@ -247,7 +248,8 @@ def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = 
             sub = out / f"target-{step.target}"
             sub.mkdir(exist_ok=True)
             save_task(sub, task)
-            stats = {**ev.stats(), "seconds": round(time.time() - t0, 2), "target_forward_passes": step.forward_passes,
+            stats = {**ev.stats(), "engine": getattr(ev, "path", "fast"), "seconds": round(time.time() - t0, 2),
+                     "target_forward_passes": step.forward_passes,
                      "target_backward_passes": step.backward_passes}
             c = circuit_from_result(ev, step.result, tconf, step.result.final, stats)
             summary = step.summary(ev)
