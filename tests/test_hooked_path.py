@@ -305,3 +305,24 @@ def test_cli_prunes_a_refused_model_on_the_hooked_path(neo_dir, tmp_path, capsys
     assert main(["score", *args, "--engine", "fast"]) == 2
     err = capsys.readouterr().err
     assert "does not implement architecture GPTNeoForCausalLM" in err and "--engine auto or hooked" in err
+
+
+def test_what_the_hooked_path_does_not_do_is_refused_by_name():
+    """Split embeddings, tasks of several lengths/templates and readouts other than the last position are
+    refused on the hook-based path (not scored some other way); the l2 metric, read at the last
+    position, scores as on the fast engine."""
+    from circuitsearch.tasks.base import concat_tasks
+
+    gpt = load_model("test:tiny-gpt")
+    task = random_task(gpt.bridge.cfg.d_vocab, seed=4)
+    with pytest.raises(ModelError, match="--split-embed runs on the fast engine only"):
+        make_evaluator(gpt, task, engine="hooked", split_embed=True)
+    with pytest.raises(ValueError, match="reads the last position only"):
+        make_evaluator(gpt, task, engine="hooked", positions="all")
+    mixed = concat_tasks("mixed", [task, random_task(gpt.bridge.cfg.d_vocab, seq=5, seed=5)], {})
+    with pytest.raises(ValueError, match="several templates or token lengths"):
+        make_evaluator(gpt, mixed, engine="hooked")
+    fast, hooked = (make_evaluator(gpt, task, metric="l2", engine=e) for e in ("fast", "hooked"))
+    assert hooked.path == "hooked" and close(fast.empty, hooked.empty) and fast.empty > 1e-3
+    node = fast.senders[3]
+    assert close(fast.score(nodes=[node]), hooked.score(nodes=[node]))
