@@ -261,15 +261,7 @@ class HookedEvaluator(Evaluator):
         with torch.inference_mode():
             corrupt = self._source_run(task.corrupted, first)
             self.clean_run = self._hooked(self._empty_masks(), self.batch)
-            if not self.metric.two_columns:
-                logits = self.clean_run.logits.float()
-                self.batch.ref = logits if self.metric.reference == "logits" else torch.log_softmax(logits, -1)
-                everything.ref = self.batch.ref[inverse]
-                self._finish(self.clean_run, self.batch)
-            self._finish(corrupt, everything)
-            self.full = self.clean_run.score
-            self.corrupted = corrupt.score
-            self.empty = self.score(nodes=self.senders)
+            self._baselines(corrupt, everything, inverse)
 
     # ------------------------------------------------------------------ what differs from Evaluator
 
@@ -305,18 +297,7 @@ class HookedEvaluator(Evaluator):
         live, diffs = {}, {}
         inputs = {"attn": [None] * L, "mlp": [None] * L, "logits": None}
 
-        def diff(s: int) -> torch.Tensor:
-            if s not in diffs:
-                kind, layer = ix.node_kind[s], ix.node_layer[s]
-                if kind == EMBED:
-                    d = live["embed"] - src.embed
-                elif kind == HEAD:
-                    h = ix.node_head[s]
-                    d = (live["z", layer][:, :, h] - src.z[layer][:, :, h]) @ self._W_O[layer][h]
-                else:
-                    d = live["mlp", layer] - src.mlp_out[layer]
-                diffs[s] = d.expand(B, *d.shape[1:])
-            return diffs[s]
+        diff = self._differ(live, src, diffs, B)
 
         def delta(row: int):
             senders = removed[row].nonzero()[:, 0].tolist()
@@ -475,16 +456,10 @@ class HookedEvaluator(Evaluator):
         mlp = [None if self.attn_only else senders(self._mlp_row[l]) for l in range(self.L)]
         return layers, mlp, senders(self._logits_row), copies
 
-    def _hooked(self, masks: Masks, batch: Batch, diffs_out: list | None = None) -> Run:
-        """The run of one circuit: one bridge forward of batch's rows with the circuit's hooks (diffs_out:
-        filled with every sender's live − ablated output)."""
-        ix, L, H, B = self.index, self.L, self.H, len(batch.tokens)
-        src = self.source
-        layers, mlp_senders, logit_senders, V = self._plan(masks)
-        ablated = masks.ablated.tolist()
-        tile = (lambda t: t) if V == 1 else (lambda t: t.repeat(V, *[1] * (t.dim() - 1)))
-        live: dict = {}   # ("embed",) / ("z", l) / ("mlp", l) / ("pre", l) -> copy 0's rows
-        diffs: dict = {}
+    def _differ(self, live: dict, src: Source, diffs: dict, B: int):
+        """diff(s): sender s's live − ablated output [B, P, d] from the outputs a hooked forward has
+        recorded in `live` so far, cached in `diffs`."""
+        ix = self.index
 
         def diff(s: int) -> torch.Tensor:
             d = diffs.get(s)
@@ -499,6 +474,20 @@ class HookedEvaluator(Evaluator):
                     d = live["mlp", layer] - src.mlp_out[layer]
                 diffs[s] = d = d.expand(B, *d.shape[1:])
             return d
+        return diff
+
+    def _hooked(self, masks: Masks, batch: Batch, diffs_out: list | None = None) -> Run:
+        """The run of one circuit: one bridge forward of batch's rows with the circuit's hooks (diffs_out:
+        filled with every sender's live − ablated output)."""
+        ix, L, H, B = self.index, self.L, self.H, len(batch.tokens)
+        src = self.source
+        layers, mlp_senders, logit_senders, V = self._plan(masks)
+        ablated = masks.ablated.tolist()
+        tile = (lambda t: t) if V == 1 else (lambda t: t.repeat(V, *[1] * (t.dim() - 1)))
+        live: dict = {}   # ("embed",) / ("z", l) / ("mlp", l) / ("pre", l) -> copy 0's rows
+        diffs: dict = {}
+
+        diff = self._differ(live, src, diffs, B)
 
         def total(senders) -> torch.Tensor:
             return sum(diff(s) for s in senders)

@@ -271,15 +271,20 @@ class Evaluator:
             corrupt = self._forward(None, -1, empty, self._embed_live(task.corrupted), source=None, batch=everything)
             self.source = self._make_source(corrupt, first)
             self.clean_run = self._forward(None, -1, empty, self._embed_clean)
-            if not self.metric.two_columns:
-                logits = self.clean_run.logits.float()
-                self.batch.ref = logits if self.metric.reference == "logits" else torch.log_softmax(logits, -1)
-                everything.ref = self.batch.ref[inverse]
-                self._finish(self.clean_run, self.batch)
-                self._finish(corrupt, everything)
-            self.full = self.clean_run.score
-            self.corrupted = corrupt.score
-            self.empty = self.score(nodes=self.senders)
+            self._baselines(corrupt, everything, inverse)
+
+    def _baselines(self, corrupt: Run, everything: Batch, inverse: torch.Tensor) -> None:
+        """full, corrupted and empty scores; a metric that compares with the full model (kl, l2) first
+        gets the clean run's outputs as its reference."""
+        if not self.metric.two_columns:
+            logits = self.clean_run.logits.float()
+            self.batch.ref = logits if self.metric.reference == "logits" else torch.log_softmax(logits, -1)
+            everything.ref = self.batch.ref[inverse]
+        self._finish(self.clean_run, self.batch)
+        self._finish(corrupt, everything)
+        self.full = self.clean_run.score
+        self.corrupted = corrupt.score
+        self.empty = self.score(nodes=self.senders)
 
     def _embed_live(self, tokens: torch.Tensor):
         """The live embedding of `tokens` as the forward pass takes it: [B, P, d], or in a split-embed
