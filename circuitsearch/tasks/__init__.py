@@ -20,7 +20,8 @@ def filter_correct(task: Task, model, keep: int | None = None) -> Task:
         pred = logits[torch.arange(len(task)), task.lengths - 1].argmax(-1)  # each prompt's last real position
     ok = (pred == task.answers).nonzero()[:, 0].tolist()
     if not ok:
-        raise TaskError(f"the model answers none of the {len(task)} prompts of task {task.name!r} correctly; "
+        which = f" (template {task.meta['template']})" if "template" in task.meta else ""
+        raise TaskError(f"the model answers none of the {len(task)} prompts of task {task.name!r}{which} correctly; "
                         "try another template, or turn the filter off")
     kept = task.subset(ok[:keep] if keep else ok)
     kept.meta.update(n_generated=len(task), n_correct=len(ok), n_kept=len(kept))
@@ -61,4 +62,6 @@ def get_task(name: str, tokenizer, n: int = 24, seed: int = 0, template: int | s
         kw["corruption"] = corruption
     if model is None or not filter:
         return builder(tokenizer, n=n, **kw)
-    return filter_correct(builder(tokenizer, n=3 * n, **kw), model, keep=n)
+    # at least 72 candidates: --template all asks a few prompts of each template, and a weak template
+    # (letters 1: 6 of 72 answered) would otherwise have none; the first 3n are the same prompts either way
+    return filter_correct(builder(tokenizer, n=max(3 * n, 72), **kw), model, keep=n)
