@@ -44,7 +44,7 @@ class Cell:
     @property
     def kind(self) -> str:
         """'target' for a target search (run_targets), 'evaluate' for a column of a cross-task matrix
-        (evaluation.run_column), else 'prune' (run_prune)."""
+        (sweeps.crosstask.run_column), else 'prune' (run_prune)."""
         if "evaluate" in self.settings:
             return "evaluate"
         return "target" if self.settings.get("order") == TARGET_ORDER else "prune"
