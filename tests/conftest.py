@@ -17,14 +17,15 @@ def _torch_threads_as_they_were():
     torch.set_num_threads(n)
 
 
-def random_task(vocab: int, n: int = 6, seq: int = 7, seed: int = 0) -> Task:
+def random_task(vocab: int, n: int = 6, seq: int = 7, seed: int = 0, low: int = 0, name: str = "random") -> Task:
+    """Random prompts (token ids low..vocab-1) and answers; the wrong answer is always another token."""
     g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(0, vocab, (n, seq), generator=g)
-    corrupted = torch.randint(0, vocab, (n, seq), generator=g)
+    clean = torch.randint(low, vocab, (n, seq), generator=g)
+    corrupted = torch.randint(low, vocab, (n, seq), generator=g)
     answers = torch.randint(0, vocab, (n,), generator=g)
     wrong = (answers + 1 + torch.randint(0, vocab - 1, (n,), generator=g)) % vocab
     blank = [""] * n
-    return Task("random", clean, corrupted, answers, wrong, blank, blank, blank, blank)
+    return Task(name, clean, corrupted, answers, wrong, blank, blank, blank, blank)
 
 
 def self_task(model, n: int = 8, seq: int = 7, seed: int = 0) -> Task:

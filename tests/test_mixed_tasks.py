@@ -15,20 +15,15 @@ from circuitsearch.patching import Evaluator
 from circuitsearch.readout import make_readout
 from circuitsearch.tasks.base import PAD, Task, TaskError, build_task, concat_tasks, load_task, pad
 from circuitsearch.toys import induction_task
+from conftest import random_task
 from test_engine_features import native
 
 TOL = 1e-5
 
 
 def group_task(vocab: int, n: int, length: int, seed: int, name: str = "g") -> Task:
-    """n random prompts of one length; answers the model could give (any ids), wrong answer another."""
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(1, vocab, (n, length), generator=g)
-    corrupted = torch.randint(1, vocab, (n, length), generator=g)
-    answers = torch.randint(0, vocab, (n,), generator=g)
-    wrong = (answers + 1 + torch.randint(0, vocab - 1, (n,), generator=g)) % vocab
-    blank = [""] * n
-    return Task(name, clean, corrupted, answers, wrong, blank, blank, blank, blank)
+    """n random prompts of one length (no pad id 0 in them); answers any ids, wrong answer another."""
+    return random_task(vocab, n, length, seed, low=1, name=name)
 
 
 def mixed_parts(vocab: int):
