@@ -28,7 +28,8 @@ from .graphs.model_graph import ModelGraph
 from .metrics import get_metric
 from .models import Model, ModelError
 from .readout import make_readout
-from .patching import ABLATIONS, Batch, Evaluator, Masks, Run, Source, distinct_rows
+from .patching import (ABLATIONS, Batch, Evaluator, Masks, Run, Source, check_context, check_token_ids,
+                       distinct_rows)
 from .tasks.base import Task
 
 # Largest departure from the additive structure check_structure accepts, relative to the residual
@@ -266,16 +267,10 @@ class HookedEvaluator(Evaluator):
     # ------------------------------------------------------------------ what differs from Evaluator
 
     def _check_task(self, task: Task) -> None:
+        """The Evaluator's checks with the bridge's context and vocabularies (there is no engine here)."""
         cfg = self.bridge.cfg
-        n_ctx, vocab = getattr(cfg, "n_ctx", None), cfg.d_vocab
-        vocab_out = getattr(cfg, "d_vocab_out", None) or vocab
-        if n_ctx is not None and task.seq_len > n_ctx:
-            raise ValueError(f"task prompts are {task.seq_len} tokens but the model's context is {n_ctx}")
-        for what, t, v in (("clean prompts", task.clean, vocab), ("corrupted prompts", task.corrupted, vocab),
-                           ("answers", task.answers, vocab_out), ("wrong answers", task.wrong_answers, vocab_out)):
-            if int(t.max()) >= v or int(t.min()) < 0:
-                raise ValueError(f"task {task.name!r}: {what} hold token ids outside the model's vocabulary "
-                                 f"(ids 0..{v - 1}); was the task made with another model's tokenizer?")
+        check_context(task, getattr(cfg, "n_ctx", None))
+        check_token_ids(task, self.readout, cfg.d_vocab, getattr(cfg, "d_vocab_out", None) or cfg.d_vocab)
 
     def receiver_gradients(self, run: Run | None = None, alpha: float = 1.0) -> dict:
         """Evaluator.receiver_gradients through the bridge: one hooked forward (every live sender's output

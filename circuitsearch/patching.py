@@ -145,6 +145,28 @@ def distinct_rows(task: Task, ablation: str, readout: Readout | None = None) -> 
     return first[order], rank[inverse]
 
 
+def check_context(task: Task, n_ctx: int | None) -> None:
+    """Prompts no longer than the model's context (None: no limit)."""
+    if n_ctx is not None and task.seq_len > n_ctx:
+        raise ValueError(f"task prompts are {task.seq_len} tokens but the model's context is {n_ctx}")
+
+
+def check_token_ids(task: Task, readout: Readout, vocab_in: int, vocab_out: int) -> None:
+    """Prompt ids in the input vocabulary, answers and readout targets in the output vocabulary: a
+    ValueError naming which, for a task made with another model's tokenizer."""
+    r = readout
+    for what, t, vocab, side in (("clean prompts", task.clean, vocab_in, "input"),
+                                 ("corrupted prompts", task.corrupted, vocab_in, "input"),
+                                 ("answers", task.answers, vocab_out, "output"),
+                                 ("wrong answers", task.wrong_answers, vocab_out, "output"),
+                                 ("readout targets", r.target[r.valid], vocab_out, "output"),
+                                 ("readout wrong tokens", r.wrong[r.valid], vocab_out, "output")):
+        if int(t.max()) >= vocab or int(t.min()) < 0:
+            raise ValueError(f"task {task.name!r}: {what} hold token ids outside the model's vocabulary "
+                             f"(its {side} vocabulary is ids 0..{vocab - 1}); was the task made with another "
+                             "model's tokenizer?")
+
+
 @dataclass
 class Source:
     """Ablation values (broadcastable to [B, P, ...]) for embed, head z and MLP outputs; in a split-embed
@@ -292,27 +314,16 @@ class Evaluator:
         return list(self.engine.embed_parts(tokens)) if self.split_embed else self.engine.embed(tokens)
 
     def _check_task(self, task: Task) -> None:
-        """Token ids inside the model's vocabularies (prompts: input, answers: output) and context;
-        prompts of mixed lengths only on a causal model (padding is exact only there)."""
-        n_ctx = self.engine.n_ctx
-        if n_ctx is not None and task.seq_len > n_ctx:
-            raise ValueError(f"task prompts are {task.seq_len} tokens but the model's context is {n_ctx}")
-        if task.mixed and not self.engine.w.causal:
+        """The prompts within the context, token ids inside the model's vocabularies; prompts of mixed
+        lengths only on a causal model (padding is exact only there)."""
+        eng = self.engine
+        check_context(task, eng.n_ctx)
+        if task.mixed and not eng.w.causal:
             raise ValueError(f"task {task.name!r} has prompts of {len(set(task.lengths.tolist()))} different token "
                              f"lengths, but model {self.model.name!r} attends bidirectionally, so the padding of the "
                              "shorter prompts would change their computation; split the task by length (one task "
                              "per template) for this model")
-        r = self.readout
-        for what, t, vocab, side in (("clean prompts", task.clean, self.engine.d_vocab_in, "input"),
-                                     ("corrupted prompts", task.corrupted, self.engine.d_vocab_in, "input"),
-                                     ("answers", task.answers, self.engine.d_vocab_out, "output"),
-                                     ("wrong answers", task.wrong_answers, self.engine.d_vocab_out, "output"),
-                                     ("readout targets", r.target[r.valid], self.engine.d_vocab_out, "output"),
-                                     ("readout wrong tokens", r.wrong[r.valid], self.engine.d_vocab_out, "output")):
-            if int(t.max()) >= vocab or int(t.min()) < 0:
-                raise ValueError(f"task {task.name!r}: {what} hold token ids outside the model's vocabulary "
-                                 f"(its {side} vocabulary is ids 0..{vocab - 1}); was the task made with another "
-                                 "model's tokenizer?")
+        check_token_ids(task, self.readout, eng.d_vocab_in, eng.d_vocab_out)
 
     def _layout(self) -> None:
         """Where each layer's heads, MLP and receivers sit in the index (ids, as tensors and slices)."""
