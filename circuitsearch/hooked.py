@@ -31,11 +31,14 @@ from .readout import make_readout
 from .patching import (ABLATIONS, Batch, Evaluator, Masks, Run, Source, check_context, check_token_ids,
                        distinct_rows)
 from .tasks.base import Task
+from .tasks.slots import task_slots
 
 # Largest departure from the additive structure check_structure accepts, relative to the residual
 # stream's scale: float32 sums of a few hundred terms in another order stay near 1e-6 of it; a norm
 # after the heads' sum, or a hook at another point of the computation, moves it by 1e-2 or more.
 STRUCTURE_TOLERANCE = 1e-4
+POSITIONS_REFUSED = ("position-level circuits (nodes or edges at single slots) run on the fast engine only; "
+                     "this model is on the hook-based path, so prune it without the positions level")
 
 
 def refusals(model: Model) -> list[str]:
@@ -241,7 +244,10 @@ class HookedEvaluator(Evaluator):
         self.L, self.H, self.n_kv = model.n_layers, model.n_heads, model.n_kv_heads
         self.attn_only = model.attn_only
         self._check_task(task)
+        self.slots = task_slots(self.run_task)
+        self.Q, self._units = self.slots.Q, None
         first, inverse = distinct_rows(task, ablation)
+        self._slot_rows = self.slots.rows(first)
         self.structure = check_structure(model, task.clean[first])
         self.graph = ModelGraph(self.L, self.H, self.attn_only, qkv, parallel=self.structure.parallel)
         self.index = index_of(self.graph)
@@ -280,6 +286,8 @@ class HookedEvaluator(Evaluator):
         if self.metric.name == "accuracy":
             raise ValueError("accuracy has no gradient: attribute with logit_diff, prob or kl instead")
         run = run or self.clean_run
+        if bool(run.masks.at.any()):
+            raise ValueError(POSITIONS_REFUSED)
         ix, L, H, S, n_kv = self.index, self.L, self.H, self.S, self.n_kv
         rep = H // n_kv
         V, batch = rep, self.batch
@@ -390,6 +398,8 @@ class HookedEvaluator(Evaluator):
                       batch: Batch | None = None) -> list:
         """One full hooked forward per circuit (base and start are ignored: nothing is cached)."""
         batch = batch or self.batch
+        if any(bool(m.at.any()) for m in masks):
+            raise ValueError(POSITIONS_REFUSED)
         runs = [self._hooked(m, batch) for m in masks]
         if count:
             self.forward_passes += len(runs)

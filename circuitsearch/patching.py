@@ -28,6 +28,7 @@ from .metrics import Metric, faithfulness, get_metric, normalized
 from .models import Model
 from .readout import Readout, make_readout
 from .tasks.base import Task
+from .tasks.slots import Slots, task_slots
 
 ABLATIONS = ("mean", "resample", "zero")
 REFRESH = 32  # incremental updates of a receiver group's edge sum before it is taken in full again
@@ -38,13 +39,15 @@ REFRESH = 32  # incremental updates of a receiver group's edge sum before it is 
 @dataclass
 class Masks:
     """What a circuit removes: `ablated` [N] nodes (logits never) and `removed` [R, S] edges,
-    by receiver row and sender column of the graph index."""
+    by receiver row and sender column of the graph index; `at` [N, Q] nodes ablated at single
+    slots of positions (tasks.slots), on top of `ablated` (a node ablated is ablated at every slot)."""
 
     ablated: torch.Tensor
     removed: torch.Tensor
+    at: torch.Tensor
 
     def copy(self) -> "Masks":
-        return Masks(self.ablated.clone(), self.removed.clone())
+        return Masks(self.ablated.clone(), self.removed.clone(), self.at.clone())
 
 
 @dataclass
@@ -93,6 +96,19 @@ class Run:
         """Senders still in the circuit [S] (not ablated)."""
         return ~self.masks.ablated[: self.index.S]
 
+    def present_units(self) -> torch.Tensor:
+        """(sender, slot) pairs still in the circuit [S, Q]: the node not ablated, nor at that slot."""
+        S = self.index.S
+        return ~self.masks.ablated[:S, None] & ~self.masks.at[:S]
+
+    @property
+    def units(self) -> frozenset:
+        """(node, slot) pairs ablated at single slots, as unit ids (node * Q + slot) of nodes still present."""
+        if "units" not in self._names:
+            at = self.masks.at & ~self.masks.ablated[:, None]
+            self._names["units"] = frozenset((at.flatten().nonzero()[:, 0]).tolist())
+        return self._names["units"]
+
 
 @dataclass
 class Batch:
@@ -125,10 +141,14 @@ class Batch:
         return torch.stack([self.answers, self.wrong], -1)
 
 
-def distinct_rows(task: Task, ablation: str, readout: Readout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def distinct_rows(task: Task, ablation: str, readout: Readout | None = None,
+                  slots: Slots | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(first index of each distinct row, inverse map) over what determines a row's clean run and score:
-    tokens, length, group (its mean-ablation source), readout, and its corrupted prompt under resample."""
+    tokens, length, group (its mean-ablation source), readout, slots by role (which positions a slot
+    ablates), and its corrupted prompt under resample."""
     parts = [task.clean, task.answers[:, None], task.wrong_answers[:, None]]
+    if slots is not None and slots.by_role:
+        parts.append(slots.of)
     if task.mixed or bool(task.groups.any()):
         parts += [task.lengths[:, None], task.groups[:, None]]
     if readout is not None and not readout.last_only:
@@ -191,6 +211,8 @@ class _Pass:
     removed: torch.Tensor   # [K, R, S]
     B: int
     source: Source | None   # the ablation source of one circuit's rows
+    at: torch.Tensor | None = None     # [K, N, Q] nodes ablated at single slots (None: none in any circuit)
+    slot_rows: torch.Tensor | None = None  # [B, P] the slot of each row's positions
     embed: torch.Tensor | None = None
     parts: list | None = None                  # split-embed graph: stacked tok and pos outputs
     z: dict = field(default_factory=dict)      # layer -> stacked z
@@ -224,6 +246,18 @@ class _Pass:
         if (what, l) not in self._tiled:
             self._tiled[what, l] = self.tile(t)
         return self._tiled[what, l]
+
+    def at_rows(self, sel) -> torch.Tensor | None:
+        """Which stacked rows and positions have nodes `sel` (a slice or index of node ids) ablated at a slot:
+        [K*B, P, n] flags, or None when no circuit ablates any of them at a slot."""
+        if self.at is None:
+            return None
+        a = self.at[:, sel]  # [K, n, Q]
+        if a.dim() == 2:
+            a = a[:, None]
+        if not bool(a.any()):
+            return None
+        return a[:, :, self.slot_rows].permute(0, 2, 3, 1).flatten(0, 1)
 
     def put(self, what: str, l: int, t: torch.Tensor) -> None:
         """Store layer l's stacked `what` (resid_pre, z, resid_mid, mlp_out) in every run."""
@@ -281,11 +315,15 @@ class Evaluator:
         self.forward_equivalents = 0.0
         self.backward_passes = 0
         self._check_task(task)
-        first, inverse = distinct_rows(task, ablation, self.readout)
+        self.slots: Slots = task_slots(task)
+        self.Q = self.slots.Q
+        first, inverse = distinct_rows(task, ablation, self.readout, self.slots)
         self.engine.check(task.clean[first])  # never silently wrong: the engine reproduces the bridge here
         self.rows_inverse = inverse
         counts = torch.bincount(inverse, minlength=len(first)).float()
         self.batch = Batch.of(task.clean[first], self.readout.rows(first), counts)
+        self._slot_rows = self.slots.rows(first)  # [B, P] slot of each distinct row's positions
+        self._units: list | None = None
         everything = Batch.of(task.corrupted, self.readout, torch.ones(len(task)))
         with torch.inference_mode():
             empty = self._empty_masks()
@@ -348,26 +386,28 @@ class Evaluator:
 
     # ------------------------------------------------------------------ public API
 
-    def score(self, nodes: Iterable = (), edges: Iterable = ()) -> float:
-        """Metric with `nodes` ablated and `edges` removed (everything else live)."""
-        return self.run(nodes, edges).score
+    def score(self, nodes: Iterable = (), edges: Iterable = (), at: Iterable = ()) -> float:
+        """Metric with `nodes` ablated, `edges` removed and nodes ablated at slots `at` (everything else live)."""
+        return self.run(nodes, edges, at).score
 
-    def run(self, nodes: Iterable = (), edges: Iterable = ()) -> Run:
-        """A cached run of the full model with `nodes` ablated and `edges` removed."""
-        return self.extend(self.clean_run, nodes, edges)
+    def run(self, nodes: Iterable = (), edges: Iterable = (), at: Iterable = ()) -> Run:
+        """A cached run of the full model with `nodes` ablated, `edges` removed, `at` units ablated."""
+        return self.extend(self.clean_run, nodes, edges, at)
 
-    def extend(self, run: Run, nodes: Iterable = (), edges: Iterable = ()) -> Run:
-        """The run of `run`'s circuit with `nodes` also ablated and `edges` also removed.
+    def extend(self, run: Run, nodes: Iterable = (), edges: Iterable = (), at: Iterable = ()) -> Run:
+        """The run of `run`'s circuit with `nodes` also ablated, `edges` also removed and the nodes of
+        `at` also ablated at single slots.
 
-        Nodes and edges are names or graph index ids (lists or 1-d tensors).
+        Nodes and edges are names or graph index ids (lists or 1-d tensors); `at` holds unit names
+        (`a9.1@end`, `m3@5`) or unit ids (node id * Q + slot, see `unit`).
         """
-        return self.extend_many(run, [(nodes, edges)])[0]
+        return self.extend_many(run, [(nodes, edges, at)])[0]
 
     def extend_many(self, run: Run, variants: Iterable) -> list:
-        """extend(run, nodes, edges) for each (nodes, edges) in `variants`, as one forward pass over
-        all of them stacked along the batch (from the earliest layer any of them touches). Each run
+        """extend(run, nodes, edges[, at]) for each (nodes, edges[, at]) in `variants`, as one forward pass
+        over all of them stacked along the batch (from the earliest layer any of them touches). Each run
         is what extend would return (a variant that removes nothing returns `run` itself)."""
-        changes = [self._change(run, nodes, edges) for nodes, edges in variants]
+        changes = [self._change(run, *v) for v in variants]
         todo = [i for i, c in enumerate(changes) if c is not None]
         out = [run] * len(changes)
         if todo:
@@ -378,19 +418,25 @@ class Evaluator:
                 out[i] = r
         return out
 
-    def _change(self, run: Run, nodes: Iterable, edges: Iterable) -> tuple | None:
-        """(masks of `run`'s circuit with `nodes` and `edges` also removed, the earliest stage that
-        changes), or None when they remove nothing new."""
-        ix = self.index
+    def _change(self, run: Run, nodes: Iterable, edges: Iterable, at: Iterable = ()) -> tuple | None:
+        """(masks of `run`'s circuit with `nodes`, `edges` and units `at` also removed, the earliest stage
+        that changes), or None when they remove nothing new. A node ablated at every slot becomes ablated
+        (the same thing)."""
+        ix, Q = self.index, self.Q
         n = _ids(nodes, ix.node)
         e = _ids(edges, ix.edge)
+        u = _ids(at, self.unit)
         if len(n):
             if bool((n == ix.logits).any()):
                 raise ValueError("the logits node cannot be ablated; remove its incoming edges instead")
             n = n[~run.masks.ablated[n]]
         if len(e):
             e = e[~run.masks.removed[ix.edge_recv[e], ix.edge_src[e]]]
-        if not len(n) and not len(e):
+        if len(u):
+            un, uq = u // Q, u % Q
+            new = ~run.masks.ablated[un] & ~run.masks.at[un, uq]
+            un, uq = un[new], uq[new]
+        if not len(n) and not len(e) and not (len(u) and len(un)):
             return None
         masks = run.masks.copy()
         start = 3 * self.L
@@ -400,12 +446,46 @@ class Evaluator:
         if len(e):
             masks.removed[ix.edge_recv[e], ix.edge_src[e]] = True
             start = min(start, int(self._edge_stage[e].min()))
+        if len(u) and len(un):
+            masks.at[un, uq] = True
+            whole = un[masks.at[un].all(1)]
+            masks.ablated[whole] = True
+            start = min(start, int(self._node_stage[un].min()))
         return masks, start
+
+    # ------------------------------------------------------------------ units: a node at one slot
+
+    @property
+    def unit_names(self) -> list:
+        """Names of every (sender, slot) unit, by unit id = sender id * Q + slot: `a9.1@end`, `m3@5`."""
+        if self._units is None:
+            self._units = [f"{s}@{q}" for s in self.senders for q in self.slots.names]
+            self._unit_id = {u: i for i, u in enumerate(self._units)}
+        return self._units
+
+    def unit(self, name: str | int) -> int:
+        """Unit id of `node@slot` (a ValueError naming the problem for an unknown node or slot)."""
+        if isinstance(name, int):
+            if not 0 <= name < self.S * self.Q:
+                raise ValueError(f"unit id {name} is outside 0..{self.S * self.Q - 1}")
+            return name
+        self.unit_names
+        i = self._unit_id.get(name)
+        if i is None:
+            node, sep, slot = str(name).partition("@")
+            if not sep:
+                raise ValueError(f"{name!r} is not a node at a slot: write node@slot, e.g. a9.1@end "
+                                 f"(slots: {', '.join(self.slots.names)})")
+            n = self.index.node(node)
+            if n == self.index.logits:
+                raise ValueError("the logits node cannot be ablated; remove its incoming edges instead")
+            i = n * self.Q + self.slots.index(slot)
+        return i
 
     def rescore(self, run: Run) -> float:
         """`run`'s circuit scored afresh from the full model (no state shared with `run`)."""
         return self.extend(self.clean_run, run.masks.ablated.nonzero()[:, 0],
-                           run.removed_edges().nonzero()[:, 0]).score
+                           run.removed_edges().nonzero()[:, 0], sorted(run.units)).score
 
     def circuit_masks(self, circuit) -> tuple[torch.Tensor, torch.Tensor]:
         """(ablated node ids, removed edge ids) that make this evaluator score a saved `circuit`
@@ -468,18 +548,27 @@ class Evaluator:
         removed = run.masks.removed.clone()
         src = self._grad_source()
         mix = lambda live, abl: abl + alpha * (live - abl)
+        at = run.masks.at.clone()
+
+        def off(sel):  # [B, P, n]: nodes `sel` ablated at each row's positions (whole, or at their slot)
+            a = ablated[sel]
+            if a.dim() == 0:
+                a, q = a[None], at[sel][None]
+            else:
+                q = at[sel]
+            return a | q[:, self._slot_rows].permute(1, 2, 0)
         inputs = {"attn": [None] * L, "mlp": [None] * L, "logits": None}
         with torch.enable_grad():
             # torch.where keeps the graph attached to the live embedding when it is ablated, so every
             # receiver input still requires grad (its gradient is what we want, not the embedding's)
             if self.split_embed:  # tok and pos: senders 0 and 1, each mixed and ablated on its own
-                parts = [torch.where(ablated[s], a, mix(t.clone().requires_grad_(), a))
+                parts = [torch.where(off(s), a, mix(t.clone().requires_grad_(), a))
                          for s, (t, a) in enumerate(zip(eng.embed_parts(self.batch.tokens), src.parts))]
                 out = [t - a for t, a in zip(parts, src.parts)]  # live - ablated output of each sender
                 resid = parts[0] + parts[1]
             else:
                 live = eng.embed(self.batch.tokens).requires_grad_()
-                embed = torch.where(ablated[0], src.embed, mix(live, src.embed))
+                embed = torch.where(off(0), src.embed, mix(live, src.embed))
                 out = [embed - src.embed]  # live - ablated output of each sender in forward order
                 resid = embed
 
@@ -497,7 +586,7 @@ class Evaluator:
                     x = x - d.reshape(*d.shape[:2], 3, H, d.shape[-1])
                 inputs["attn"][l] = x
                 z = eng.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
-                z = torch.where(ablated[self._heads[l]][None, None, :, None], src.z[l], mix(z, src.z[l]))
+                z = torch.where(off(self._heads[l])[..., None], src.z[l], mix(z, src.z[l]))
                 out += list(eng.head_outputs(lw, z - src.z[l]).unbind(2))
                 resid_pre, resid = resid, eng.add_heads(resid, lw, z)
                 if not self.attn_only:
@@ -505,7 +594,7 @@ class Evaluator:
                     r = resid_pre if eng.parallel else resid  # a parallel block's MLP reads its input
                     x = inputs["mlp"][l] = r.clone() if isinstance(d, float) else r - d[:, :, 0]
                     m = eng.mlp(lw, x)
-                    m = src.mlp_out[l].expand_as(m) if bool(ablated[self._mlp[l]]) else mix(m, src.mlp_out[l])
+                    m = torch.where(off(self._mlp[l]), src.mlp_out[l], mix(m, src.mlp_out[l]))
                     out.append(m - src.mlp_out[l])
                     resid = resid + m
             d = delta(removed[self._logits_row][None])
@@ -544,7 +633,8 @@ class Evaluator:
 
     def _empty_masks(self) -> Masks:
         ix = self.index
-        return Masks(torch.zeros(ix.N, dtype=torch.bool), torch.zeros(ix.R, ix.S, dtype=torch.bool))
+        return Masks(torch.zeros(ix.N, dtype=torch.bool), torch.zeros(ix.R, ix.S, dtype=torch.bool),
+                     torch.zeros(ix.N, self.Q, dtype=torch.bool))
 
     def _make_source(self, corrupt: Run, rows: torch.Tensor) -> Source:
         """The ablation source; in a split-embed graph `pos` ablates to its mean over the prompt's positions.
@@ -695,6 +785,10 @@ class Evaluator:
             base, start = None, -1
         p = _Pass([], base, start, torch.stack([m.ablated for m in masks]), torch.stack([m.removed for m in masks]),
                   B, src)
+        if src is not None and any(bool(m.at.any()) for m in masks):
+            if batch is not self.batch:
+                raise ValueError("nodes ablated at slots are scored on the task's own prompts only")
+            p.at, p.slot_rows = torch.stack([m.at for m in masks]), self._slot_rows
         if base is None:
             if isinstance(embed_live, list):  # split-embed graph: tok and pos are senders 0 and 1
                 p.parts = [self._embed_part(p, s, t) for s, t in enumerate(embed_live)]
@@ -732,11 +826,14 @@ class Evaluator:
                     # every head ablated: their outputs are the ablation values, whatever they read
                     z = p.tile(self._ablated_z(src, l, B))
                     resid = eng.add_heads(pre, lw, z, p.tile(self._ablated_z(src, l, B, summed=True)))
-                elif stage <= 0:
-                    z = self._heads_z(p, l, pre, hab, edges)
-                    resid = eng.add_heads(pre, lw, z)
-                else:  # only some heads of this layer newly ablated: the others' z stands
-                    z = torch.where(p.rows(hab)[:, None, :, None], p.ablation("z", l), p.tile(base.z[l]))
+                else:
+                    if stage <= 0:
+                        z = self._heads_z(p, l, pre, hab, edges)
+                    else:  # only some heads of this layer newly ablated: the others' z stands
+                        z = torch.where(p.rows(hab)[:, None, :, None], p.ablation("z", l), p.tile(base.z[l]))
+                    pm = p.at_rows(self._heads[l])  # heads ablated at single slots
+                    if pm is not None:
+                        z = torch.where(pm[..., None], p.ablation("z", l), z)
                     resid = eng.add_heads(pre, lw, z)
                 p.z[l] = z
                 p.put("z", l, z)
@@ -758,6 +855,9 @@ class Evaluator:
                         out[live] = eng.mlp(lw, x[live])
                     else:
                         out = eng.mlp(lw, x)
+                    pm = p.at_rows(self._mlp[l])  # ablated at single slots
+                    if pm is not None:
+                        out = torch.where(pm, p.ablation("mlp_out", l), out)
                 p.mlp[l] = out
                 p.put("mlp_out", l, out)
                 resid = resid + out
@@ -787,6 +887,9 @@ class Evaluator:
         if p.source is not None and bool(off.any()):
             abl = p.ablation(what, None if what == "embed" else s)
             emb = abl.expand_as(emb) if bool(off.all()) else torch.where(p.rows(off)[:, None, None], abl, emb)
+        pm = p.at_rows(s) if p.source is not None and not bool(off.all()) else None  # ablated at single slots
+        if pm is not None:
+            emb = torch.where(pm, p.ablation(what, None if what == "embed" else s), emb)
         return emb
 
     def _heads_z(self, p: "_Pass", l: int, resid: torch.Tensor, hab: torch.Tensor | None,

@@ -46,6 +46,7 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
                   edges: Iterable[str] = (), source: dict | None = None) -> torch.Tensor:
     """Answer-position logits [n, vocab] of the clean prompts with nodes ablated and edges removed.
 
+    A node written `a1.0@3` is ablated at token position 3 only (the number is the position).
     source: ablation_source(...) computed once by the caller; computed here if not given."""
     if task.mixed or bool(task.groups.any()):
         raise ValueError(f"task {task.name!r} has several lengths or groups; the reference oracle reads the last "
@@ -53,6 +54,11 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
     b, L = model.bridge, model.n_layers
     H, n_kv = model.n_heads, model.n_kv_heads
     nodes, edges = set(nodes), list(edges)
+    at = defaultdict(list)  # node -> positions where it alone is ablated
+    for n in [n for n in nodes if "@" in n]:
+        node, _, pos = n.partition("@")
+        at[node].append(int(pos))
+        nodes.discard(n)
     src = source if source is not None else ablation_source(model, task, ablation)
     has_pos = "hook_pos_embed" in src
     live: dict = {}
@@ -85,8 +91,28 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
         name = f"blocks.{info.layer}.hook_mlp_out"
         return live[name] - src[name]
 
+    def at_positions(t, name, node, head=None):
+        """t with `node`'s output replaced by its ablation value at its listed positions."""
+        pos = at.get(node)
+        if not pos:
+            return t
+        t = t.clone()
+        s = src[name].expand_as(t)
+        if head is None:
+            t[:, pos] = s[:, pos]
+        else:
+            t[:, pos, head] = s[:, pos, head]
+        return t
+
     def replace_hook(kind, name, layer=None):
         def fn(t, hook):
+            if kind == "embed":  # embed at p: token and position embedding both (their sum is embed)
+                t = at_positions(t, name, "embed")
+            elif kind == "z":
+                for h in range(H):
+                    t = at_positions(t, name, f"a{layer}.{h}", h)
+            elif kind == "mlp":
+                t = at_positions(t, name, f"m{layer}")
             if kind == "embed" and "embed" in nodes:
                 t = src[name].expand_as(t).clone()
             elif kind == "embed" and {"hook_embed": "tok", "hook_pos_embed": "pos"}[name] in nodes:

@@ -6,8 +6,10 @@ Syed et al. 2023). EAP-IG (Hanna et al. 2024) averages the gradient over m point
 path from the empty circuit to the circuit, every live sender's output mixed α = 1/m … 1 of
 the way from its ablation value to its live value, which works for mean, resample and zero
 ablation alike (m = 1 is EAP). Ablating a node removes all its present out-edges, so a
-node's estimate is the sum of theirs. Estimates are signed changes of the metric; rankings
-order by magnitude.
+node's estimate is the sum of theirs. Per slot of positions (a node at one slot, `a9.1@end`),
+the same sum runs over the prompt positions of that slot only: the slot estimates of a node add
+up to its estimate, from the same single backward pass. Estimates are signed changes of the
+metric; rankings order by magnitude.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ class Attribution:
     nodes: dict = field(default_factory=dict)
     edges: dict = field(default_factory=dict)
     base: dict = field(default_factory=dict)  # what the circuit attributed already removes
+    units: dict = field(default_factory=dict)  # node@slot -> estimate (when asked for: attribute(units=True))
 
     def ranking(self, level: str) -> list[str]:
         """Names at `level` ("nodes" or "edges") from least to most important (|estimate|).
@@ -46,27 +49,35 @@ class Attribution:
         return self.ranking(level)[::-1][:k]
 
     def _level(self, level: str) -> dict:
-        if level not in ("nodes", "edges"):
-            raise ValueError(f"attribution level must be 'nodes' or 'edges', not {level!r}")
-        return self.nodes if level == "nodes" else self.edges
+        if level not in ("nodes", "edges", "positions"):
+            raise ValueError(f"attribution level must be 'nodes', 'positions' or 'edges', not {level!r}")
+        if level == "positions" and not self.units and self.nodes:
+            raise ValueError("these estimates have no per-slot values: attribute with units=True")
+        return {"nodes": self.nodes, "edges": self.edges, "positions": self.units}[level]
 
     def to_json(self) -> dict:
-        return {"schema": SCHEMA, "method": self.method, "steps": self.steps, "base": self.base,
-                "nodes": self.nodes, "edges": self.edges}
+        out = {"schema": SCHEMA, "method": self.method, "steps": self.steps, "base": self.base,
+               "nodes": self.nodes, "edges": self.edges}
+        if self.units:
+            out["units"] = self.units
+        return out
 
     @classmethod
     def from_json(cls, d: dict) -> "Attribution":
         if d.get("schema") != SCHEMA:
             raise ValueError(f"not an attribution file: schema {d.get('schema')!r}, expected {SCHEMA!r}")
-        return cls(d["method"], int(d["steps"]), dict(d["nodes"]), dict(d["edges"]), dict(d.get("base", {})))
+        return cls(d["method"], int(d["steps"]), dict(d["nodes"]), dict(d["edges"]), dict(d.get("base", {})),
+                   dict(d.get("units", {})))
 
     def save(self, path) -> None:
         from ..io import atomic_write_text
         atomic_write_text(path, json.dumps(self.to_json(), indent=1))
 
 
-def attribute(ev: Evaluator, run: Run | None = None, method: str = "eap-ig", steps: int = 5) -> Attribution:
-    """Attribution scores for every node and edge still present in `run`'s circuit (default: all).
+def attribute(ev: Evaluator, run: Run | None = None, method: str = "eap-ig", steps: int = 5,
+              units: bool = False) -> Attribution:
+    """Attribution scores for every node and edge still present in `run`'s circuit (default: all), and
+    with `units` for every node at every slot still present (`a9.1@end`).
 
     EAP costs one forward and one backward pass; EAP-IG `steps` of each.
     """
@@ -77,23 +88,36 @@ def attribute(ev: Evaluator, run: Run | None = None, method: str = "eap-ig", ste
     if steps < 1:
         raise ValueError(f"EAP-IG needs at least 1 step, not {steps}")
     run = run or ev.clean_run
-    est = edge_estimates(ev, run, method, steps)
+    est = edge_estimates(ev, run, method, steps, by_slot=units)  # [E] or [E, Q]
     ix = ev.index
-    present = run.present_edges().nonzero()[:, 0].tolist()
-    values = est.tolist()
+    present_mask = run.present_edges()
+    present = present_mask.nonzero()[:, 0].tolist()
+    total = est.sum(1) if units else est
+    values = total.tolist()
     edges = {ix.edges[i]: values[i] for i in present}
     nodes = {n: 0.0 for n in ix.senders if n not in run.nodes}
     for e, v in edges.items():
         src = e.split("->", 1)[0]
         if src in nodes:
             nodes[src] += v
-    return Attribution(method, steps, nodes, edges,
-                       {"ablated_nodes": sorted(run.nodes), "removed_edges": int(run.removed_edges().sum())})
+    unit_est = {}
+    if units:  # a node at a slot: the sum of its present out-edges' estimates at that slot
+        S, Q = ev.S, ev.Q
+        per = torch.zeros(S, Q, dtype=est.dtype).index_add_(0, ix.edge_src[present_mask], est[present_mask])
+        alive = run.present_units()
+        names, flat = ev.unit_names, per.flatten().tolist()
+        unit_est = {names[u]: flat[u] for u in alive.flatten().nonzero()[:, 0].tolist()}
+    base = {"ablated_nodes": sorted(run.nodes), "removed_edges": int(run.removed_edges().sum())}
+    if run.units:
+        base["ablated_units"] = sorted(ev.unit_names[u] for u in run.units)
+    return Attribution(method, steps, nodes, edges, base, unit_est)
 
 
-def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int = 5) -> torch.Tensor:
+def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int = 5,
+                   by_slot: bool = False) -> torch.Tensor:
     """Estimated change of the score when each edge of the graph index is removed from `run`'s circuit [E]
-    (edges no longer present get the estimate of removing them again: meaningless, filter them)."""
+    (edges no longer present get the estimate of removing them again: meaningless, filter them); with
+    by_slot, the change when it is removed at each slot of positions only [E, Q] (summing to [E])."""
     steps = 1 if method == "eap" else steps
     L, H, S = ev.L, ev.H, ev.S
     grads = None
@@ -109,17 +133,30 @@ def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int =
     with torch.inference_mode():
         D = ev.sender_diffs(run)  # [B, P, S, d] live - ablated
         scale = -1.0 / steps
-        est = torch.zeros(ix.R, S, dtype=D.dtype)  # receiver row x sender
+        # summed over prompt rows and positions, or (by_slot) over the positions of each slot apart
+        onehot = torch.nn.functional.one_hot(ev._slot_rows, ev.Q).to(D.dtype) if by_slot else None
+        sq = "q" if by_slot else ""
+
+        def contract(spec: str, *ops):
+            if onehot is None:
+                return torch.einsum(spec, *ops)
+            ins, out = spec.split("->")
+            return torch.einsum(f"{ins},bpq->{out}q", *ops, onehot)
+
+        est = torch.zeros(ix.R, S, *((ev.Q,) if by_slot else ()), dtype=D.dtype)  # receiver row x sender
         for l in range(L):
             n = ix.n_embed + l * (H + (0 if ev.attn_only else 1))  # senders before layer l's heads
             G = grads["attn"][l].flatten(2, 3)  # [B, P, 3H, d], q of every head, then k, then v
-            E = torch.einsum("bprd,bpsd->rs", G, D[:, :, :n]) * scale
+            E = contract("bprd,bpsd->rs", G, D[:, :, :n]) * scale
             est[:, :n].index_add_(0, ev._attn_rows[l], E)  # one receiver per head: q, k and v summed
             if not ev.attn_only:
-                est[ev._mlp_row[l], : n + H] = torch.einsum("bpd,bpsd->s", grads["mlp"][l], D[:, :, : n + H]) * scale
+                est[ev._mlp_row[l], : n + H] = contract("bpd,bpsd->s", grads["mlp"][l], D[:, :, : n + H]) * scale
         g = grads["logits"]  # [B, d] at the last position, or [B, P, d] when the metric reads several
-        est[ev._logits_row] = (torch.einsum("bd,bsd->s", g, D[:, -1]) if g.dim() == 2
-                               else torch.einsum("bpd,bpsd->s", g, D)) * scale
+        if g.dim() == 2:  # the last position of every row
+            est[ev._logits_row] = (torch.einsum("bd,bsd,bq->s" + sq, g, D[:, -1], onehot[:, -1]) if by_slot
+                                   else torch.einsum("bd,bsd->s", g, D[:, -1])) * scale
+        else:
+            est[ev._logits_row] = contract("bpd,bpsd->s", g, D) * scale
     return est[ix.edge_recv, ix.edge_src]
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 from tqdm.auto import tqdm
 
 from ..patching import Evaluator, Run
+from .levels import level_of
 from .orders import ByMagnitude, Order, parse_order
 from .speculation import MAX_K, Speculation
 from .search import (LEVELS, Decision, PruneResult, Replay, ResumeError, Thresholds, dangling_nodes,  # noqa: F401
@@ -31,7 +32,9 @@ def edge_candidates(ev: Evaluator, run: Run) -> list[str]:
 
 
 def candidate_ids(run: Run, level: str) -> list[int]:
-    """Index ids of the nodes or edges still in `run`'s circuit, in forward order."""
+    """Ids of the nodes, units (nodes at slots) or edges still in `run`'s circuit, in forward order."""
+    if level == "positions":
+        return run.present_units().flatten().nonzero()[:, 0].tolist()
     mask = run.present_nodes() if level == "nodes" else run.present_edges()
     return mask.nonzero()[:, 0].tolist()
 
@@ -40,7 +43,8 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
           max_passes: int = 10, run: Run | None = None, replay: Iterable = (),
           on_decision: Callable[[Decision], None] | None = None, ranking: list[str] | None = None,
           progress: bool = True, result: PruneResult | None = None, batch: int = MAX_K) -> PruneResult:
-    """Prune nodes or edges (level) from `run` (default: the full model) until a pass removes nothing.
+    """Prune nodes, nodes at slots (positions) or edges (level) from `run` (default: the full model) until
+    a pass removes nothing.
 
     ranking: for the attribution order, names least important first (default: attribute `run`).
     batch: the most candidates scored together by speculation (1: one at a time); the decisions
@@ -48,8 +52,8 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
     A candidate whose last try was on the very circuit it would be tried on now (nothing removed
     since) gets that try's decision again without a forward pass (counted in result.skipped).
     """
-    if level not in ("nodes", "edges"):
-        raise ValueError(f"prune level must be 'nodes' or 'edges', not {level!r}")
+    if level not in ("nodes", "positions", "edges"):
+        raise ValueError(f"prune level must be 'nodes', 'positions' or 'edges', not {level!r}")
     order = parse_order(order)
     if ranking is not None and isinstance(order, ByMagnitude):
         order = ByMagnitude(order.name, order.method, order.steps, tuple(ranking))
@@ -58,11 +62,11 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
     run = run if run is not None else ev.run()
     result = result or PruneResult(run)
     replay = replay if isinstance(replay, Replay) else Replay(replay)
-    names = ev.index.nodes if level == "nodes" else ev.index.edges
-    key = "nodes" if level == "nodes" else "edges"
+    table = level_of(ev, level)
+    names, key = table.names, table.key
     order = order.prepare(ev, run, level)
     spec = Speculation(batch)
-    stage = ev.index.node_stage if level == "nodes" else ev.index.edge_stage  # where each candidate enters the pass
+    stage = table.stage  # where each candidate enters the pass
     top = 3 * ev.L + 2  # stages run from -1 (embed) to 3L (logits)
     version = 0          # how many removals the circuit has seen in this phase
     last: dict = {}      # candidate -> (version, decision) of its last try
@@ -118,7 +122,7 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
             for c in block:
                 g = spec.guess(c)
                 guesses.append(g)
-                variants.append((assumed + [c], []) if key == "nodes" else ([], assumed + [c]))
+                variants.append(table.variant(assumed + [c]))
                 if g:
                     assumed = assumed + [c]
             spec.rows += len(block)

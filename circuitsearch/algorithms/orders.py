@@ -90,13 +90,16 @@ class FromFile(Order):
 
     def prepare(self, ev, run, level):
         names = list(dict.fromkeys(read_order_file(self.path)))
+        from .levels import level_of
+
         ix = ev.index
-        unknown = [n for n in names if n not in ix.node_id and n not in ix.edge_id]
+        lookup = level_of(ev, level).lookup(ev)
+        unknown = [n for n in names if n not in ix.node_id and n not in ix.edge_id and n not in lookup]
         if unknown:
             raise ValueError(f"order file {self.path!r} names {len(unknown)} node(s) or edge(s) this model's graph "
                              f"does not have: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; "
-                             "names look like embed, a9.1, m3, a4.4->a9.1.q, m3->logits")
-        lookup = ix.node_id if level == "nodes" else ix.edge_id
+                             "names look like embed, a9.1, m3, a4.4->a9.1.q, m3->logits (a9.1@end: a node at "
+                             "a slot, for the positions phase)")
         return Listed(self.name, tuple(lookup[n] for n in names if n in lookup), rest=True)
 
 
@@ -112,8 +115,11 @@ class ByMagnitude(Order):
     def prepare(self, ev, run, level):
         from .attribution import attribute
 
-        names = self.ranking if self.ranking is not None else attribute(ev, run, self.method, self.steps).ranking(level)
-        lookup = ev.index.node_id if level == "nodes" else ev.index.edge_id
+        from .levels import level_of
+
+        names = self.ranking if self.ranking is not None else attribute(ev, run, self.method, self.steps,
+                                                                        units=level == "positions").ranking(level)
+        lookup = level_of(ev, level).lookup(ev)
         return Listed(self.name, tuple(lookup[n] for n in names))
 
 

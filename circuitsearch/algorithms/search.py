@@ -15,8 +15,7 @@ from typing import Callable, Iterable
 import networkx as nx
 
 from ..patching import Evaluator, Run
-
-LEVELS = ("nodes", "edges", "both")
+from .levels import LEVEL_CHOICES as LEVELS, phases  # noqa: F401  (phases is part of this interface)
 
 
 class ResumeError(RuntimeError):
@@ -173,21 +172,16 @@ class PruneResult:
 Phase = Callable[[str, PruneResult], None]
 
 
-def phases(level: str) -> tuple[str, ...]:
-    if level not in LEVELS:
-        raise ValueError(f"unknown level {level!r}; choose nodes, edges or both")
-    return ("nodes", "edges") if level == "both" else (level,)
-
-
 def run_phases(ev: Evaluator, level: str, phase: Phase, dangling: Thresholds | None,
                start: Run | None = None) -> PruneResult:
-    """Nodes, then edges among the surviving nodes (level both), each by `phase`; then the nodes
-    left dangling (unless level is nodes, by `dangling`); then a fresh re-score (result.final)."""
+    """Nodes, then nodes at single slots (positions), then edges among the surviving nodes, as the level
+    says, each by `phase`; then the nodes left dangling (after an edge phase, by `dangling`); then a
+    fresh re-score (result.final)."""
     steps = phases(level)
     result = PruneResult(start if start is not None else ev.run())
     for p in steps:
         phase(p, result)
-    if level != "nodes" and dangling is not None:
+    if "edges" in steps and dangling is not None:
         remove_dangling(ev, result, dangling)
     result.final = ev.rescore(result.run)
     return result

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..patching import Evaluator, Run
 from .attribution import attribute
 from .iterative import candidate_ids, edge_candidates
+from .levels import level_of
 from .search import Decision, PruneResult, Replay, Thresholds, phases, run_phases
 
 MAX_ROUNDS = 8
@@ -81,11 +82,14 @@ def parse_targets(text: str | list) -> list[float]:
 def removal_order(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", steps: int = 5) -> tuple[list[str], dict]:
     """gain_order with names: `run`'s candidates at `level`, best to remove first, and the drops."""
     ids, drops = gain_order(ev, run, level, method, steps)
-    return ev.index.names(ids, level), drops
+    names = level_of(ev, level).names
+    return [names[i] for i in ids], drops
 
 
 def _ids(ev: Evaluator, order: list, level: str) -> list[int]:
     """Names or index ids of one level as index ids (names are checked against the graph)."""
+    if level == "positions":
+        return [ev.unit(u) for u in order]
     return ev.index.node_ids(order) if level == "nodes" else ev.index.edge_ids(order)
 
 
@@ -94,9 +98,9 @@ def gain_order(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", step
     score change their removal should bring, highest first (removals that should raise the score
     first). Also the estimates as faithfulness drops, by name. (The attribution *order* of
     iterative pruning ranks by |estimate| instead: orders.ByMagnitude.)"""
-    attr = attribute(ev, run, method, steps)
-    est = attr.nodes if level == "nodes" else attr.edges
-    names = ev.index.nodes if level == "nodes" else ev.index.edges
+    attr = attribute(ev, run, method, steps, units=level == "positions")
+    est = attr._level(level)
+    names = level_of(ev, level).names
     present = [c for c in candidate_ids(run, level) if names[c] in est]
     sign = 1.0 if ev.metric.higher_is_better else -1.0
     gain = {c: sign * est[names[c]] for c in present}
@@ -112,7 +116,8 @@ class _Scorer:
     def __init__(self, ev: Evaluator, level: str, target: float, replay: Replay, on_decision, result: PruneResult):
         self.ev, self.level, self.target, self.replay = ev, level, target, replay
         self.on_decision, self.result = on_decision, result
-        self.names = ev.index.nodes if level == "nodes" else ev.index.edges
+        self.table = level_of(ev, level)
+        self.names = self.table.names
 
     def try_remove(self, run: Run, ids: list[int], pass_: str, first: int) -> tuple[bool, Run | None, Decision]:
         """Whether removing `ids` from `run` keeps the target; the new run if scored (None if replayed)."""
@@ -122,7 +127,7 @@ class _Scorer:
         if logged is not None:
             self.result.decisions.append(logged)
             return logged.removed, None, logged
-        cand = ev.extend(run, **{self.level: ids})
+        cand = self.table.extend(ev, run, ids)
         ok = ev.faithfulness(cand.score) >= self.target
         d = Decision(self.level, pass_, name, run.score, cand.score, ev.faithfulness(cand.score), ok, len(ids),
                      self.target)
@@ -151,7 +156,7 @@ def bisect_remove(ev: Evaluator, run: Run, order: list[int], level: str, target:
         else:
             hi = mid - 1
     if best is None:  # the longest passing prefix was replayed, not scored: apply it
-        best = ev.extend(run, **{level: order[:lo]})
+        best = level_of(ev, level).extend(ev, run, order[:lo])
     return best, {"candidates": len(order), "removed": lo, "scores": scored}
 
 
@@ -174,7 +179,7 @@ def gallop_remove(ev: Evaluator, run: Run, order: list[int], level: str, target:
         chunk = order[i:i + size]
         logged_only = len(scorer.replay) > 0
         if pending and not logged_only:
-            run, pending = ev.extend(run, **{level: pending}), []
+            run, pending = level_of(ev, level).extend(ev, run, pending), []
         ok, cand, d = scorer.try_remove(run, chunk, "refine", 0)
         scored += cand is not None
         if len(chunk) == 1:
@@ -190,7 +195,7 @@ def gallop_remove(ev: Evaluator, run: Run, order: list[int], level: str, target:
         else:
             i, streak = i + 1, streak + 1
     if pending:
-        run = ev.extend(run, **{level: pending})
+        run = level_of(ev, level).extend(ev, run, pending)
     return run, {"candidates": len(order), "removed": removed, "scores": scored, "tried": i}
 
 

@@ -1,0 +1,213 @@
+"""Position-level circuits: slots of a task, nodes ablated at single slots, their invariants."""
+import random
+
+import pytest
+import torch
+
+from circuitsearch.patching import ABLATIONS, Evaluator
+from circuitsearch.reference import hooked_score
+from circuitsearch.tasks import concat_tasks
+from circuitsearch.tasks.slots import REST, task_slots
+from conftest import random_task
+
+TOL = 1e-4
+
+
+def test_fixed_length_slots_are_positions_named_by_the_task():
+    task = random_task(50, n=4, seq=6)
+    task.positions = {"S0": 1, "S1": 2, "end": -1}
+    s = task_slots(task)
+    assert s.names == ("0", "S0", "S1", "3", "4", "end")
+    assert not s.by_role
+    assert s.of.tolist() == [list(range(6))] * 4
+
+
+def test_role_slots_partition_prompts_of_several_lengths():
+    a, b = random_task(50, n=3, seq=5, seed=1), random_task(50, n=3, seq=7, seed=2)
+    a.positions, b.positions = {"X": 1, "end": -1}, {"X": 3, "end": -1}
+    task = concat_tasks("mixed", [a, b])
+    s = task_slots(task)
+    assert s.by_role and s.names == ("X", "end", REST)
+    for i in range(len(task)):
+        n = int(task.lengths[i])
+        row = s.of[i, :n].tolist()
+        assert row.count(0) == 1 and row.index(0) == (1 if i < 3 else 3)
+        assert row.count(1) == 1 and row[n - 1] == 1
+        assert row.count(2) == n - 2  # every other real position is `rest`
+
+
+def test_slot_names_that_would_break_unit_names_are_refused():
+    task = random_task(50, n=2, seq=5)
+    task.positions = {"a@b": 1}
+    with pytest.raises(Exception, match="cannot name a slot"):
+        task_slots(task)
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_a_node_at_every_slot_is_the_node(test_model, ablation):
+    task = random_task(test_model.bridge.cfg.d_vocab, seed=3)
+    ev = Evaluator(test_model, task, ablation)
+    rng = random.Random(0)
+    for node in rng.sample(ev.senders, 4):
+        whole = ev.score(nodes=[node])
+        units = [f"{node}@{q}" for q in ev.slots.names]
+        assert ev.score(at=units) == pytest.approx(whole, abs=1e-6)
+        run = ev.run(at=units)
+        assert bool(run.masks.ablated[ev.index.node(node)])  # recorded as the node ablated
+        part = ev.score(at=units[:-1])
+        assert part != pytest.approx(whole, abs=1e-7) or abs(whole - ev.full) < 1e-6
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_nodes_at_positions_match_hooked_reference(test_model, ablation):
+    task = random_task(test_model.bridge.cfg.d_vocab, seed=4)
+    ev = Evaluator(test_model, task, ablation)
+    rng = random.Random(1)
+    changed = 0
+    for k in (1, 3, 12):
+        picks = [(rng.choice(ev.senders), rng.randrange(task.seq_len)) for _ in range(k)]
+        fast = ev.score(at=[f"{n}@{ev.slots.names[p]}" for n, p in picks])
+        ref = hooked_score(test_model, task, ablation, nodes=[f"{n}@{p}" for n, p in picks])
+        changed += abs(fast - ev.full) > 1e-3
+        assert abs(fast - ref) < TOL, picks
+    assert changed >= 2
+
+
+def test_nodes_at_positions_with_edges_and_nodes_match_reference(test_model):
+    task = random_task(test_model.bridge.cfg.d_vocab, seed=5)
+    ev = Evaluator(test_model, task, "mean")
+    if test_model.n_kv_heads != test_model.n_heads:
+        pytest.skip("grouped k/v: the reference needs edges into k/v removed alike per group")
+    rng = random.Random(2)
+    edges = rng.sample(ev.graph.edges, len(ev.graph.edges) // 5)
+    nodes = rng.sample(ev.senders, 2)
+    picks = [(rng.choice(ev.senders), rng.randrange(task.seq_len)) for _ in range(6)]
+    fast = ev.score(nodes=nodes, edges=edges, at=[f"{n}@{ev.slots.names[p]}" for n, p in picks])
+    ref = hooked_score(test_model, task, "mean", nodes=nodes + [f"{n}@{p}" for n, p in picks], edges=edges)
+    assert abs(fast - ref) < TOL
+
+
+def test_units_extend_incrementally_and_in_batches(test_model):
+    """Chained extensions with units equal one extension from the full model, and extend_many's K
+    variants equal K single extensions."""
+    task = random_task(test_model.bridge.cfg.d_vocab, seed=6)
+    ev = Evaluator(test_model, task, "mean")
+    rng = random.Random(3)
+    units = rng.sample(ev.unit_names, 10)
+    edges = rng.sample(ev.graph.edges, 8)
+    run = ev.run(edges=edges[:4])
+    for i, u in enumerate(units):
+        run = ev.extend(run, at=[u], edges=edges[4:] if i == 5 else ())
+    fresh = ev.score(edges=edges, at=units)
+    assert run.score == pytest.approx(fresh, abs=1e-5)
+    assert ev.rescore(run) == pytest.approx(fresh, abs=1e-5)
+    base = ev.run(at=units[:3])
+    variants = [([], [], [u]) for u in units[3:7]] + [([ev.senders[2]], [], units[7:])]
+    many = ev.extend_many(base, variants)
+    for v, r in zip(variants, many):
+        assert r.score == pytest.approx(ev.extend(base, *v).score, abs=1e-5)
+
+
+def test_bad_unit_names_are_rejected(test_model):
+    task = random_task(test_model.bridge.cfg.d_vocab, seed=7)
+    ev = Evaluator(test_model, task, "mean")
+    with pytest.raises(ValueError, match="no slot 'nowhere'"):
+        ev.score(at=["a0.0@nowhere"])
+    with pytest.raises(ValueError, match="node@slot"):
+        ev.score(at=["a0.0"])
+    with pytest.raises(ValueError, match="logits"):
+        ev.score(at=["logits@0"])
+    with pytest.raises(ValueError, match="not in this model|unknown node"):
+        ev.score(at=["a99.0@0"])
+
+
+# ----------------------------------------------------------------------------- the positions phase
+
+from circuitsearch.algorithms.attribution import attribute  # noqa: E402
+from circuitsearch.algorithms.iterative import find_circuit  # noqa: E402
+from circuitsearch.algorithms.search import Thresholds, phases  # noqa: E402
+from circuitsearch.algorithms.target import prune_to_targets  # noqa: E402
+from circuitsearch.toys import induction_task, load_induction_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def induction():
+    model = load_induction_model()
+    task = induction_task(n=24, k=10, seed=0)
+    return model, task, Evaluator(model, task, "mean")
+
+
+def kept_slots(ev, run):
+    """node -> slot names it is kept at, for the nodes the circuit keeps."""
+    present = run.present_units()
+    return {n: [ev.slots.names[q] for q in range(ev.Q) if present[ev.index.node(n), q]]
+            for n in ev.senders if n not in run.nodes}
+
+
+def test_levels_parse_in_phase_order():
+    assert phases("both") == ("nodes", "edges")
+    assert phases("nodes,positions,edges") == ("nodes", "positions", "edges")
+    assert phases("positions") == ("positions",)
+    for bad in ("edges,nodes", "nodes,nodes", "position", "nodes,,edges"):
+        with pytest.raises(ValueError, match="nodes,positions,edges"):
+            phases(bad)
+
+
+@pytest.mark.parametrize("order", ["alternate", "reverse", "attribution"])
+def test_induction_circuit_at_positions(induction, order):
+    """The previous-token head matters only at the first occurrence of the answer token (S9: where the
+    induction head's key reads it), the induction head only at the second occurrence (end)."""
+    model, task, ev = induction
+    result = find_circuit(ev, "nodes,positions", Thresholds(0.8), order, progress=False)
+    kept = kept_slots(ev, result.run)
+    assert ev.faithfulness(result.final) >= 0.8
+    assert kept["a0.2"] == ["S9"]
+    assert kept["a1.1"] == ["end"]
+    assert set(kept["embed"]) <= {"S8", "S9", "end"} and "end" in kept["embed"]
+    assert result.final == pytest.approx(ev.rescore(result.run), abs=1e-6)
+
+
+def test_positions_phase_resumes_and_batches_to_the_same_decisions(induction):
+    model, task, ev = induction
+    full = []
+    a = find_circuit(ev, "nodes,positions,edges", Thresholds(0.8), "alternate", progress=False,
+                     on_decision=full.append, batch=8)
+    assert any(d.phase == "positions" and d.removed for d in full)
+    one = []
+    b = find_circuit(ev, "nodes,positions,edges", Thresholds(0.8), "alternate", progress=False,
+                     on_decision=one.append, batch=1)
+    assert [d.key() + (d.removed,) for d in one] == [d.key() + (d.removed,) for d in full]
+    cut = next(i for i, d in enumerate(full) if d.phase == "positions") + 7  # interrupted inside the phase
+    rest = []
+    c = find_circuit(ev, "nodes,positions,edges", Thresholds(0.8), "alternate", progress=False,
+                     replay=[d.to_json() for d in full[:cut]], on_decision=rest.append)
+    assert [d.key() for d in rest] == [d.key() for d in full[cut:]]
+    for r in (b, c):
+        assert torch.equal(r.run.masks.at, a.run.masks.at) and torch.equal(r.run.masks.ablated, a.run.masks.ablated)
+        assert torch.equal(r.run.removed_edges(), a.run.removed_edges())
+
+
+def test_target_search_with_positions(induction):
+    model, task, ev = induction
+    logged = []
+    steps = prune_to_targets(ev, [0.9], level="nodes,positions", progress=False, on_decision=logged.append)
+    run = steps[0].result.run
+    assert ev.faithfulness(steps[0].result.final) >= 0.9
+    assert len(run.units) > 0  # nodes removed at single slots
+    again = prune_to_targets(ev, [0.9], level="nodes,positions", progress=False,
+                             replay=[d.to_json() for d in logged[: len(logged) // 2]])
+    assert torch.equal(again[0].result.run.masks.at, run.masks.at)
+
+
+def test_unit_estimates_add_up_to_node_estimates(induction):
+    model, task, ev = induction
+    run = ev.run(at=["a0.1@S3", "a1.0@end"])
+    attr = attribute(ev, run, "eap", units=True)
+    for node, est in attr.nodes.items():
+        parts = [v for u, v in attr.units.items() if u.split("@")[0] == node]
+        assert sum(parts) == pytest.approx(est, rel=1e-4, abs=1e-5), node
+    assert "a0.1@S3" not in attr.units and "a0.1@S4" in attr.units
+    # the estimate is a first-order one: it tracks the real effect of the biggest units
+    top = max(attr.units, key=lambda u: abs(attr.units[u]))
+    real = ev.extend(run, at=[top]).score - run.score
+    assert real * attr.units[top] > 0
