@@ -286,7 +286,7 @@ class HookedEvaluator(Evaluator):
         if self.metric.name == "accuracy":
             raise ValueError("accuracy has no gradient: attribute with logit_diff, prob or kl instead")
         run = run or self.clean_run
-        if bool(run.masks.at.any()):
+        if bool(run.masks.at.any()) or run.masks.removed_at is not None:
             raise ValueError(POSITIONS_REFUSED)
         ix, L, H, S, n_kv = self.index, self.L, self.H, self.S, self.n_kv
         rep = H // n_kv
@@ -398,7 +398,7 @@ class HookedEvaluator(Evaluator):
                       batch: Batch | None = None) -> list:
         """One full hooked forward per circuit (base and start are ignored: nothing is cached)."""
         batch = batch or self.batch
-        if any(bool(m.at.any()) for m in masks):
+        if any(bool(m.at.any()) or m.removed_at is not None for m in masks):
             raise ValueError(POSITIONS_REFUSED)
         runs = [self._hooked(m, batch) for m in masks]
         if count:

@@ -40,14 +40,17 @@ REFRESH = 32  # incremental updates of a receiver group's edge sum before it is 
 class Masks:
     """What a circuit removes: `ablated` [N] nodes (logits never) and `removed` [R, S] edges,
     by receiver row and sender column of the graph index; `at` [N, Q] nodes ablated at single
-    slots of positions (tasks.slots), on top of `ablated` (a node ablated is ablated at every slot)."""
+    slots of positions (tasks.slots), on top of `ablated` (a node ablated is ablated at every slot);
+    `removed_at` [R, S, Q] edges removed at single slots, on top of `removed` (None: none)."""
 
     ablated: torch.Tensor
     removed: torch.Tensor
     at: torch.Tensor
+    removed_at: torch.Tensor | None = None
 
     def copy(self) -> "Masks":
-        return Masks(self.ablated.clone(), self.removed.clone(), self.at.clone())
+        return Masks(self.ablated.clone(), self.removed.clone(), self.at.clone(),
+                     None if self.removed_at is None else self.removed_at.clone())
 
 
 @dataclass
@@ -100,6 +103,28 @@ class Run:
         """(sender, slot) pairs still in the circuit [S, Q]: the node not ablated, nor at that slot."""
         S = self.index.S
         return ~self.masks.ablated[:S, None] & ~self.masks.at[:S]
+
+    def present_edge_units(self) -> torch.Tensor:
+        """Which (edge, slot) pairs still carry something [E, Q]: the edge present, not removed at the slot,
+        its sender not ablated there, and its receiver not ablated there unless it is a head's key or value
+        (read there by later queries of a head live elsewhere)."""
+        ix, m = self.index, self.masks
+        ok = self.present_edges()[:, None] & ~m.at[ix.edge_src]
+        if m.removed_at is not None:
+            ok &= ~m.removed_at[ix.edge_recv, ix.edge_src]
+        return ok & ~(m.at[ix.edge_dst_node] & ~ix.edge_kv[:, None])
+
+    @property
+    def edge_units(self) -> frozenset:
+        """Edges removed at single slots, as edge unit ids (edge id * Q + slot) of edges still present."""
+        if "edge_units" not in self._names:
+            m, ix = self.masks, self.index
+            if m.removed_at is None:
+                self._names["edge_units"] = frozenset()
+            else:
+                ra = m.removed_at[ix.edge_recv, ix.edge_src] & self.present_edges()[:, None]
+                self._names["edge_units"] = frozenset(ra.flatten().nonzero()[:, 0].tolist())
+        return self._names["edge_units"]
 
     @property
     def units(self) -> frozenset:
@@ -213,6 +238,7 @@ class _Pass:
     source: Source | None   # the ablation source of one circuit's rows
     at: torch.Tensor | None = None     # [K, N, Q] nodes ablated at single slots (None: none in any circuit)
     slot_rows: torch.Tensor | None = None  # [B, P] the slot of each row's positions
+    removed_at: torch.Tensor | None = None  # [K, R, S, Q] edges removed at single slots (None: none)
     embed: torch.Tensor | None = None
     parts: list | None = None                  # split-embed graph: stacked tok and pos outputs
     z: dict = field(default_factory=dict)      # layer -> stacked z
@@ -386,25 +412,29 @@ class Evaluator:
 
     # ------------------------------------------------------------------ public API
 
-    def score(self, nodes: Iterable = (), edges: Iterable = (), at: Iterable = ()) -> float:
-        """Metric with `nodes` ablated, `edges` removed and nodes ablated at slots `at` (everything else live)."""
-        return self.run(nodes, edges, at).score
+    def score(self, nodes: Iterable = (), edges: Iterable = (), at: Iterable = (), edges_at: Iterable = ()) -> float:
+        """Metric with `nodes` ablated, `edges` removed, nodes ablated at slots (`at`) and edges removed at
+        slots (`edges_at`); everything else live."""
+        return self.run(nodes, edges, at, edges_at).score
 
-    def run(self, nodes: Iterable = (), edges: Iterable = (), at: Iterable = ()) -> Run:
-        """A cached run of the full model with `nodes` ablated, `edges` removed, `at` units ablated."""
-        return self.extend(self.clean_run, nodes, edges, at)
+    def run(self, nodes: Iterable = (), edges: Iterable = (), at: Iterable = (), edges_at: Iterable = ()) -> Run:
+        """A cached run of the full model with `nodes` ablated, `edges` removed, units `at` ablated and
+        edge units `edges_at` removed."""
+        return self.extend(self.clean_run, nodes, edges, at, edges_at)
 
-    def extend(self, run: Run, nodes: Iterable = (), edges: Iterable = (), at: Iterable = ()) -> Run:
-        """The run of `run`'s circuit with `nodes` also ablated, `edges` also removed and the nodes of
-        `at` also ablated at single slots.
+    def extend(self, run: Run, nodes: Iterable = (), edges: Iterable = (), at: Iterable = (),
+               edges_at: Iterable = ()) -> Run:
+        """The run of `run`'s circuit with `nodes` also ablated, `edges` also removed, the nodes of `at`
+        also ablated at single slots and the edges of `edges_at` also removed at single slots.
 
         Nodes and edges are names or graph index ids (lists or 1-d tensors); `at` holds unit names
-        (`a9.1@end`, `m3@5`) or unit ids (node id * Q + slot, see `unit`).
+        (`a9.1@end`, `m3@5`) or unit ids (node id * Q + slot, see `unit`), `edges_at` edge unit names
+        (`a4.4@S1->a9.1.k@S1`) or ids (edge id * Q + slot, see `edge_unit`).
         """
-        return self.extend_many(run, [(nodes, edges, at)])[0]
+        return self.extend_many(run, [(nodes, edges, at, edges_at)])[0]
 
     def extend_many(self, run: Run, variants: Iterable) -> list:
-        """extend(run, nodes, edges[, at]) for each (nodes, edges[, at]) in `variants`, as one forward pass
+        """extend(run, nodes, edges[, at[, edges_at]]) for each such tuple in `variants`, as one forward pass
         over all of them stacked along the batch (from the earliest layer any of them touches). Each run
         is what extend would return (a variant that removes nothing returns `run` itself)."""
         changes = [self._change(run, *v) for v in variants]
@@ -418,14 +448,23 @@ class Evaluator:
                 out[i] = r
         return out
 
-    def _change(self, run: Run, nodes: Iterable, edges: Iterable, at: Iterable = ()) -> tuple | None:
-        """(masks of `run`'s circuit with `nodes`, `edges` and units `at` also removed, the earliest stage
-        that changes), or None when they remove nothing new. A node ablated at every slot becomes ablated
-        (the same thing)."""
+    def _change(self, run: Run, nodes: Iterable, edges: Iterable, at: Iterable = (),
+                edges_at: Iterable = ()) -> tuple | None:
+        """(masks of `run`'s circuit with `nodes`, `edges`, units `at` and edge units `edges_at` also removed,
+        the earliest stage that changes), or None when they remove nothing new. A node ablated at every
+        slot becomes ablated, an edge removed at every slot removed (the same things)."""
         ix, Q = self.index, self.Q
         n = _ids(nodes, ix.node)
         e = _ids(edges, ix.edge)
         u = _ids(at, self.unit)
+        eu = _ids(edges_at, self.edge_unit)
+        if len(eu):
+            ee, eq = eu // Q, eu % Q
+            er, es = ix.edge_recv[ee], ix.edge_src[ee]
+            new = ~run.masks.removed[er, es]
+            if run.masks.removed_at is not None:
+                new &= ~run.masks.removed_at[er, es, eq]
+            ee, eq, er, es = ee[new], eq[new], er[new], es[new]
         if len(n):
             if bool((n == ix.logits).any()):
                 raise ValueError("the logits node cannot be ablated; remove its incoming edges instead")
@@ -436,7 +475,7 @@ class Evaluator:
             un, uq = u // Q, u % Q
             new = ~run.masks.ablated[un] & ~run.masks.at[un, uq]
             un, uq = un[new], uq[new]
-        if not len(n) and not len(e) and not (len(u) and len(un)):
+        if not len(n) and not len(e) and not (len(u) and len(un)) and not (len(eu) and len(ee)):
             return None
         masks = run.masks.copy()
         start = 3 * self.L
@@ -451,6 +490,13 @@ class Evaluator:
             whole = un[masks.at[un].all(1)]
             masks.ablated[whole] = True
             start = min(start, int(self._node_stage[un].min()))
+        if len(eu) and len(ee):
+            if masks.removed_at is None:
+                masks.removed_at = torch.zeros(ix.R, self.S, Q, dtype=torch.bool)
+            masks.removed_at[er, es, eq] = True
+            whole = masks.removed_at[er, es].all(1)
+            masks.removed[er[whole], es[whole]] = True
+            start = min(start, int(self._edge_stage[ee].min()))
         return masks, start
 
     # ------------------------------------------------------------------ units: a node at one slot
@@ -462,6 +508,29 @@ class Evaluator:
             self._units = [f"{s}@{q}" for s in self.senders for q in self.slots.names]
             self._unit_id = {u: i for i, u in enumerate(self._units)}
         return self._units
+
+    def edge_unit_name(self, u: int) -> str:
+        """`a4.4@S1->a9.1.k@S1` of edge unit id u = edge id * Q + slot."""
+        src, recv = self.index.edges[u // self.Q].split("->")
+        q = self.slots.names[u % self.Q]
+        return f"{src}@{q}->{recv}@{q}"
+
+    def edge_unit(self, name: str | int) -> int:
+        """Edge unit id of `sender@slot->receiver@slot` (both ends at the same slot)."""
+        if isinstance(name, int):
+            if not 0 <= name < self.index.E * self.Q:
+                raise ValueError(f"edge unit id {name} is outside 0..{self.index.E * self.Q - 1}")
+            return name
+        parts = str(name).split("->")
+        ends = [x.partition("@") for x in parts]
+        if len(parts) != 2 or not all(sep for _, sep, _ in ends):
+            raise ValueError(f"{name!r} is not an edge at a slot: write sender@slot->receiver@slot, "
+                             f"e.g. a0.1@S1->a1.0.k@S1 (slots: {', '.join(self.slots.names)})")
+        (src, _, q1), (recv, _, q2) = ends
+        if q1 != q2:
+            raise ValueError(f"edge {name!r} joins slot {q1!r} to slot {q2!r}: an edge carries a sender's output "
+                             "at a position into a receiver's input at the same position, so both ends name one slot")
+        return self.index.edge(f"{src}->{recv}") * self.Q + self.slots.index(q1)
 
     def unit(self, name: str | int) -> int:
         """Unit id of `node@slot` (a ValueError naming the problem for an unknown node or slot)."""
@@ -485,7 +554,7 @@ class Evaluator:
     def rescore(self, run: Run) -> float:
         """`run`'s circuit scored afresh from the full model (no state shared with `run`)."""
         return self.extend(self.clean_run, run.masks.ablated.nonzero()[:, 0],
-                           run.removed_edges().nonzero()[:, 0], sorted(run.units)).score
+                           run.removed_edges().nonzero()[:, 0], sorted(run.units), sorted(run.edge_units)).score
 
     def circuit_masks(self, circuit) -> tuple[torch.Tensor, torch.Tensor]:
         """(ablated node ids, removed edge ids) that make this evaluator score a saved `circuit`
@@ -572,15 +641,25 @@ class Evaluator:
                 out = [embed - src.embed]  # live - ablated output of each sender in forward order
                 resid = embed
 
-            def delta(mask):  # Σ over removed senders of (live - ablated), per receiver row
+            ra = None if run.masks.removed_at is None else run.masks.removed_at.clone()
+
+            def delta(mask, rows=None):  # Σ over removed senders of (live - ablated), per receiver row
                 cols = mask.any(0).nonzero()[:, 0].tolist()
+                d = 0.0
+                if cols:
+                    d = torch.einsum("rs,bpsd->bprd", mask[:, cols].float(), torch.stack([out[c] for c in cols], 2))
+                if ra is None or rows is None:
+                    return d
+                M = ra[rows][:, : len(out)] & ~mask[..., None]  # edges removed at single slots only
+                cols = M.any(2).any(0).nonzero()[:, 0].tolist()
                 if not cols:
-                    return 0.0
-                return torch.einsum("rs,bpsd->bprd", mask[:, cols].float(), torch.stack([out[c] for c in cols], 2))
+                    return d
+                Mr = M[:, cols][..., self._slot_rows].float()  # [r, s', B, P]
+                return d + torch.einsum("rsbp,bpsd->bprd", Mr, torch.stack([out[c] for c in cols], 2))
 
             for l in range(L):
                 lw = eng.layer(l)
-                d = delta(removed[self._attn_rows[l]][:, : len(out)])
+                d = delta(removed[self._attn_rows[l]][:, : len(out)], self._attn_rows[l])
                 x = resid[:, :, None, None, :].expand(*resid.shape[:2], 3, H, resid.shape[-1])
                 if not isinstance(d, float):
                     x = x - d.reshape(*d.shape[:2], 3, H, d.shape[-1])
@@ -590,14 +669,14 @@ class Evaluator:
                 out += list(eng.head_outputs(lw, z - src.z[l]).unbind(2))
                 resid_pre, resid = resid, eng.add_heads(resid, lw, z)
                 if not self.attn_only:
-                    d = delta(removed[self._mlp_row[l]][None, : len(out)])
+                    d = delta(removed[self._mlp_row[l]][None, : len(out)], [self._mlp_row[l]])
                     r = resid_pre if eng.parallel else resid  # a parallel block's MLP reads its input
                     x = inputs["mlp"][l] = r.clone() if isinstance(d, float) else r - d[:, :, 0]
                     m = eng.mlp(lw, x)
                     m = torch.where(off(self._mlp[l]), src.mlp_out[l], mix(m, src.mlp_out[l]))
                     out.append(m - src.mlp_out[l])
                     resid = resid + m
-            d = delta(removed[self._logits_row][None])
+            d = delta(removed[self._logits_row][None], [self._logits_row])
             b = self.batch
             if b.pos is None:  # the last position: the logits receiver's input there [B, d]
                 x = inputs["logits"] = resid[:, -1].clone() if isinstance(d, float) else (resid - d[:, :, 0])[:, -1]
@@ -727,7 +806,36 @@ class Evaluator:
         return torch.einsum("krs,bpsd->kbprd", coef.to(D.dtype), D)
 
     def _delta(self, p: "_Pass", rows, group) -> torch.Tensor | None:
-        """Σ over removed live senders of (live − ablated), per receiver in `rows` -> [K*B, P, len(rows), d].
+        """Σ over removed live senders of (live − ablated), per receiver in `rows` -> [K*B, P, len(rows), d]:
+        edges removed whole (_delta_whole) and at single slots (_delta_at), or None when there are none."""
+        whole = self._delta_whole(p, rows, group)
+        if p.removed_at is None:
+            return whole
+        at = self._delta_at(p, rows)
+        if at is None:
+            return whole
+        return at if whole is None else whole + at
+
+    def _delta_at(self, p: "_Pass", rows) -> torch.Tensor | None:
+        """Σ over edges removed at single slots into receivers `rows`: each sender's live − ablated output at
+        the positions of the slots its edge is removed at [K*B, P, len(rows), d] (None: no such edge).
+        Taken in full every pass: position-level edge removals are few."""
+        sel = [rows] if isinstance(rows, int) else rows
+        M = p.removed_at[:, sel] & ~p.removed[:, sel, :, None] & ~p.ablated[:, None, : self.S, None]  # [K, r, S, Q]
+        senders = M.any(3).any(1).any(0).nonzero()[:, 0].tolist()
+        if not senders:
+            return None
+        K, B = p.K, p.B
+        later = self._node_stage[senders] >= p.start
+        D = torch.stack([(self._pass_diff(p, s).unflatten(0, (K, B)) if bool(new) else
+                          self._sender_diff(p.base, s).expand(K, *self._sender_diff(p.base, s).shape))
+                         for s, new in zip(senders, later.tolist())], 3)  # [K, B, P, s', d]
+        Mr = M[:, :, senders][..., p.slot_rows]  # [K, r, s', B, P]
+        return torch.einsum("krsbp,kbpsd->kbprd", Mr.to(D.dtype), D).flatten(0, 1)
+
+    def _delta_whole(self, p: "_Pass", rows, group) -> torch.Tensor | None:
+        """Σ over live senders of removed edges of (live − ablated), per receiver in `rows` ->
+        [K*B, P, len(rows), d].
 
         Kept per receiver group in each run (run.sums). Extending a base from stage `start`, only what
         changed is added to the base's sum: senders recomputed from `start` on (their new minus their
@@ -789,6 +897,12 @@ class Evaluator:
             if batch is not self.batch:
                 raise ValueError("nodes ablated at slots are scored on the task's own prompts only")
             p.at, p.slot_rows = torch.stack([m.at for m in masks]), self._slot_rows
+        if src is not None and any(m.removed_at is not None for m in masks):
+            if batch is not self.batch:
+                raise ValueError("edges removed at slots are scored on the task's own prompts only")
+            none = torch.zeros(self.index.R, self.S, self.Q, dtype=torch.bool)
+            p.removed_at = torch.stack([none if m.removed_at is None else m.removed_at for m in masks])
+            p.slot_rows = self._slot_rows
         if base is None:
             if isinstance(embed_live, list):  # split-embed graph: tok and pos are senders 0 and 1
                 p.parts = [self._embed_part(p, s, t) for s, t in enumerate(embed_live)]
@@ -806,7 +920,7 @@ class Evaluator:
             sums = {g: v for g, v in base.sums.items() if self._group_stage[g] < start}
             p.runs = [Run(self.index, m, base.embed, list(base.resid_pre), list(base.z), list(base.resid_mid),
                           list(base.mlp_out), diffs=dict(diffs), sums=dict(sums), parts=base.parts) for m in masks]
-        edges = bool(p.removed.any())
+        edges = bool(p.removed.any()) or p.removed_at is not None
         first = max(start, 0) // 3
         if first >= L:
             resid = p.tile(base.final)

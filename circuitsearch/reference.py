@@ -64,20 +64,36 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
     live: dict = {}
     removed = defaultdict(list)  # receiver -> senders
     for e in edges:
-        s, r = split_edge(e)
-        node, inp = receiver_node(r)
-        if inp is None and parse_node(node).kind == "head":  # one receiver per head: q, k and v together
-            for x in "qkv":
-                removed[f"{node}.{x}"].append(s)
+        pos = None
+        if "@" in e:  # an edge at one position: sender@p->receiver@p
+            (s, _, p1), (r, _, p2) = (x.partition("@") for x in e.split("->"))
+            assert p1 == p2, e
+            pos = int(p1)
         else:
-            removed[r].append(s)
+            s, r = split_edge(e)
+        node, inp = receiver_node(r)
+        for recv in ([f"{node}.{x}" for x in "qkv"] if inp is None and parse_node(node).kind == "head"
+                     else [r]):  # one receiver per head: q, k and v together
+            if (s, pos) not in removed[recv]:
+                removed[recv].append((s, pos))
+    for recv, senders in removed.items():  # an edge removed whole is removed at every position
+        whole = {s for s, p in senders if p is None}
+        removed[recv] = [(s, p) for s, p in senders if p is None or s not in whole]
 
-    if ({"tok", "pos"} & (nodes | {split_edge(e)[0] for e in edges})) and not has_pos:
+    if ({"tok", "pos"} & (nodes | {s for v in removed.values() for s, _ in v})) and not has_pos:
         raise ValueError("tok and pos name the token and position embeddings of a model with learned positions; "
                          "this model has no hook_pos_embed")
     hook_of = {"tok": "hook_embed", "pos": "hook_pos_embed"}
 
-    def diff(sender: str) -> torch.Tensor:
+    def diff(sender) -> torch.Tensor:
+        if isinstance(sender, tuple):  # (sender, position or None): only at that position
+            sender, pos = sender
+            d = diff(sender)
+            if pos is None:
+                return d
+            keep = torch.zeros(d.shape[1], 1, dtype=d.dtype)
+            keep[pos] = 1
+            return d * keep
         info = parse_node(sender, L)
         if sender in hook_of:
             return live[hook_of[sender]] - src["pos" if sender == "pos" else hook_of[sender]]

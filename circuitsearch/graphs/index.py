@@ -82,6 +82,9 @@ class GraphIndex:
         self.edge_src = torch.tensor(src, dtype=torch.long)
         self.edge_recv = torch.tensor(dst, dtype=torch.long)
         self.edge_dst_node = torch.tensor([recv_node[r] for r in dst], dtype=torch.long)
+        # into a head's key or value (with one receiver per head: into the head), which later positions read
+        self.edge_kv = torch.tensor([self.node_kind[recv_node[r]] == HEAD and recv_input[r] != 0 for r in dst],
+                                    dtype=torch.bool)
         self._recv_node_t = torch.tensor(recv_node, dtype=torch.long)
 
     # ---------------------------------------------------------------- names -> indices
