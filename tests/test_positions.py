@@ -146,7 +146,7 @@ def kept_slots(ev, run):
 
 def test_levels_parse_in_phase_order():
     assert phases("both") == ("nodes", "edges")
-    assert phases("nodes,positions,edges") == ("nodes", "positions", "edges")
+    assert phases("nodes,positions,edges") == ("nodes", "positions", "edges", "edge-positions")
     assert phases("positions") == ("positions",)
     for bad in ("edges,nodes", "nodes,nodes", "position", "nodes,,edges"):
         with pytest.raises(ValueError, match="nodes,positions,edges"):
@@ -293,3 +293,21 @@ def test_bad_edge_unit_names_are_rejected(test_model):
         ev.score(edges_at=[e])
     with pytest.raises(ValueError, match="no slot"):
         ev.score(edges_at=[f"{s}@zz->{r}@zz"])
+
+
+def test_induction_edges_at_positions(induction):
+    """Edges at slots recover the induction mechanism position by position: the previous-token head reads
+    the previous token's value at S8 and writes at S9 into the induction head's key there (K-composition);
+    the induction head's query at end reads the current token, its value at S9 the token to copy."""
+    model, task, ev = induction
+    decisions = []
+    result = find_circuit(ev, "nodes,positions,edges", Thresholds(0.8), "alternate", progress=False,
+                          on_decision=decisions.append)
+    kept = {ev.edge_unit_name(u) for u in result.run.present_edge_units().flatten().nonzero()[:, 0].tolist()}
+    assert ev.faithfulness(result.final) >= 0.8
+    assert "a0.2@S9->a1.1.k@S9" in kept  # K-composition, at the first occurrence of the answer token
+    assert "a1.1@end->logits@end" in kept and "embed@end->a1.1.q@end" in kept
+    assert all(u.split("@")[0] in ("embed", "a0.2", "a1.1") for u in kept)
+    assert len(kept) <= 6
+    assert {d.phase for d in decisions} == {"nodes", "positions", "edges", "edge-positions"}
+    assert result.final == pytest.approx(ev.rescore(result.run), abs=1e-6)

@@ -34,6 +34,7 @@ class Attribution:
     edges: dict = field(default_factory=dict)
     base: dict = field(default_factory=dict)  # what the circuit attributed already removes
     units: dict = field(default_factory=dict)  # node@slot -> estimate (when asked for: attribute(units=True))
+    edge_units: dict = field(default_factory=dict)  # sender@slot->receiver@slot -> estimate (edge_units=True)
 
     def ranking(self, level: str) -> list[str]:
         """Names at `level` ("nodes" or "edges") from least to most important (|estimate|).
@@ -49,17 +50,22 @@ class Attribution:
         return self.ranking(level)[::-1][:k]
 
     def _level(self, level: str) -> dict:
-        if level not in ("nodes", "edges", "positions"):
-            raise ValueError(f"attribution level must be 'nodes', 'positions' or 'edges', not {level!r}")
+        table = {"nodes": self.nodes, "edges": self.edges, "positions": self.units, "edge-positions": self.edge_units}
+        if level not in table:
+            raise ValueError(f"attribution level must be one of {', '.join(table)}, not {level!r}")
         if level == "positions" and not self.units and self.nodes:
             raise ValueError("these estimates have no per-slot values: attribute with units=True")
-        return {"nodes": self.nodes, "edges": self.edges, "positions": self.units}[level]
+        if level == "edge-positions" and not self.edge_units and self.edges:
+            raise ValueError("these estimates have no per-slot edge values: attribute with edge_units=True")
+        return table[level]
 
     def to_json(self) -> dict:
         out = {"schema": SCHEMA, "method": self.method, "steps": self.steps, "base": self.base,
                "nodes": self.nodes, "edges": self.edges}
         if self.units:
             out["units"] = self.units
+        if self.edge_units:
+            out["edge_units"] = self.edge_units
         return out
 
     @classmethod
@@ -67,7 +73,7 @@ class Attribution:
         if d.get("schema") != SCHEMA:
             raise ValueError(f"not an attribution file: schema {d.get('schema')!r}, expected {SCHEMA!r}")
         return cls(d["method"], int(d["steps"]), dict(d["nodes"]), dict(d["edges"]), dict(d.get("base", {})),
-                   dict(d.get("units", {})))
+                   dict(d.get("units", {})), dict(d.get("edge_units", {})))
 
     def save(self, path) -> None:
         from ..io import atomic_write_text
@@ -75,9 +81,10 @@ class Attribution:
 
 
 def attribute(ev: Evaluator, run: Run | None = None, method: str = "eap-ig", steps: int = 5,
-              units: bool = False) -> Attribution:
-    """Attribution scores for every node and edge still present in `run`'s circuit (default: all), and
-    with `units` for every node at every slot still present (`a9.1@end`).
+              units: bool = False, edge_units: bool = False) -> Attribution:
+    """Attribution scores for every node and edge still present in `run`'s circuit (default: all), with
+    `units` for every node at every slot still present (`a9.1@end`), with `edge_units` for every edge at
+    every slot still present (`a4.4@S1->a9.1.k@S1`; edges × slots of them: ask for them on small circuits)
 
     EAP costs one forward and one backward pass; EAP-IG `steps` of each.
     """
@@ -88,11 +95,11 @@ def attribute(ev: Evaluator, run: Run | None = None, method: str = "eap-ig", ste
     if steps < 1:
         raise ValueError(f"EAP-IG needs at least 1 step, not {steps}")
     run = run or ev.clean_run
-    est = edge_estimates(ev, run, method, steps, by_slot=units)  # [E] or [E, Q]
+    est = edge_estimates(ev, run, method, steps, by_slot=units or edge_units)  # [E] or [E, Q]
     ix = ev.index
     present_mask = run.present_edges()
     present = present_mask.nonzero()[:, 0].tolist()
-    total = est.sum(1) if units else est
+    total = est.sum(1) if est.dim() == 2 else est
     values = total.tolist()
     edges = {ix.edges[i]: values[i] for i in present}
     nodes = {n: 0.0 for n in ix.senders if n not in run.nodes}
@@ -107,10 +114,16 @@ def attribute(ev: Evaluator, run: Run | None = None, method: str = "eap-ig", ste
         alive = run.present_units()
         names, flat = ev.unit_names, per.flatten().tolist()
         unit_est = {names[u]: flat[u] for u in alive.flatten().nonzero()[:, 0].tolist()}
+    edge_est = {}
+    if edge_units:
+        flat = est.flatten().tolist()
+        edge_est = {ev.edge_unit_name(u): flat[u] for u in run.present_edge_units().flatten().nonzero()[:, 0].tolist()}
     base = {"ablated_nodes": sorted(run.nodes), "removed_edges": int(run.removed_edges().sum())}
     if run.units:
         base["ablated_units"] = sorted(ev.unit_names[u] for u in run.units)
-    return Attribution(method, steps, nodes, edges, base, unit_est)
+    if run.edge_units:
+        base["removed_edge_units"] = len(run.edge_units)
+    return Attribution(method, steps, nodes, edges, base, unit_est, edge_est)
 
 
 def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int = 5,

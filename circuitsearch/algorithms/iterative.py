@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 from tqdm.auto import tqdm
 
 from ..patching import Evaluator, Run
-from .levels import level_of
+from .levels import EDGE_POSITIONS, level_of
 from .orders import ByMagnitude, Order, parse_order
 from .speculation import MAX_K, Speculation
 from .search import (LEVELS, Decision, PruneResult, Replay, ResumeError, Thresholds, dangling_nodes,  # noqa: F401
@@ -32,9 +32,12 @@ def edge_candidates(ev: Evaluator, run: Run) -> list[str]:
 
 
 def candidate_ids(run: Run, level: str) -> list[int]:
-    """Ids of the nodes, units (nodes at slots) or edges still in `run`'s circuit, in forward order."""
+    """Ids of the nodes, units (nodes at slots), edges or edge units still in `run`'s circuit, in forward
+    order (see levels.Level.present)."""
     if level == "positions":
         return run.present_units().flatten().nonzero()[:, 0].tolist()
+    if level == EDGE_POSITIONS:
+        return run.present_edge_units().flatten().nonzero()[:, 0].tolist()
     mask = run.present_nodes() if level == "nodes" else run.present_edges()
     return mask.nonzero()[:, 0].tolist()
 
@@ -52,8 +55,8 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
     A candidate whose last try was on the very circuit it would be tried on now (nothing removed
     since) gets that try's decision again without a forward pass (counted in result.skipped).
     """
-    if level not in ("nodes", "positions", "edges"):
-        raise ValueError(f"prune level must be 'nodes', 'positions' or 'edges', not {level!r}")
+    if level not in ("nodes", "positions", "edges", EDGE_POSITIONS):
+        raise ValueError(f"prune level must be 'nodes', 'positions', 'edges' or '{EDGE_POSITIONS}', not {level!r}")
     order = parse_order(order)
     if ranking is not None and isinstance(order, ByMagnitude):
         order = ByMagnitude(order.name, order.method, order.steps, tuple(ranking))

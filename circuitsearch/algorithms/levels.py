@@ -8,17 +8,24 @@ per-level branches. A level is a comma-separated list of phases in this order:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Callable
 
 from ..patching import Evaluator, Run
 
 PHASES = ("nodes", "positions", "edges")
 LEVEL_CHOICES = ("nodes", "edges", "both", "positions", "nodes,positions", "nodes,positions,edges",
                  "positions,edges", "nodes,edges")
+EDGE_POSITIONS = "edge-positions"  # the phase after edges in a level with positions: edges at single slots
 
 
 def phases(level: str) -> tuple[str, ...]:
-    """The phases a level runs, in order; ValueError naming the choices for anything else."""
+    """The phases a level runs, in order; ValueError naming the choices for anything else.
+
+    With positions, the edges phase is followed by `edge-positions`: the edges that survive whole are
+    then tried at each slot (trying every edge at every slot from the start would cost Q times the
+    candidates, and most edges go whole)."""
     if level == "both":
         return ("nodes", "edges")
     parts = tuple(x.strip() for x in str(level).split(","))
@@ -26,7 +33,48 @@ def phases(level: str) -> tuple[str, ...]:
             list(parts) != sorted(set(parts), key=PHASES.index):
         raise ValueError(f"unknown level {level!r}; choose nodes, edges, both, or phases out of "
                          "nodes,positions,edges in that order (e.g. nodes,positions,edges)")
+    if "positions" in parts and "edges" in parts:
+        parts += (EDGE_POSITIONS,)
     return parts
+
+
+class _Table(Sequence):
+    """A read-only table of n items computed on demand (edge units number edges × slots)."""
+
+    def __init__(self, n: int, item: Callable[[int], object]):
+        self._n, self._item = n, item
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._item(j) for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._item(i % self._n)
+
+
+class _Lookup:
+    """Name -> id for units, parsed on demand (`in`, `[]` and `get`, like the dict the other levels use)."""
+
+    def __init__(self, parse: Callable[[str], int]):
+        self._parse = parse
+
+    def get(self, name, default=None):
+        try:
+            return self._parse(name)
+        except ValueError:
+            return default
+
+    def __contains__(self, name) -> bool:
+        return self.get(name) is not None
+
+    def __getitem__(self, name) -> int:
+        i = self.get(name)
+        if i is None:
+            raise KeyError(name)
+        return i
 
 
 @dataclass(frozen=True)
@@ -44,8 +92,10 @@ class Level:
             mask = run.present_nodes()
         elif self.name == "edges":
             mask = run.present_edges()
-        else:
+        elif self.name == "positions":
             mask = run.present_units().flatten()
+        else:
+            mask = run.present_edge_units().flatten()
         return mask.nonzero()[:, 0].tolist()
 
     def extend(self, ev: Evaluator, run: Run, ids: list) -> Run:
@@ -53,9 +103,8 @@ class Level:
 
     def variant(self, ids: list) -> tuple:
         """An extend_many variant removing `ids`."""
-        if self.name == "nodes":
-            return (ids, [], [])
-        return ([], ids, []) if self.name == "edges" else ([], [], ids)
+        return {"nodes": (ids, [], [], []), "edges": ([], ids, [], []), "positions": ([], [], ids, []),
+                EDGE_POSITIONS: ([], [], [], ids)}[self.name]
 
     def lookup(self, ev: Evaluator) -> dict:
         """Name -> id."""
@@ -63,7 +112,7 @@ class Level:
             return ev.index.node_id
         if self.name == "edges":
             return ev.index.edge_id
-        return {n: i for i, n in enumerate(self.names)}
+        return _Lookup(ev.unit if self.name == "positions" else ev.edge_unit)
 
 
 def level_of(ev: Evaluator, phase: str) -> Level:
@@ -78,6 +127,10 @@ def level_of(ev: Evaluator, phase: str) -> Level:
         elif phase == "positions":
             Q = ev.Q
             cache[phase] = Level(phase, "at", ev.unit_names, [ix.node_stage[u // Q] for u in range(ev.S * Q)])
+        elif phase == EDGE_POSITIONS:
+            Q, n = ev.Q, ix.E * ev.Q
+            cache[phase] = Level(phase, "edges_at", _Table(n, ev.edge_unit_name),
+                                 _Table(n, lambda u: ix.edge_stage[u // Q]))
         else:
             raise ValueError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
     return cache[phase]

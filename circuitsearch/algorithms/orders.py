@@ -118,7 +118,9 @@ class ByMagnitude(Order):
         from .levels import level_of
 
         names = self.ranking if self.ranking is not None else attribute(ev, run, self.method, self.steps,
-                                                                        units=level == "positions").ranking(level)
+                                                                        units=level == "positions",
+                                                                        edge_units=level == "edge-positions"
+                                                                        ).ranking(level)
         lookup = level_of(ev, level).lookup(ev)
         return Listed(self.name, tuple(lookup[n] for n in names))
 

@@ -90,6 +90,8 @@ def _ids(ev: Evaluator, order: list, level: str) -> list[int]:
     """Names or index ids of one level as index ids (names are checked against the graph)."""
     if level == "positions":
         return [ev.unit(u) for u in order]
+    if level == "edge-positions":
+        return [ev.edge_unit(u) for u in order]
     return ev.index.node_ids(order) if level == "nodes" else ev.index.edge_ids(order)
 
 
@@ -98,7 +100,7 @@ def gain_order(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", step
     score change their removal should bring, highest first (removals that should raise the score
     first). Also the estimates as faithfulness drops, by name. (The attribution *order* of
     iterative pruning ranks by |estimate| instead: orders.ByMagnitude.)"""
-    attr = attribute(ev, run, method, steps, units=level == "positions")
+    attr = attribute(ev, run, method, steps, units=level == "positions", edge_units=level == "edge-positions")
     est = attr._level(level)
     names = level_of(ev, level).names
     present = [c for c in candidate_ids(run, level) if names[c] in est]
