@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune the model's graph to the circuit for a task (the main job)")
     _add_model_task(p)
-    p.add_argument("--level", choices=("nodes", "edges", "both"), default="both")
+    p.add_argument("--level", default="both", metavar="LEVEL",
+                   help="what to prune: nodes, edges, both (nodes then edges; default), or phases out of "
+                        "nodes,positions,edges in that order (positions: a node at one slot of token positions, "
+                        "e.g. a9.1@end; with edges too, the edges left whole are then tried at each slot)")
     p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
     p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy", "l2", "logprob"), default="logit_diff")
     p.add_argument("--absolute", type=_threshold, default=0.8,
@@ -109,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_task(p)
     p.add_argument("--orders", default="forward,reverse,alternate,attribution,random:1,random:2",
                    help="comma-separated orders (default forward,reverse,alternate,attribution,random:1,random:2)")
-    p.add_argument("--level", choices=("nodes", "edges", "both"), default="both")
+    p.add_argument("--level", default="both", metavar="LEVEL",
+                   help="what to prune: nodes, edges, both (nodes then edges; default), or phases out of "
+                        "nodes,positions,edges in that order (positions: a node at one slot of token positions, "
+                        "e.g. a9.1@end; with edges too, the edges left whole are then tried at each slot)")
     p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
     p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy", "l2", "logprob"), default="logit_diff")
     p.add_argument("--absolute", type=_threshold, default=0.8, help="as for prune (default 0.8)")

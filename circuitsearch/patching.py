@@ -564,6 +564,28 @@ class Evaluator:
         m = self.index.masks_of(circuit.nodes, None if circuit.node_level else circuit.edges)
         return m.ablated[: self.S].nonzero()[:, 0], m.removed.nonzero()[:, 0]
 
+    def circuit_units(self, circuit) -> tuple[list[str], list[str]]:
+        """(nodes ablated at slots, edges removed at slots) of a saved position-level `circuit`: every slot
+        its `positions` record does not keep a node or edge at. The circuit's slots must be this task's."""
+        pos = getattr(circuit, "positions", None) or {}
+        if not pos:
+            return [], []
+        slots = list(pos.get("slots", []))
+        if slots != list(self.slots.names):
+            raise ValueError(f"the circuit's positions are slots {', '.join(slots)}, but this task's slots are "
+                             f"{', '.join(self.slots.names)}: a position-level circuit scores only on prompts laid "
+                             "out like its own (compare it at node level instead, e.g. with diff)")
+        at = [f"{n}@{q}" for n, kept in pos.get("nodes", {}).items() for q in slots if q not in kept]
+        edges_at = [f"{e.split('->')[0]}@{q}->{e.split('->')[1]}@{q}" for e, kept in pos.get("edges", {}).items()
+                    for q in slots if q not in kept]
+        return at, edges_at
+
+    def circuit_run(self, circuit) -> Run:
+        """The run of a saved `circuit` (node level, edge level, or at positions) as its search left it."""
+        nodes, edges = self.circuit_masks(circuit)
+        at, edges_at = self.circuit_units(circuit)
+        return self.run(nodes, edges, at, edges_at)
+
     def circuit_state(self, circuit) -> tuple[list[str], list[str]]:
         """circuit_masks as names: (ablated nodes, removed edges)."""
         nodes, edges = self.circuit_masks(circuit)
@@ -571,8 +593,7 @@ class Evaluator:
 
     def score_circuit(self, circuit) -> dict:
         """full, circuit, empty, corrupted, faithfulness and normalized of a saved `circuit` on this task."""
-        nodes, edges = self.circuit_masks(circuit)
-        return self.scores(self.score(nodes=nodes, edges=edges))
+        return self.scores(self.circuit_run(circuit).score)
 
     def faithfulness(self, score: float) -> float:
         return faithfulness(self.metric, score, self.full, self.empty)

@@ -234,7 +234,7 @@ def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = 
             if not path.exists():
                 break
             c = load_circuit(path)
-            start = ev.run(*ev.circuit_masks(c))
+            start = ev.circuit_run(c)
             rows.append({**c.method.get("target_search", {}), "resumed": True})
             todo.remove(t)
             log(f"target {t}: resumed from {path}")
