@@ -14,8 +14,8 @@ from functools import lru_cache
 import networkx as nx
 
 from .. import __version__
-from .model_graph import (ModelGraph, check_slot_name, edge_unit_name, parse_node, receiver_node, split_edge,
-                          split_edge_unit, split_unit, unit_name)
+from .model_graph import (ModelGraph, check_slot_name, parse_node, receiver_node, split_edge, split_edge_unit,
+                          split_unit)
 
 SCHEMA = "circuitsearch.circuit/1"
 SCHEMA_2 = "circuitsearch.circuit/2"  # /1 plus the optional `positions` field
@@ -136,10 +136,40 @@ class Circuit:
         unless the receiver input is a key or value (read at that position by later queries too)."""
         src, dst = split_edge(edge)
         node, inp = receiver_node(dst)
-        sender = set(self.kept_slots(src))
-        kv = inp in ("k", "v") or (inp is None and parse_node(node).kind == "head")  # qkv=False: q, k, v at once
-        receiver = set(self.slots) if kv else set(self.kept_slots(node))
-        return [s for s in self.slots if s in sender and s in receiver]
+        return self._allowed(src, node, inp, {n: set(self.kept_slots(n)) for n in (src, node)})
+
+    def _allowed(self, src: str, node: str, inp: str | None, node_slots: dict[str, set]) -> list[str]:
+        kv = inp in ("k", "v") or (inp is None and node.startswith("a"))  # qkv=False: q, k and v at once
+        sender, receiver = node_slots.get(src, ()), node_slots.get(node, ())
+        return [s for s in self.positions["slots"] if s in sender and (kv or s in receiver)]
+
+    def slot_map(self, kind: str = "nodes") -> dict[str, list[str]]:
+        """Every kept node (or edge, as effective_edges) with the slots it is kept at, in position order."""
+        if kind not in ("nodes", "edges"):
+            raise ValueError(f"kind must be 'nodes' or 'edges', not {kind!r}")
+        if not self.positions:
+            raise ValueError("this circuit has no positions (every node is kept at every position)")
+        if kind == "nodes" or not self.node_level:
+            return {x: self.kept_slots(x) for x in (self.nodes if kind == "nodes" else self.edges)}
+        node_slots = {n: set(self.kept_slots(n)) for n in self.nodes}
+        out = {}
+        for e, src, node, inp in self._edges_between_kept(self.model_graph):
+            where = self._allowed(src, node, inp, node_slots)
+            if where:
+                out[e] = where
+        return out
+
+    def _edges_between_kept(self, graph: ModelGraph):
+        """(edge, sender, receiver node, input) for every graph edge whose two nodes are kept, in graph order."""
+        kept = set(self.nodes)
+        for node in graph.nodes[1:]:  # same order as graph.edges, without walking all of them
+            if node not in kept:
+                continue
+            senders = [s for s in graph.senders_into(node) if s in kept]
+            for recv in graph.receivers_of(node):
+                inp = recv[-1] if recv != node else None
+                for s in senders:
+                    yield f"{s}->{recv}", s, node, inp
 
     def kept_slots(self, name: str) -> list[str]:
         """The slots (in position order) where a node or edge is kept; [] when it is not in the circuit."""
@@ -174,16 +204,20 @@ class Circuit:
         if self.positions:
             if slots is not None and list(slots) != self.slots:
                 raise ValueError(f"slots {list(slots)} are not this circuit's slots {self.slots}")
-            names = self.nodes if kind == "nodes" else self.effective_edges()
-            make = unit_name if kind == "nodes" else edge_unit_name
-            return {make(x, s) for x in names for s in self.kept_slots(x)}
-        if slots is None:
+            where = self.slot_map(kind)
+        elif slots is None:
             raise ValueError("this circuit has no positions: give slots=[...] to expand it over them (it keeps "
                              "every node at every slot)")
-        slots = [check_slot_name(s) for s in slots]
-        names = self.nodes if kind == "nodes" else self.effective_edges()
-        make = unit_name if kind == "nodes" else edge_unit_name
-        return {make(x, s) for x in names for s in slots}
+        else:
+            slots = [check_slot_name(s) for s in slots]
+            where = {x: slots for x in (self.nodes if kind == "nodes" else self.effective_edges())}
+        if kind == "nodes":
+            return {f"{n}@{s}" for n, sl in where.items() for s in sl}
+        out = set()
+        for e, sl in where.items():
+            src, dst = e.split("->")
+            out.update(f"{src}@{s}->{dst}@{s}" for s in sl)
+        return out
 
     def _kind(self, kind: str) -> list[str]:
         names = [n for n in self.nodes if parse_node(n, self.n_layers).kind == kind]
@@ -213,18 +247,9 @@ class Circuit:
         if not self.node_level:
             return dict(self.edges)
         graph = graph or self.model_graph
-        kept = set(self.nodes)
-        out: dict[str, Effect] = {}
-        for node in graph.nodes[1:]:  # same order as graph.edges, without walking all of them
-            if node not in kept:
-                continue
-            senders = [s for s in graph.senders_into(node) if s in kept]
-            for recv in graph.receivers_of(node):
-                for s in senders:
-                    out[f"{s}->{recv}"] = None
         if self.positions:  # only edges that some slot carries (sender and receiver kept there)
-            out = {e: v for e, v in out.items() if self._edge_slots_allowed(e)}
-        return out
+            return {e: None for e in self.slot_map("edges")}
+        return {e: None for e, *_ in self._edges_between_kept(graph)}
 
     def summary(self) -> dict:
         """Sizes and headline scores in one flat dict (for tables and logs)."""

@@ -144,7 +144,8 @@ class Diff:
         return " & ".join(n for n in self.names if n in subset) + " only"
 
     def _sorted(self, xs: set[str], kind: str) -> list[str]:
-        return sorted(xs, key=_sort_key(kind, int(self.graph["n_layers"]), self.slots))
+        """In forward order: the order of the kind's dict (built sorted by diff_circuits)."""
+        return [x for x in self._sets(kind) if x in xs]
 
     def to_json(self) -> dict:
         """diff.json: circuits, exact-subset membership (with names), shared, unique, Jaccard matrices."""
@@ -172,16 +173,27 @@ def _inner_units(units: set[str]) -> set[str]:
     return {u for u in units if parse_node(split_unit(u)[0]).kind in ("head", "mlp")}
 
 
-def _sort_key(kind: str, n_layers: int, slots: list[str]):
-    """Forward order for names of one kind; units by their node or edge, then slot order."""
+def _unit_sets(circuits: list[Circuit], names: list[str], slots: list[str], n_layers: int) -> list[dict]:
+    """Node units and edge units -> the circuits holding them, each dict in forward order (by node or
+    edge, then slot); sort keys are computed once per node or edge, not per unit."""
     order = {s: i for i, s in enumerate(slots)}
-    if kind == "nodes":
-        return lambda n: node_sort_key(n, n_layers)
-    if kind == "edges":
-        return lambda e: edge_sort_key(e, n_layers)
-    if kind == "node_units":
-        return lambda u: (node_sort_key(split_unit(u)[0], n_layers), order[split_unit(u)[1]])
-    return lambda u: (edge_sort_key(split_edge_unit(u)[0], n_layers), order[split_edge_unit(u)[1]])
+    out = []
+    for kind, key in (("nodes", node_sort_key), ("edges", edge_sort_key)):
+        held: dict[str, set] = {}
+        keys: dict[str, tuple] = {}
+        base: dict[str, tuple] = {}
+        for c, n in zip(circuits, names):
+            for x, where in c.slot_map(kind).items():
+                if x not in base:
+                    base[x] = key(x, n_layers)
+                src, _, dst = x.partition("->")
+                for s in where:
+                    u = f"{x}@{s}" if kind == "nodes" else f"{src}@{s}->{dst}@{s}"
+                    if u not in held:
+                        held[u], keys[u] = set(), (base[x], order[s])
+                    held[u].add(n)
+        out.append({u: frozenset(held[u]) for u in sorted(held, key=keys.__getitem__)})
+    return out
 
 
 def _compare_level(circuits: list[Circuit], names: list[str]) -> tuple[str, str | None, list[str]]:
@@ -238,19 +250,11 @@ def diff_circuits(circuits: list[Circuit], names: list[str] | None = None) -> Di
             edge_sets.setdefault(e, set()).add(n)
     L = graph.n_layers
     level, note, slots = _compare_level(circuits, names)
-    unit_sets: dict[str, dict[str, set]] = {"nodes": {}, "edges": {}}
-    if level == "units":
-        for c, n in zip(circuits, names):
-            for kind in ("nodes", "edges"):
-                for u in c.units(kind):
-                    unit_sets[kind].setdefault(u, set()).add(n)
-    node_key, edge_key = _sort_key("node_units", L, slots), _sort_key("edge_units", L, slots)
+    unit_nodes, unit_edges = _unit_sets(circuits, names, slots, L) if level == "units" else ({}, {})
     return Diff(names, circuits,
                 {x: frozenset(node_sets[x]) for x in sorted(node_sets, key=lambda x: node_sort_key(x, L))},
                 {e: frozenset(edge_sets[e]) for e in sorted(edge_sets, key=lambda e: edge_sort_key(e, L))},
-                level, note, slots,
-                {u: frozenset(s) for u, s in sorted(unit_sets["nodes"].items(), key=lambda x: node_key(x[0]))},
-                {u: frozenset(s) for u, s in sorted(unit_sets["edges"].items(), key=lambda x: edge_key(x[0]))})
+                level, note, slots, unit_nodes, unit_edges)
 
 
 def format_table(diff: Diff) -> str:
