@@ -363,3 +363,17 @@ def test_diff_of_position_circuits_with_other_slots_is_at_node_level():
     d = diff_circuits([a, b])
     assert d.level == "nodes" and "different slots (induction: A B X end; other: S0 end)" in d.note
     assert d.jaccard("nodes")[0][1] == 1.0
+
+
+def test_prune_report_says_where_nodes_are_kept():
+    from circuitsearch.runs.reports import prune_report
+
+    c = induction()
+    c.method.update(order="forward", thresholds={"absolute": 0.8, "relative": None})
+    text = prune_report(c, "circuit.svg")
+    assert "Over 4 position slots (A, B, X, end): 7 node units, 7 edge units" in text
+    assert "Kept at some positions only: a0.1 at B; a1.2 at end; logits at end." in text
+    assert "schema circuitsearch.circuit/2" in text
+    plain = Circuit(c.model, c.graph, c.task, dict(c.nodes), dict(c.edges), dict(c.scores), dict(c.method))
+    text = prune_report(plain, None)
+    assert "position slots" not in text and "schema circuitsearch.circuit/1" in text
