@@ -377,3 +377,30 @@ def test_prune_report_says_where_nodes_are_kept():
     plain = Circuit(c.model, c.graph, c.task, dict(c.nodes), dict(c.edges), dict(c.scores), dict(c.method))
     text = prune_report(plain, None)
     assert "position slots" not in text and "schema circuitsearch.circuit/1" in text
+
+
+@pytest.mark.parametrize("graph", [ModelGraph(2, 4, qkv=False), ModelGraph(2, 4, split_embed=True)])
+def test_other_graphs_round_trip_and_draw(tmp_path, graph):
+    """One receiver per head (qkv=False: q, k and v together, so any slot) and split embeddings."""
+    emb = graph.embed_nodes[0]
+    recv = "a1.2" if not graph.qkv else "a1.2.k"
+    c = Circuit("m", graph.signature(), "t", {**{e: None for e in graph.embed_nodes}, "a0.1": 0.4, "a1.2": 0.9,
+                                              "m1": 0.2, "logits": None},
+                {f"{emb}->a0.1" + ("" if not graph.qkv else ".q"): 0.1, f"a0.1->{recv}": 0.6, "a1.2->m1": 0.3,
+                 "m1->logits": 0.2},
+                method={"level": "edges"},
+                positions={"slots": SLOTS, "nodes": {"a0.1": ["B"], "a1.2": ["end"]},
+                           "edges": {f"{emb}->a0.1" + ("" if not graph.qkv else ".q"): ["B"],
+                                     f"a0.1->{recv}": ["B"], "a1.2->m1": ["end"], "m1->logits": ["end"]}})
+    c.validate()
+    assert c.units("edges") == {f"{emb}@B->a0.1{'' if not graph.qkv else '.q'}@B", f"a0.1@B->{recv}@B",
+                                "a1.2@end->m1@end", "m1@end->logits@end"}
+    assert load_circuit(save_circuit(c, tmp_path / "c.json")) == c
+    assert load_circuit(save_circuit(c, tmp_path / "c.graphml")) == c
+    dot = to_dot(c)
+    assert '"a0.1@B" -> "a1.2@B"' in dot and '"a1.2@B" [' in dot  # drawn into the head's k/v input at B
+    if shutil.which("dot"):
+        render(c, tmp_path / "c.svg")
+    c.positions["edges"]["a1.2->m1"] = ["B", "end"]  # an MLP input at B, where a1.2 is ablated: nothing
+    with pytest.raises(ValueError, match=r"'a1.2->m1' is kept at slot\(s\) 'B', where it carries nothing"):
+        c.validate()
