@@ -174,7 +174,7 @@ def test_bad_positions_are_refused_with_the_problem_named(tmp_path, mutate, mess
 
 def test_invalid_position_circuits_are_never_written(tmp_path):
     c = induction()
-    c.positions["nodes"]["a0.1"] = ["nowhere"]
+    c.positions["nodes"]["a0.1"] = ["B", "nowhere", "A"]
     for suffix in (".json", ".graphml"):
         with pytest.raises(CircuitFormatError, match="refusing to write an invalid circuit: .*unknown slot 'nowhere'"):
             save_circuit(c, tmp_path / f"bad{suffix}")

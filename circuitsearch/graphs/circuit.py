@@ -174,8 +174,8 @@ class Circuit:
     def kept_slots(self, name: str) -> list[str]:
         """The slots (in position order) where a node or edge is kept; [] when it is not in the circuit."""
         if not self.positions:
-            raise ValueError(f"this circuit has no positions (every node is kept at every position); "
-                             f"use units(slots=...) to expand it over given slots")
+            raise ValueError("this circuit has no positions (every node is kept at every position); "
+                             "use units(slots=...) to expand it over given slots")
         if "->" in name:
             if self.node_level:  # every graph edge between kept nodes, at the slots where it carries something
                 src, dst = split_edge(name)
@@ -328,9 +328,6 @@ class Circuit:
                     raise ValueError(f"{what} lists a slot twice: {where}")
                 if len(where) == len(slots):
                     raise ValueError(f"{what} lists every slot: leave it out (absent means kept at every slot)")
-        if p.get("edges") and self.node_level:
-            raise ValueError("positions['edges'] is given but the circuit has no edges (node level: every edge "
-                             "between kept units)")
         for e in self.edges:
             allowed = set(self._edge_slots_allowed(e))
             bad = [s for s in self.kept_slots(e) if s not in allowed]
@@ -354,24 +351,31 @@ class Circuit:
             _check_number(f"effect of unit {unit!r}", eff)
 
     def _positions_json(self) -> dict:
-        """positions in canonical order: slot lists in position order, names in forward order."""
+        """positions in canonical order: slot lists in position order, names in forward order. Anything
+        invalid sorts last and is written as given, for validation to name (never a crash in sorting)."""
         L, slots = self.n_layers, self.slots
         p = {k: self.positions.get(k, {}) for k in ("nodes", "edges", "effects")}
-        order = {s: i for i, s in enumerate(slots)}
+        order = {s: i for i, s in enumerate(slots) if isinstance(s, str)}
+
+        def robust(key):
+            def k(x):
+                try:
+                    return (0, key(x))
+                except (ValueError, KeyError, TypeError):
+                    return (1,)
+            return k
 
         def unit_key(u: str) -> tuple:
-            if "->" in u:
-                e, s = split_edge_unit(u)
-                return (1, edge_sort_key(e, L), order[s])
-            n, s = split_unit(u)
-            return (0, node_sort_key(n, L), order[s])
+            name, s = split_edge_unit(u) if "->" in u else split_unit(u)
+            return ("->" in u, edge_sort_key(name, L) if "->" in u else node_sort_key(name, L), order[s])
 
+        where = robust(order.__getitem__)
         return {"slots": list(slots),
-                "nodes": {n: sorted(p["nodes"][n], key=order.get)
-                          for n in sorted(p["nodes"], key=lambda n: node_sort_key(n, L))},
-                "edges": {e: sorted(p["edges"][e], key=order.get)
-                          for e in sorted(p["edges"], key=lambda e: edge_sort_key(e, L))},
-                "effects": {u: _num(p["effects"][u]) for u in sorted(p["effects"], key=unit_key)}}
+                "nodes": {n: sorted(p["nodes"][n], key=where) if isinstance(p["nodes"][n], list) else p["nodes"][n]
+                          for n in sorted(p["nodes"], key=robust(lambda n: node_sort_key(n, L)))},
+                "edges": {e: sorted(p["edges"][e], key=where) if isinstance(p["edges"][e], list) else p["edges"][e]
+                          for e in sorted(p["edges"], key=robust(lambda e: edge_sort_key(e, L)))},
+                "effects": {u: _num(p["effects"][u]) for u in sorted(p["effects"], key=robust(unit_key))}}
 
     # ---- JSON --------------------------------------------------------------------------------
     def to_json(self) -> dict:
