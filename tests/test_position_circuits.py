@@ -404,3 +404,18 @@ def test_other_graphs_round_trip_and_draw(tmp_path, graph):
     c.positions["edges"]["a1.2->m1"] = ["B", "end"]  # an MLP input at B, where a1.2 is ablated: nothing
     with pytest.raises(ValueError, match=r"'a1.2->m1' is kept at slot\(s\) 'B', where it carries nothing"):
         c.validate()
+
+
+def test_positions_field_from_kept_units():
+    """What a search holds (the kept units) becomes Circuit.nodes/edges and positions."""
+    from circuitsearch.graphs.circuit import group_units, positions_field
+
+    c = induction()
+    nodes, edges = group_units(c.units("nodes"), SLOTS), group_units(c.units("edges"), SLOTS)
+    assert nodes["a0.1"] == ["B"] and nodes["embed"] == SLOTS and edges["a0.1->a1.2.k"] == ["B"]
+    rebuilt = Circuit(c.model, c.graph, c.task, {n: c.nodes[n] for n in nodes}, {e: c.edges[e] for e in edges},
+                      dict(c.scores), dict(c.method), dict(c.stats),
+                      positions=positions_field(SLOTS, nodes, edges, c.positions["effects"])).validate()
+    assert rebuilt == c
+    with pytest.raises(ValueError, match="unit 'a0.1@Q' is at slot 'Q', which is not one of the slots"):
+        group_units(["a0.1@Q"], SLOTS)

@@ -506,6 +506,30 @@ class Circuit:
         return cls.from_json(data, source)
 
 
+def group_units(units, slots: list[str]) -> dict[str, list[str]]:
+    """Node units or edge units -> {node or edge: [slots, in position order]}:
+    {"a9.1@end", "a9.1@S1"} -> {"a9.1": ["S1", "end"]}; a unit at a slot not in `slots` is an error."""
+    order = {s: i for i, s in enumerate(slots)}
+    out: dict[str, list[str]] = {}
+    for u in units:
+        name, slot = split_edge_unit(u) if "->" in u else split_unit(u)
+        if slot not in order:
+            raise ValueError(f"unit {u!r} is at slot {slot!r}, which is not one of the slots {list(slots)}")
+        out.setdefault(name, []).append(slot)
+    return {k: sorted(set(v), key=order.__getitem__) for k, v in out.items()}
+
+
+def positions_field(slots: list[str], nodes: dict[str, list[str]], edges: dict[str, list[str]] | None = None,
+                    effects: dict[str, Effect] | None = None) -> dict:
+    """Circuit.positions from where each kept node (and edge) is kept: only those kept at some but not all
+    slots are listed (e.g. positions_field(slots, group_units(kept_units, slots)))."""
+    def partly(where: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in where.items() if set(v) != set(slots)}
+
+    return {"slots": list(slots), "nodes": partly(nodes), "edges": partly(edges or {}),
+            "effects": dict(effects or {})}
+
+
 def _check_name(what: str, key) -> None:
     if not isinstance(key, str):
         raise ValueError(f"{what} name {key!r} is not a string")
