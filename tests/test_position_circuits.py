@@ -419,3 +419,16 @@ def test_positions_field_from_kept_units():
     assert rebuilt == c
     with pytest.raises(ValueError, match="unit 'a0.1@Q' is at slot 'Q', which is not one of the slots"):
         group_units(["a0.1@Q"], SLOTS)
+
+
+def test_intersection_and_union_of_position_circuits_are_kept_by_unit():
+    a, b = induction(), _variant()
+    d = diff_circuits([a, b])
+    inter, union = d.combined("intersection").validate(), d.combined("union").validate()
+    assert inter.units("nodes") == a.units("nodes") and inter.units("edges") == a.units("edges")
+    assert union.units("nodes") == b.units("nodes") == a.units("nodes") | {"a0.1@X"}
+    assert inter.method["order"] == "intersection" and inter.slots == SLOTS
+    nodes = Circuit(a.model, a.graph, "nodes-only", {"embed": None, "a0.1": 0.5, "logits": None},
+                    {"a0.1->logits": 0.2}, method={"level": "edges"})
+    mixed = diff_circuits([a, nodes]).combined("intersection").validate()
+    assert mixed.positions == {} and set(mixed.nodes) == {"embed", "a0.1", "logits"}

@@ -11,7 +11,7 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .circuit import Circuit, edge_sort_key, node_sort_key
+from .circuit import Circuit, edge_sort_key, group_units, node_sort_key, positions_field
 from .model_graph import parse_node, split_edge_unit, split_unit
 from .render import Look, plural, render_dot, to_dot
 
@@ -136,6 +136,29 @@ class Diff:
                 s = _inner_units(s)
             sets.append(s)
         return [[_jaccard(a, b) for b in sets] for a in sets]
+
+    def combined(self, which: str = "intersection", like: Circuit | None = None) -> Circuit:
+        """The circuit of what every circuit holds (intersection) or any holds (union), unscored, with the
+        method of `like` (default: the first circuit). At level "units" it is kept unit by unit, so it has
+        positions; logits are added (at every slot) if the intersection lost them."""
+        if which not in ("intersection", "union"):
+            raise ValueError(f"which must be 'intersection' or 'union', not {which!r}")
+        like = like or self.circuits[0]
+        k = len(self.names)
+        keep = (lambda s: len(s) == k) if which == "intersection" else (lambda s: True)
+        node_level = all(c.node_level for c in self.circuits)
+        method = {**like.method, "order": which}
+        if self.level != "units":
+            nodes = {n: None for n, s in self.node_sets.items() if keep(s)}
+            nodes.setdefault("logits", None)
+            edges = {} if node_level else {e: None for e, s in self.edge_sets.items() if keep(s)}
+            return Circuit(like.model, like.graph, like.task, nodes, edges, method=method)
+        where = group_units([u for u, s in self.unit_node_sets.items() if keep(s)], self.slots)
+        where.setdefault("logits", list(self.slots))
+        edge_where = {} if node_level else group_units(
+            [u for u, s in self.unit_edge_sets.items() if keep(s)], self.slots)
+        return Circuit(like.model, like.graph, like.task, {n: None for n in where}, {e: None for e in edge_where},
+                       method=method, positions=positions_field(self.slots, where, edge_where))
 
     def label(self, subset: Subset) -> str:
         """'digits only', 'digits & words only', 'shared by all (3)'."""
