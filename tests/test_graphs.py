@@ -171,9 +171,9 @@ def test_truncated_json_is_refused(tmp_path):
 
 def test_other_schema_version_is_refused(tmp_path):
     d = json.loads(dumps_circuit(make_circuit()))
-    d["schema"] = "circuitsearch.circuit/2"
-    with pytest.raises(CircuitFormatError, match=r"c\.json has schema 'circuitsearch.circuit/2'.*reads "
-                                                 r"'circuitsearch.circuit/1'"):
+    d["schema"] = "circuitsearch.circuit/3"
+    with pytest.raises(CircuitFormatError, match=r"c\.json has schema 'circuitsearch.circuit/3'.*reads "
+                                                 r"'circuitsearch.circuit/1' and 'circuitsearch.circuit/2'"):
         load_circuit(_write_json(tmp_path, d))
 
 
@@ -237,10 +237,10 @@ def test_damaged_or_foreign_graphml_is_refused(tmp_path):
     nx.write_graphml(nx.path_graph(3), tmp_path / "plain.graphml")
     with pytest.raises(CircuitFormatError, match="no 'schema' graph attribute"):
         load_circuit(tmp_path / "plain.graphml")
-    text = data.decode().replace("circuitsearch.circuit/1", "circuitsearch.circuit/2")
-    (tmp_path / "v2.graphml").write_text(text)
-    with pytest.raises(CircuitFormatError, match="circuit/2"):
-        load_circuit(tmp_path / "v2.graphml")
+    text = data.decode().replace("circuitsearch.circuit/1", "circuitsearch.circuit/3")
+    (tmp_path / "v3.graphml").write_text(text)
+    with pytest.raises(CircuitFormatError, match="circuit/3"):
+        load_circuit(tmp_path / "v3.graphml")
 
 
 def test_drawings_cannot_be_loaded(tmp_path):

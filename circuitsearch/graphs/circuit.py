@@ -1,7 +1,8 @@
 """Circuit: the nodes and edges a search kept, with effect sizes, scores and full provenance.
 
 A Circuit is plain data; `validate()` checks it against its model graph, `to_json()` gives the
-canonical JSON form (schema circuitsearch.circuit/1) and `to_networkx()` a MultiDiGraph.
+canonical JSON form (schema circuitsearch.circuit/1, or /2 for a circuit over token positions) and
+`to_networkx()` a MultiDiGraph.
 """
 from __future__ import annotations
 
@@ -13,9 +14,13 @@ from functools import lru_cache
 import networkx as nx
 
 from .. import __version__
-from .model_graph import ModelGraph, parse_node, receiver_node, split_edge
+from .model_graph import (ModelGraph, check_slot_name, parse_node, receiver_node, split_edge, split_edge_unit,
+                          split_unit)
 
 SCHEMA = "circuitsearch.circuit/1"
+SCHEMA_2 = "circuitsearch.circuit/2"  # /1 plus the optional `positions` field
+SCHEMAS = (SCHEMA, SCHEMA_2)
+POSITION_KEYS = ("slots", "nodes", "edges", "effects")
 FIELDS = ("model", "graph", "task", "nodes", "edges", "scores", "method", "stats", "version", "meta")
 _INPUT_ORDER = {"q": 0, "k": 1, "v": 2, None: 0}
 
@@ -81,7 +86,11 @@ def _num(x) -> Effect:
 class Circuit:
     """Kept nodes and edges (name -> effect, the faithfulness lost when it was tried for removal).
 
-    `edges` empty with method level "nodes" means every edge between kept nodes.
+    `edges` empty with method level "nodes" (or "positions", or "nodes,positions": no edge phase)
+    means every edge between kept nodes (kept units, with positions).
+    `positions` (empty: every node and edge at every position) is {"slots": [slot names in
+    position order], "nodes": {node: [slots kept]}, "edges": {edge: [slots kept]},
+    "effects": {unit name: effect}}; nodes and edges kept at every slot are absent from it.
     """
 
     model: str
@@ -94,6 +103,11 @@ class Circuit:
     stats: dict = field(default_factory=dict)
     version: str = __version__
     meta: dict = field(default_factory=dict)
+    positions: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.positions, dict) and self.positions:  # absent parts are empty (compares equal)
+            self.positions = {"nodes": {}, "edges": {}, "effects": {}, **self.positions}
 
     # ---- views -------------------------------------------------------------------------------
     @property
@@ -106,8 +120,104 @@ class Circuit:
 
     @property
     def node_level(self) -> bool:
-        """True when the circuit lists nodes only and means every edge between them."""
-        return not self.edges and self.method.get("level") == "nodes"
+        """True when the circuit lists nodes only and means every edge between them (its level had no
+        edge phase: "nodes", "positions" or "nodes,positions")."""
+        level = self.method.get("level")
+        return not self.edges and isinstance(level, str) and set(level.split(",")) <= {"nodes", "positions"}
+
+    # ---- positions ---------------------------------------------------------------------------
+    @property
+    def slots(self) -> list[str]:
+        """The slot names in position order ([] for a circuit without positions)."""
+        return list(self.positions.get("slots", [])) if self.positions else []
+
+    def _edge_slots_allowed(self, edge: str) -> list[str]:
+        """Slots where an edge can carry anything: its sender is kept there, and so is its receiver,
+        unless the receiver input is a key or value (read at that position by later queries too)."""
+        src, dst = split_edge(edge)
+        node, inp = receiver_node(dst)
+        return self._allowed(src, node, inp, {n: set(self.kept_slots(n)) for n in (src, node)})
+
+    def _allowed(self, src: str, node: str, inp: str | None, node_slots: dict[str, set]) -> list[str]:
+        kv = inp in ("k", "v") or (inp is None and node.startswith("a"))  # qkv=False: q, k and v at once
+        sender, receiver = node_slots.get(src, ()), node_slots.get(node, ())
+        return [s for s in self.positions["slots"] if s in sender and (kv or s in receiver)]
+
+    def slot_map(self, kind: str = "nodes") -> dict[str, list[str]]:
+        """Every kept node (or edge, as effective_edges) with the slots it is kept at, in position order."""
+        if kind not in ("nodes", "edges"):
+            raise ValueError(f"kind must be 'nodes' or 'edges', not {kind!r}")
+        if not self.positions:
+            raise ValueError("this circuit has no positions (every node is kept at every position)")
+        if kind == "nodes" or not self.node_level:
+            return {x: self.kept_slots(x) for x in (self.nodes if kind == "nodes" else self.edges)}
+        node_slots = {n: set(self.kept_slots(n)) for n in self.nodes}
+        out = {}
+        for e, src, node, inp in self._edges_between_kept(self.model_graph):
+            where = self._allowed(src, node, inp, node_slots)
+            if where:
+                out[e] = where
+        return out
+
+    def _edges_between_kept(self, graph: ModelGraph):
+        """(edge, sender, receiver node, input) for every graph edge whose two nodes are kept, in graph order."""
+        kept = set(self.nodes)
+        for node in graph.nodes[1:]:  # same order as graph.edges, without walking all of them
+            if node not in kept:
+                continue
+            senders = [s for s in graph.senders_into(node) if s in kept]
+            for recv in graph.receivers_of(node):
+                inp = recv[-1] if recv != node else None
+                for s in senders:
+                    yield f"{s}->{recv}", s, node, inp
+
+    def kept_slots(self, name: str) -> list[str]:
+        """The slots (in position order) where a node or edge is kept; [] when it is not in the circuit."""
+        if not self.positions:
+            raise ValueError("this circuit has no positions (every node is kept at every position); "
+                             "use units(slots=...) to expand it over given slots")
+        if "->" in name:
+            if self.node_level:  # every graph edge between kept nodes, at the slots where it carries something
+                src, dst = split_edge(name)
+                if src not in self.nodes or receiver_node(dst)[0] not in self.nodes:
+                    return []
+                try:
+                    self.model_graph.check_edge(name)
+                except ValueError:
+                    return []
+                return self._edge_slots_allowed(name)
+            if name not in self.edges:
+                return []
+            kept = self.positions.get("edges", {}).get(name)
+        else:
+            if name not in self.nodes:
+                return []
+            kept = self.positions.get("nodes", {}).get(name)
+        return self.slots if kept is None else [s for s in self.slots if s in set(kept)]
+
+    def units(self, kind: str = "nodes", slots: list[str] | None = None) -> set[str]:
+        """Every kept node (or edge) at each slot it is kept at: {"a9.1@S1", ...} (edges:
+        {"a4.4@S1->a9.1.k@S1", ...}). A circuit without positions keeps everything at every slot,
+        so it is expanded over `slots` (required then); with positions, `slots` must be its own."""
+        if kind not in ("nodes", "edges"):
+            raise ValueError(f"kind must be 'nodes' or 'edges', not {kind!r}")
+        if self.positions:
+            if slots is not None and list(slots) != self.slots:
+                raise ValueError(f"slots {list(slots)} are not this circuit's slots {self.slots}")
+            where = self.slot_map(kind)
+        elif slots is None:
+            raise ValueError("this circuit has no positions: give slots=[...] to expand it over them (it keeps "
+                             "every node at every slot)")
+        else:
+            slots = [check_slot_name(s) for s in slots]
+            where = {x: slots for x in (self.nodes if kind == "nodes" else self.effective_edges())}
+        if kind == "nodes":
+            return {f"{n}@{s}" for n, sl in where.items() for s in sl}
+        out = set()
+        for e, sl in where.items():
+            src, dst = e.split("->")
+            out.update(f"{src}@{s}->{dst}@{s}" for s in sl)
+        return out
 
     def _kind(self, kind: str) -> list[str]:
         names = [n for n in self.nodes if parse_node(n, self.n_layers).kind == kind]
@@ -137,23 +247,20 @@ class Circuit:
         if not self.node_level:
             return dict(self.edges)
         graph = graph or self.model_graph
-        kept = set(self.nodes)
-        out: dict[str, Effect] = {}
-        for node in graph.nodes[1:]:  # same order as graph.edges, without walking all of them
-            if node not in kept:
-                continue
-            senders = [s for s in graph.senders_into(node) if s in kept]
-            for recv in graph.receivers_of(node):
-                for s in senders:
-                    out[f"{s}->{recv}"] = None
-        return out
+        if self.positions:  # only edges that some slot carries (sender and receiver kept there)
+            return {e: None for e in self.slot_map("edges")}
+        return {e: None for e, *_ in self._edges_between_kept(graph)}
 
     def summary(self) -> dict:
         """Sizes and headline scores in one flat dict (for tables and logs)."""
-        return {"model": self.model, "task": self.task, "level": self.method.get("level"),
-                "heads": len(self.heads()), "mlps": len(self.mlps()), "nodes": self.n_nodes,
-                "edges": self.n_edges, "faithfulness": self.scores.get("faithfulness"),
-                "normalized": self.scores.get("normalized")}
+        out = {"model": self.model, "task": self.task, "level": self.method.get("level"),
+               "heads": len(self.heads()), "mlps": len(self.mlps()), "nodes": self.n_nodes,
+               "edges": self.n_edges, "faithfulness": self.scores.get("faithfulness"),
+               "normalized": self.scores.get("normalized")}
+        if self.positions:
+            out |= {"slots": len(self.slots), "units": len(self.units("nodes")),
+                    "edge_units": len(self.units("edges"))}
+        return out
 
     # ---- checking ----------------------------------------------------------------------------
     def validate(self) -> "Circuit":
@@ -180,7 +287,95 @@ class Circuit:
         for k, v in self.scores.items():
             _check_name("score", k)
             _check_number(f"score {k!r}", v)
+        if not isinstance(self.positions, dict):
+            raise ValueError(f"field 'positions' is not a dict (got {type(self.positions).__name__})")
+        if self.positions:
+            self._validate_positions()
         return self
+
+    def _validate_positions(self) -> None:
+        """Slots, the partly kept nodes and edges, edge units that carry something, and unit effects."""
+        p = self.positions
+        unknown = sorted(set(p) - set(POSITION_KEYS), key=str)
+        if unknown:
+            raise ValueError(f"positions: unknown key(s) {', '.join(map(repr, unknown))}; positions holds "
+                             f"{', '.join(POSITION_KEYS)}")
+        slots = p.get("slots")
+        if not isinstance(slots, list) or not slots:
+            raise ValueError(f"positions['slots'] must be a non-empty list of slot names, got {slots!r}")
+        for s in slots:
+            check_slot_name(s)
+        dup = sorted({s for s in slots if slots.count(s) > 1})
+        if dup:
+            raise ValueError(f"positions['slots'] names slot(s) {', '.join(map(repr, dup))} more than once")
+        for kind, kept in (("nodes", self.nodes), ("edges", self.edges)):
+            part = p.get(kind, {})
+            if not isinstance(part, dict):
+                raise ValueError(f"positions[{kind!r}] must be a dict of {kind[:-1]} -> [slots], got "
+                                 f"{type(part).__name__}")
+            for name, where in part.items():
+                what = f"positions[{kind!r}][{name!r}]"
+                if name not in kept:
+                    raise ValueError(f"{what}: {kind[:-1]} {name!r} is not in the circuit's {kind} (a "
+                                     f"{kind[:-1]} kept at some slot is in both; one kept at none is in neither)")
+                if not isinstance(where, list) or not where:
+                    raise ValueError(f"{what} must be a non-empty list of slots (a {kind[:-1]} kept at no slot "
+                                     f"is left out of the circuit), got {where!r}")
+                for s in where:
+                    if s not in slots:
+                        raise ValueError(f"{what}: unknown slot {s!r}; the slots are {slots}")
+                if len(set(where)) != len(where):
+                    raise ValueError(f"{what} lists a slot twice: {where}")
+                if len(where) == len(slots):
+                    raise ValueError(f"{what} lists every slot: leave it out (absent means kept at every slot)")
+        for e in self.edges:
+            allowed = set(self._edge_slots_allowed(e))
+            bad = [s for s in self.kept_slots(e) if s not in allowed]
+            if bad:
+                src, dst = split_edge(e)
+                raise ValueError(f"edge {e!r} is kept at slot(s) {', '.join(map(repr, bad))}, where it carries "
+                                 f"nothing: {src} (or {receiver_node(dst)[0]}, for a q, MLP or logits input) is "
+                                 "not kept there")
+        effects = p.get("effects", {})
+        if not isinstance(effects, dict):
+            raise ValueError(f"positions['effects'] must be a dict of unit name -> effect, got "
+                             f"{type(effects).__name__}")
+        for unit, eff in effects.items():
+            _check_name("unit", unit)
+            name, slot = split_edge_unit(unit) if "->" in unit else split_unit(unit)
+            if slot not in slots:
+                raise ValueError(f"positions['effects'][{unit!r}]: unknown slot {slot!r}; the slots are {slots}")
+            if slot not in self.kept_slots(name):
+                raise ValueError(f"positions['effects'] has {unit!r}, which the circuit does not keep "
+                                 f"({name} is kept at {self.kept_slots(name) or 'no slot'})")
+            _check_number(f"effect of unit {unit!r}", eff)
+
+    def _positions_json(self) -> dict:
+        """positions in canonical order: slot lists in position order, names in forward order. Anything
+        invalid sorts last and is written as given, for validation to name (never a crash in sorting)."""
+        L, slots = self.n_layers, self.slots
+        p = {k: self.positions.get(k, {}) for k in ("nodes", "edges", "effects")}
+        order = {s: i for i, s in enumerate(slots) if isinstance(s, str)}
+
+        def robust(key):
+            def k(x):
+                try:
+                    return (0, key(x))
+                except (ValueError, KeyError, TypeError):
+                    return (1,)
+            return k
+
+        def unit_key(u: str) -> tuple:
+            name, s = split_edge_unit(u) if "->" in u else split_unit(u)
+            return ("->" in u, edge_sort_key(name, L) if "->" in u else node_sort_key(name, L), order[s])
+
+        where = robust(order.__getitem__)
+        return {"slots": list(slots),
+                "nodes": {n: sorted(p["nodes"][n], key=where) if isinstance(p["nodes"][n], list) else p["nodes"][n]
+                          for n in sorted(p["nodes"], key=robust(lambda n: node_sort_key(n, L)))},
+                "edges": {e: sorted(p["edges"][e], key=where) if isinstance(p["edges"][e], list) else p["edges"][e]
+                          for e in sorted(p["edges"], key=robust(lambda e: edge_sort_key(e, L)))},
+                "effects": {u: _num(p["effects"][u]) for u in sorted(p["effects"], key=robust(unit_key))}}
 
     # ---- JSON --------------------------------------------------------------------------------
     def to_json(self) -> dict:
@@ -188,10 +383,12 @@ class Circuit:
         L = self.n_layers
         nodes = {n: _num(self.nodes[n]) for n in sorted(self.nodes, key=lambda n: node_sort_key(n, L))}
         edges = {e: _num(self.edges[e]) for e in sorted(self.edges, key=lambda e: edge_sort_key(e, L))}
-        return {"schema": SCHEMA, "model": self.model, "task": self.task, "graph": dict(self.graph),
-                "method": self.method, "scores": {k: _num(v) for k, v in self.scores.items()},
-                "nodes": nodes, "edges": edges, "stats": self.stats, "version": self.version,
-                "meta": self.meta}
+        out = {"schema": SCHEMA_2 if self.positions else SCHEMA, "model": self.model, "task": self.task,
+               "graph": dict(self.graph), "method": self.method,
+               "scores": {k: _num(v) for k, v in self.scores.items()}, "nodes": nodes, "edges": edges}
+        if self.positions:
+            out["positions"] = self._positions_json()
+        return out | {"stats": self.stats, "version": self.version, "meta": self.meta}
 
     def dumps(self) -> str:
         """JSON text of to_json() (UTF-8, one-space indent, trailing newline)."""
@@ -211,20 +408,24 @@ class Circuit:
         if schema is None:
             raise CircuitFormatError(f"{source} is not a circuitsearch circuit (no 'schema' field; circuit files "
                                      f"start with \"schema\": \"{SCHEMA}\")")
-        if schema != SCHEMA:
+        if schema not in SCHEMAS:
             if isinstance(schema, str) and schema.startswith("circuitsearch.circuit/"):
                 raise CircuitFormatError(f"{source} has schema {schema!r}; this version of circuitsearch "
-                                         f"({__version__}) reads {SCHEMA!r} only")
+                                         f"({__version__}) reads {SCHEMA!r} and {SCHEMA_2!r} only")
             raise CircuitFormatError(f"{source} is not a circuit: its schema is {schema!r}, not {SCHEMA!r}")
         missing = [k for k in FIELDS if k not in data]
         if missing:
             raise CircuitFormatError(f"{source}: required field(s) {', '.join(map(repr, missing))} missing "
                                      "(file incomplete or not written by circuitsearch)")
-        unknown = sorted(set(data) - set(FIELDS) - {"schema"})
+        unknown = sorted(set(data) - set(FIELDS) - {"schema"} - ({"positions"} if schema == SCHEMA_2 else set()))
         if unknown:
+            hint = f" (positions need schema {SCHEMA_2!r})" if "positions" in unknown else ""
             raise CircuitFormatError(f"{source}: unknown field(s) {', '.join(map(repr, unknown))} for schema "
-                                     f"{SCHEMA}")
-        circuit = cls(**{k: data[k] for k in FIELDS})
+                                     f"{schema}{hint}")
+        positions = data.get("positions", {})
+        if not isinstance(positions, dict):
+            raise CircuitFormatError(f"{source}: field 'positions' is not a dict (got {type(positions).__name__})")
+        circuit = cls(**{k: data[k] for k in FIELDS}, positions=copy.deepcopy(positions))
         try:
             circuit.validate()
         except ValueError as err:
@@ -237,20 +438,26 @@ class Circuit:
 
         Edges go from sender node to receiver node with attribute input "q"/"k"/"v" ("" for MLPs
         and logits); head is -1 for non-heads. Graph attributes hold everything else (dicts as dicts).
+        With positions, the graph attributes `slots` (the slot list) and `unit_effects` hold them, and
+        every node and edge has a `slots` attribute: the slots it is kept at.
         """
         L = self.n_layers
         g = nx.MultiDiGraph()
-        g.graph.update(copy.deepcopy({"schema": SCHEMA, "model": self.model, "task": self.task, "graph": self.graph,
+        g.graph.update(copy.deepcopy({"schema": SCHEMA_2 if self.positions else SCHEMA, "model": self.model,
+                                      "task": self.task, "graph": self.graph,
                                       "scores": self.scores, "method": self.method, "stats": self.stats,
                                       "version": self.version, "meta": self.meta}))  # no shared dicts
+        if self.positions:
+            g.graph.update(slots=self.slots, unit_effects=dict(self.positions.get("effects", {})))
         for n, eff in self.nodes.items():
             info = parse_node(n, L)
             g.add_node(n, layer=info.layer, head=-1 if info.head is None else info.head, kind=info.kind,
-                       effect=eff)
+                       effect=eff, **({"slots": self.kept_slots(n)} if self.positions else {}))
         for e, eff in self.edges.items():
             src, dst = split_edge(e)
             node, inp = receiver_node(dst)
-            g.add_edge(src, node, key=inp or "", input=inp or "", effect=eff)
+            g.add_edge(src, node, key=inp or "", input=inp or "", effect=eff,
+                       **({"slots": self.kept_slots(e)} if self.positions else {}))
         return g
 
     @classmethod
@@ -260,9 +467,29 @@ class Circuit:
         if missing:
             raise CircuitFormatError(f"{source}: graph attribute(s) {', '.join(map(repr, missing))} missing; "
                                      "not a circuit made by Circuit.to_networkx")
-        if g.graph.get("schema", SCHEMA) != SCHEMA:
-            raise CircuitFormatError(f"{source} has schema {g.graph['schema']!r}; this version reads {SCHEMA!r}")
-        nodes = {n: d.get("effect") for n, d in g.nodes(data=True)}
+        schema = g.graph.get("schema", SCHEMA)
+        if schema not in SCHEMAS:
+            raise CircuitFormatError(f"{source} has schema {g.graph['schema']!r}; this version reads {SCHEMA!r} "
+                                     f"and {SCHEMA_2!r}")
+        slots = g.graph.get("slots")
+        if slots is not None and not isinstance(slots, list):
+            raise CircuitFormatError(f"{source}: graph attribute 'slots' must be a list, got {slots!r}")
+        part: dict[str, dict] = {"nodes": {}, "edges": {}}
+
+        def kept(what: str, name: str, d: dict) -> None:
+            if slots is None:
+                return
+            where = d.get("slots")
+            if not isinstance(where, list):
+                raise CircuitFormatError(f"{source}: {what} {name!r} has no 'slots' list (got {where!r}); in a "
+                                         "circuit with positions every node and edge has one")
+            if sorted(where) != sorted(slots):
+                part[what + "s"][name] = list(where)
+
+        nodes = {}
+        for n, d in g.nodes(data=True):
+            nodes[n] = d.get("effect")
+            kept("node", n, d)
         edges: dict[str, Effect] = {}
         for src, dst, d in g.edges(data=True):
             inp = d.get("input", "")
@@ -270,8 +497,37 @@ class Circuit:
             if name in edges:
                 raise CircuitFormatError(f"{source}: edge {name!r} appears twice")
             edges[name] = d.get("effect")
+            kept("edge", name, d)
         data = {k: copy.deepcopy(g.graph[k]) for k in FIELDS if k not in ("nodes", "edges")}
-        return cls.from_json(data | {"schema": SCHEMA, "nodes": nodes, "edges": edges}, source)
+        data |= {"schema": schema, "nodes": nodes, "edges": edges}
+        if slots is not None:
+            data |= {"schema": SCHEMA_2, "positions": {"slots": list(slots), **part,
+                                                       "effects": copy.deepcopy(g.graph.get("unit_effects", {}))}}
+        return cls.from_json(data, source)
+
+
+def group_units(units, slots: list[str]) -> dict[str, list[str]]:
+    """Node units or edge units -> {node or edge: [slots, in position order]}:
+    {"a9.1@end", "a9.1@S1"} -> {"a9.1": ["S1", "end"]}; a unit at a slot not in `slots` is an error."""
+    order = {s: i for i, s in enumerate(slots)}
+    out: dict[str, list[str]] = {}
+    for u in units:
+        name, slot = split_edge_unit(u) if "->" in u else split_unit(u)
+        if slot not in order:
+            raise ValueError(f"unit {u!r} is at slot {slot!r}, which is not one of the slots {list(slots)}")
+        out.setdefault(name, []).append(slot)
+    return {k: sorted(set(v), key=order.__getitem__) for k, v in out.items()}
+
+
+def positions_field(slots: list[str], nodes: dict[str, list[str]], edges: dict[str, list[str]] | None = None,
+                    effects: dict[str, Effect] | None = None) -> dict:
+    """Circuit.positions from where each kept node (and edge) is kept: only those kept at some but not all
+    slots are listed (e.g. positions_field(slots, group_units(kept_units, slots)))."""
+    def partly(where: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {k: list(v) for k, v in where.items() if set(v) != set(slots)}
+
+    return {"slots": list(slots), "nodes": partly(nodes), "edges": partly(edges or {}),
+            "effects": dict(effects or {})}
 
 
 def _check_name(what: str, key) -> None:

@@ -1,4 +1,4 @@
-"""Circuit files: JSON (schema circuitsearch.circuit/1), GraphML and DOT, written atomically.
+"""Circuit files: JSON (schema circuitsearch.circuit/1; /2 with positions), GraphML and DOT, written atomically.
 
 Loading validates everything before returning, so a damaged, truncated, foreign or newer file
 raises CircuitFormatError naming the file and the problem instead of giving half a circuit.
@@ -12,12 +12,13 @@ from pathlib import Path
 import networkx as nx
 
 from ..io import atomic_write_bytes, atomic_write_text
-from .circuit import FIELDS, SCHEMA, Circuit, CircuitFormatError
+from .circuit import FIELDS, SCHEMA, SCHEMA_2, Circuit, CircuitFormatError
 
-__all__ = ["CircuitFormatError", "SCHEMA", "dumps_circuit", "loads_circuit", "from_json", "to_graphml",
+__all__ = ["CircuitFormatError", "SCHEMA", "SCHEMA_2", "dumps_circuit", "loads_circuit", "from_json", "to_graphml",
            "from_graphml", "save_circuit", "load_circuit"]
 
-_GRAPH_JSON_ATTRS = ("graph", "scores", "method", "stats", "meta")  # dicts: stored as JSON strings
+_GRAPH_JSON_ATTRS = ("graph", "scores", "method", "stats", "meta", "unit_effects")  # dicts: as JSON strings
+_POSITION_ATTRS = ("slots", "unit_effects")  # graph attributes of a circuit with positions
 
 
 def from_json(data, source: str = "<data>") -> Circuit:
@@ -51,12 +52,26 @@ def to_graphml(circuit: Circuit) -> bytes:
     g = circuit.to_networkx()
     for _, d in g.nodes(data=True):
         _float_or_drop(d)
+        _join_slots(d)
     for _, _, d in g.edges(data=True):
         _float_or_drop(d)
+        _join_slots(d)
+    _join_slots(g.graph)
     g.graph = {k: json.dumps(v, ensure_ascii=False) if k in _GRAPH_JSON_ATTRS else v for k, v in g.graph.items()}
     buf = io.BytesIO()
     nx.write_graphml(g, buf)
     return buf.getvalue()
+
+
+def _join_slots(d: dict) -> None:
+    """GraphML holds no lists: a `slots` list is written as one comma-joined string (slot names hold no commas)."""
+    if "slots" in d:
+        d["slots"] = ",".join(d["slots"])
+
+
+def _split_slots(d: dict) -> None:
+    if "slots" in d:
+        d["slots"] = str(d["slots"]).split(",")
 
 
 def _float_or_drop(d: dict) -> None:
@@ -85,7 +100,14 @@ def from_graphml(data: bytes, source: str = "<graphml>") -> Circuit:
     for k in ("model", "task", "version"):  # networkx types numeric-looking strings: give them back as text
         if k in attrs and not isinstance(attrs[k], str):
             attrs[k] = str(attrs[k])
-    g.graph = {k: v for k, v in attrs.items() if k in FIELDS or k == "schema"}
+    keep = set(FIELDS) | {"schema"} | (set(_POSITION_ATTRS) if attrs.get("schema") == SCHEMA_2 else set())
+    g.graph = {k: v for k, v in attrs.items() if k in keep}
+    if "slots" in g.graph:
+        _split_slots(g.graph)
+        for _, d in g.nodes(data=True):
+            _split_slots(d)
+        for _, _, d in g.edges(data=True):
+            _split_slots(d)
     return Circuit.from_networkx(g, source)
 
 

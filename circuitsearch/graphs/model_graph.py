@@ -207,3 +207,55 @@ class ModelGraph:
     @cached_property
     def _edge_set(self) -> frozenset:
         return frozenset(self.edges)
+
+
+# ---- units: a node or edge at one slot (a named set of prompt positions) ----------------------------
+_BAD_SLOT = re.compile(r"@|->|,|\s")
+
+
+def check_slot_name(slot) -> str:
+    """A slot name (`S1`, `end`, `5`, `rest`): a non-empty string without `@`, `->`, `,` or whitespace
+    (`@` and `->` delimit unit names; `,` joins slot lists in GraphML)."""
+    if not isinstance(slot, str) or not slot or _BAD_SLOT.search(slot):
+        raise ValueError(f"bad slot name {slot!r}: slots are non-empty names without '@', '->', ',' or "
+                         "whitespace (e.g. 'S1', 'end', '5')")
+    return slot
+
+
+def unit_name(node: str, slot: str) -> str:
+    """`a9.1`, `end` -> `a9.1@end`: a node at one slot."""
+    parse_node(node)
+    return f"{node}@{check_slot_name(slot)}"
+
+
+def split_unit(unit: str) -> tuple[str, str]:
+    """`a9.1@end` -> (`a9.1`, `end`), with a clear error for anything else."""
+    if not isinstance(unit, str) or unit.count("@") != 1 or "->" in unit:
+        raise ValueError(f"bad node unit {unit!r}: expected 'node@slot', e.g. 'a9.1@end' or 'm3@S2'")
+    node, slot = unit.split("@")
+    parse_node(node)
+    return node, check_slot_name(slot)
+
+
+def edge_unit_name(edge: str, slot: str) -> str:
+    """`a4.4->a9.1.k`, `S1` -> `a4.4@S1->a9.1.k@S1`: an edge at one slot (same slot on both ends)."""
+    src, dst = split_edge(edge)
+    check_slot_name(slot)
+    return f"{src}@{slot}->{dst}@{slot}"
+
+
+def split_edge_unit(unit: str) -> tuple[str, str]:
+    """`a4.4@S1->a9.1.k@S1` -> (`a4.4->a9.1.k`, `S1`); both ends must name the same slot, since an edge
+    carries the sender's output at position p into the receiver's input at the same p."""
+    parts = unit.split("->") if isinstance(unit, str) else []
+    if len(parts) != 2 or any(p.count("@") != 1 for p in parts):
+        raise ValueError(f"bad edge unit {unit!r}: expected 'sender@slot->receiver@slot', e.g. "
+                         "'a4.4@S1->a9.1.k@S1'")
+    (src, s1), (dst, s2) = (p.split("@") for p in parts)
+    if s1 != s2:
+        raise ValueError(f"edge unit {unit!r} joins slot {s1!r} to slot {s2!r}: an edge at a slot has the same "
+                         f"slot on both ends (e.g. '{src}@{s1}->{dst}@{s1}')")
+    check_slot_name(s1)
+    edge = f"{src}->{dst}"
+    split_edge(edge)
+    return edge, s1

@@ -4,6 +4,8 @@ Nodes are pinned to a grid (one row per layer, one column per head index, the ML
 the heads on the right), so a 100+ node circuit stays as wide as one layer instead of growing
 with its long edges as a free layered layout does. The DOT names its engine (layout=nop2: neato
 with positions given), so `dot -Tsvg circuit.dot` draws the same picture.
+A circuit over token positions is drawn with one column per slot (in position order) and the same
+rows: one box per kept unit (`a9.1@S1`), edges inside a column, key/value inputs dashed.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from ..io import atomic_write_bytes, atomic_write_text
 from .circuit import Circuit
-from .model_graph import parse_node, receiver_node, split_edge
+from .model_graph import edge_unit_name, parse_node, receiver_node, split_edge, unit_name
 
 INPUT_COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", "": "#555555"}
 INPUT_NAMES = {"q": "query (q)", "k": "key (k)", "v": "value (v)", "": "MLP / logits input"}
@@ -29,6 +31,10 @@ SWATCH = "\u25ac\u25ac"  # two black rectangles, drawn in the legend colour
 _INPUT_RANK = {"q": 0, "k": 1, "v": 2, "": 3}
 LABEL_LIMIT = 80  # above this many drawn edges, edges carry no q/k/v text (colours and legend remain)
 ROUTE_LIMIT = 6000  # route edges around nodes while nodes × drawn edges stays below this (~1 s; grows fast)
+SLOT_GAP = 0.55  # inches between the footprints of two slot columns
+KV_NOTE = "dashed: key/value input at a position, read by queries at that position and later ones"
+GHOST_NOTE = ("dashed outline, white: a head ablated at that position whose key/value input there is kept "
+              "(read by its queries at later positions)")
 GRAPHVIZ_HINT = ("install Graphviz (Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz; "
                  "conda: conda install graphviz) and render the .dot again")
 
@@ -105,6 +111,10 @@ def caption(circuit: Circuit, look: Look | None = None) -> list[str]:
                                                     ("metric", "metric {}")) if m.get(k))
     lines = [(look.sizes_prefix if look and look.sizes_prefix else "") + sizes + (f" ({how})" if how else "")]
     lines.insert(0, first)
+    if circuit.positions:
+        lines.append(f"over {plural(len(circuit.slots), 'position slot')} (columns, in position order): "
+                     f"{plural(len(circuit.units('nodes')), 'node unit')}, "
+                     f"{plural(len(circuit.units('edges')), 'edge unit')}")
     if circuit.node_level:
         lines.append("node-level circuit: every edge between these nodes belongs to it (edges not drawn)")
     if look and look.note:
@@ -143,6 +153,8 @@ def _merged_edges(circuit: Circuit, look: Look | None) -> dict[tuple, list[tuple
 
 def to_dot(circuit: Circuit, look: Look | None = None) -> str:
     """The circuit as DOT text (pinned grid layout, q/k/v colours, width by |effect|, caption, legend)."""
+    if circuit.positions:
+        return positions_dot(circuit, look)
     L = circuit.n_layers
     pos = positions(list(circuit.nodes), L)
     merged = _merged_edges(circuit, look)
@@ -225,3 +237,139 @@ def render_dot(dot: str, path: str | Path) -> Path:
 def render(circuit: Circuit, path: str | Path) -> Path:
     """The circuit's diagram as .svg, .png or .pdf, with its .dot beside it."""
     return render_dot(to_dot(circuit), path)
+
+
+# ---- circuits over token positions: slots as columns, layers as rows ---------------------------------
+def unit_positions(circuit: Circuit, extra: set[str] = frozenset()) -> tuple[dict[str, tuple[float, float]],
+                                                                              dict[str, float], float]:
+    """Inches for every kept unit (and the `extra` units): a column per slot (its heads by index, its MLPs
+    right), a row per layer present, embed below, logits above. Also each slot column's centre, and the
+    height of the top."""
+    L, slots = circuit.n_layers, circuit.slots
+    units = {(n, s): parse_node(n, L) for n in circuit.nodes for s in circuit.kept_slots(n)}
+    units |= {tuple(u.split("@")): parse_node(u.split("@")[0], L) for u in extra}
+    layers = sorted({i.layer for i in units.values() if i.kind in ("head", "mlp")})
+    row = {layer: r for r, layer in enumerate(layers)}
+    has_mlp = any(i.kind == "mlp" for i in units.values())
+    top = (len(layers) - 1) * DY + (MLP_RISE if has_mlp else 0) + DY if layers else DY
+    split = any(n in EMBED_SHIFT for n in circuit.nodes)
+    out, centre, left = {}, {}, 0.0
+    for s in slots:
+        mine = {n: i for (n, t), i in units.items() if t == s}
+        cols = sorted({i.head for i in mine.values() if i.kind == "head"})
+        col = {h: c for c, h in enumerate(cols)}
+        mlp = any(i.kind == "mlp" for i in mine.values())
+        width = (len(cols) - 1 + (1.15 if mlp and cols else 0)) * DX if cols or mlp else 0.0
+        half = max(width / 2 + 0.4, 0.85 if split else 0.4)  # half the footprint: boxes are up to 0.8 wide
+        x0 = left + half - width / 2  # x of the column's first head
+        centre[s] = left + half
+        for n, i in mine.items():
+            if i.kind == "head":
+                xy = (x0 + col[i.head] * DX, row[i.layer] * DY)
+            elif i.kind == "mlp":
+                xy = (x0 + ((len(cols) - 1 + 1.15) * DX if cols else 0.0), row[i.layer] * DY + MLP_RISE)
+            elif i.kind == "embed":
+                xy = (centre[s] + EMBED_SHIFT.get(n, 0.0), -DY)
+            else:
+                xy = (centre[s], top)
+            out[unit_name(n, s)] = xy
+        left += 2 * half + SLOT_GAP
+    return out, centre, top
+
+
+def _unit_effect(circuit: Circuit, unit: str, name: str):
+    """A unit's own effect when recorded, else its node's (or edge's) effect."""
+    eff = circuit.positions.get("effects", {}).get(unit)
+    if eff is not None:
+        return eff
+    return circuit.nodes.get(name) if "->" not in name else circuit.edges.get(name)
+
+
+def positions_dot(circuit: Circuit, look: Look | None = None) -> str:
+    """DOT text of a circuit over positions: slot columns left to right, layer rows, one node per kept unit,
+    edges sender@slot -> receiver@slot coloured by q/k/v as in to_dot, key/value inputs dashed."""
+    L, slots = circuit.n_layers, circuit.slots
+    merged: dict[tuple, list] = defaultdict(list)
+    if not circuit.node_level:
+        for e in circuit.edges:
+            src, dst = split_edge(e)
+            node, inp = receiver_node(dst)
+            group = "kv" if inp in ("k", "v") else inp or ""
+            for s in circuit.kept_slots(e):
+                u = edge_unit_name(e, s)
+                colour = (look.edge_colour.get(u, look.edge_colour.get(e)) if look and look.edge_colour else None)
+                merged[(unit_name(src, s), unit_name(node, s), group, colour)].append(
+                    (inp or "", u, e, _unit_effect(circuit, u, e)))
+    kept = circuit.units("nodes")
+    ghosts = {dst for _, dst, _, _ in merged} - kept  # k/v receivers of heads not kept at that slot
+    pos, centre, top = unit_positions(circuit, ghosts)
+    effects = [abs(x[3]) for items in merged.values() for x in items if x[3] is not None]
+    top_edge = max(effects) if effects else 0.0
+    node_eff = {u: _unit_effect(circuit, u, u.split("@")[0]) for u in pos if u not in ghosts}
+    top_node = max((abs(x) for x in node_eff.values() if x is not None), default=0.0)
+    big = len(merged) > LABEL_LIMIT
+    n_drawn = len(pos) + len(slots)
+    lines = ["digraph circuit {",
+             "  // a circuit over token positions: one column per slot (position order, left to right), one row per",
+             "  // layer (embed at the bottom, logits on top); nodes are units node@slot, pinned (pos in points);",
+             "  // layout=nop2 (neato -n2) keeps them there and only routes the edges",
+             f"  layout=nop2; splines={'true' if len(merged) * n_drawn <= ROUTE_LIMIT else 'curved'}; overlap=true;"
+             " outputorder=edgesfirst; pad=0.3; bgcolor=white;",
+             '  fontname="Helvetica"; fontsize=12; labelloc=b; labeljust=l;',
+             '  node [fontname="Helvetica", fontsize=11, width=0.62, height=0.3, fixedsize=true, style=filled,'
+             ' penwidth=1];',
+             '  edge [arrowsize=0.45, fontname="Helvetica", fontsize=8, fontcolor="#444444"];']
+    for s in slots:  # column headers: the slot names, above the logits
+        lines.append(f"  {_q('slot ' + s)} [label={_q(s)}, pos=\"{72 * centre[s]:.1f},{72 * (top + 0.7 * DY):.1f}!\", "
+                     f'shape=plaintext, style="", fixedsize=false, fontsize=13, fontcolor="#333333", '
+                     f"tooltip={_q('slot ' + s)}];")
+    for u, (x, y) in pos.items():
+        n = u.split("@")[0]
+        info = parse_node(n, L)
+        if u in ghosts:
+            lines.append(f"  {_q(u)} [label={_q(n)}, pos=\"{72 * x:.1f},{72 * y:.1f}!\", shape={KIND_SHAPE[info.kind]}, "
+                         f'style="dashed,filled", fillcolor="#ffffff", color="#888888", fontcolor="#888888", '
+                         f"tooltip={_q(f'{u}: ablated here; its key/value input here is kept')}];")
+            continue
+        eff = node_eff[u]
+        light, dark = KIND_FILL[info.kind]
+        t = abs(eff) / top_node if eff is not None and top_node > 0 else 0.0
+        fill = (look.node_fill.get(u, look.node_fill.get(n)) if look and (u in look.node_fill or n in look.node_fill)
+                else _blend(light, dark, t))
+        pen = look.node_pen.get(u, look.node_pen.get(n, 1.0)) if look else 1.0
+        width = ', width=0.8' if info.kind in ("embed", "logits") else ""
+        rounded = ', style="rounded,filled"' if info.kind in ("embed", "logits") else ""
+        tip = f"{u}: effect {_fmt(eff)}" + (f" ({n}: {_fmt(circuit.nodes[n])})" if eff != circuit.nodes[n] else "")
+        lines.append(f"  {_q(u)} [label={_q(n)}, pos=\"{72 * x:.1f},{72 * y:.1f}!\", shape={KIND_SHAPE[info.kind]}"
+                     f"{width}{rounded}, fillcolor=\"{fill}\", penwidth={pen:g}, tooltip={_q(tip)}];")
+    drawn = []
+    for (src, node, group, colour), items in merged.items():
+        inputs = "".join(sorted({i for i, *_ in items}, key=_INPUT_RANK.get))
+        effs = [abs(x[3]) for x in items if x[3] is not None]
+        t = max(effs) / top_edge if effs and top_edge > 0 else (0.4 if not effects else 0.0)
+        width = (max(look.edge_width.get(u, look.edge_width.get(e, 1.0)) for _, u, e, _ in items)
+                 if look and look.edge_width else (0.4 + 3.0 * t if big else 0.6 + 3.4 * t))
+        alpha = f"{round(255 * (0.2 + 0.8 * t)):02x}" if big else "e6"
+        if colour is None:
+            colour = ":".join(INPUT_COLOURS[i] + alpha for i in sorted({i for i, *_ in items}, key=_INPUT_RANK.get))
+        style = ", style=dashed" if group == "kv" else ""
+        label = f", label={_q(inputs)}" if inputs and not big else ""
+        tip = "; ".join(f"{u}: effect {_fmt(x)}" for _, u, _, x in items)
+        drawn.append((width, f"  {_q(src)} -> {_q(node)} [color={_q(colour)}, penwidth={width:.2f}{style}{label}, "
+                             f"tooltip={_q(tip)}];"))
+    lines += [line for _, line in sorted(drawn, key=lambda d: d[0])]
+    if look and look.legend is not None:
+        legend = look.legend
+    else:
+        legend = [(INPUT_COLOURS[i], INPUT_NAMES[i]) for i in ("q", "k", "v", "")] if merged else []
+    text = caption(circuit, look)
+    if any(g == "kv" for _, _, g, _ in merged):
+        text.append(KV_NOTE)
+    if ghosts:
+        text.append(GHOST_NOTE)
+    if not look:
+        text.append(("edge width, " if merged else "") + "fill shade: |effect| (faithfulness lost on removal; the "
+                    "unit's own when recorded); ellipse = head, box = MLP")
+    lines.append(f"  label={_label(text, legend)};")
+    lines.append("}")
+    return "\n".join(lines) + "\n"

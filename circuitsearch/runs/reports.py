@@ -23,6 +23,8 @@ def prune_report(circuit, diagram: str | None, curves: list | None = None) -> st
              f"(level {m['level']}, {m['ablation']} ablation, metric {m['metric']}, order {m['order']}; "
              f"thresholds {thresholds_text(m['thresholds'])}).", "",
              "| score | value |", "|---|---|"]
+    if circuit.positions:
+        lines[3:3] = ["", *positions_text(circuit)]
     lines += [f"| {k} | {v:.4f} |" if isinstance(v, (int, float)) else f"| {k} | {v} |" for k, v in s.items()]
     if isinstance(s.get("faithfulness"), (int, float)) and s["faithfulness"] > 1:
         lines += ["", ABOVE_ONE]
@@ -61,10 +63,22 @@ def prune_report(circuit, diagram: str | None, curves: list | None = None) -> st
                   "| node | effect |", "|---|---|"]
         lines += [f"| {n} | {e:.4f}{' *' if n in estimated else ''} |" for n, e in ranked[:15]] + [""]
     lines += ["## Nodes", "", ", ".join(circuit.nodes), "",
-              "Files: task.json (prompts), circuit.json (the circuit, schema circuitsearch.circuit/1), "
+              f"Files: task.json (prompts), circuit.json (the circuit, schema {circuit.to_json()['schema']}), "
               "decisions.jsonl (every candidate tried), circuit.dot / circuit.svg (diagram)"
               + (", curves.json / curves.png (faithfulness curves)" if curves else "") + ".", ""]
     return "\n".join(lines)
+
+
+def positions_text(circuit) -> list[str]:
+    """Lines for a circuit over positions: its slots, unit counts, and where the partly kept nodes are kept."""
+    s = circuit.summary()
+    part = circuit.positions.get("nodes", {})
+    lines = [f"Over {s['slots']} position slots ({', '.join(circuit.slots)}): {s['units']} node units, "
+             f"{s['edge_units']} edge units; the diagram has a column per slot."]
+    if part:
+        lines.append("Kept at some positions only: " + "; ".join(
+            f"{n} at {', '.join(circuit.kept_slots(n))}" for n in circuit.nodes if n in part) + ".")
+    return lines
 
 
 def targets_report(summary: dict) -> str:
