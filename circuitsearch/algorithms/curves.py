@@ -104,8 +104,8 @@ def removal_ranking(ev, decisions: list, circuit) -> list[str]:
         by_node.setdefault(ix.nodes[s], []).append(e)
         by_node.setdefault(ix.nodes[r], []).append(e)
     removed: list[str] = []
-    for d in decisions:
-        if d.removed:
+    for d in decisions:  # removals at single slots (positions, edge-positions) leave the edge in the graph
+        if d.removed and d.phase in ("nodes", "edges"):
             removed += by_node.get(d.candidate, []) if d.phase == "nodes" else [d.candidate]
     for n in circuit.method.get("dangling_removed") or []:
         removed += by_node.get(n, [])

@@ -34,9 +34,27 @@ def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: di
             return result.estimates[name]
         return None
 
+    from ..algorithms.levels import EDGE_POSITIONS, phases
+    from ..graphs.circuit import group_units, positions_field
+
+    steps = phases(config.level)
     kept = [n for n in ev.senders if n not in result.ablated] + ["logits"]
     nodes = {n: effect(n) for n in kept}
-    edges = {} if config.level == "nodes" else {e: effect(e) for e in edge_candidates(ev, result.run)}
+    edges = {e: effect(e) for e in edge_candidates(ev, result.run)} if "edges" in steps else {}
+    positions = {}
+    if "positions" in steps:
+        run, slots = result.run, list(ev.slots.names)
+        units = [ev.unit_names[u] for u in run.present_units().flatten().nonzero()[:, 0].tolist()]
+        where = group_units(units, slots)
+        edge_where = {}
+        if EDGE_POSITIONS in steps:  # each kept edge at the slots where it still carries something
+            eunits = [ev.edge_unit_name(u) for u in run.present_edge_units().flatten().nonzero()[:, 0].tolist()]
+            edge_where = group_units(eunits, slots)
+            edges = {e: v for e, v in edges.items() if e in edge_where}  # carries nothing at any slot: gone
+        unit_effects = {u: result.effects[u] for u in units if u in result.effects}
+        if EDGE_POSITIONS in steps:
+            unit_effects.update({u: result.effects[u] for u in eunits if u in result.effects})
+        positions = positions_field(slots, where, edge_where, unit_effects)
     method = {"level": config.level, "ablation": config.ablation, "metric": config.metric, "order": config.order,
               "thresholds": {"absolute": config.absolute, "relative": config.relative, "on": config.on},
               "max_passes": config.max_passes, "passes": result.passes, "seed": config.seed,
@@ -51,7 +69,7 @@ def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: di
     if estimated:
         method["estimated_effects"] = estimated
     return Circuit(model=ev.model.name, graph=ev.graph.signature(), task=ev.task.name, nodes=nodes, edges=edges,
-                   scores=ev.scores(final), method=method, stats=stats,
+                   scores=ev.scores(final), method=method, stats=stats, positions=positions,
                    meta={"n_prompts": len(ev.task), "task_meta": ev.task.meta, "model": ev.model.describe()})
 
 
