@@ -248,6 +248,7 @@ class HookedEvaluator(Evaluator):
         self.Q, self._units = self.slots.Q, None
         first, inverse = distinct_rows(task, ablation)
         self._slot_rows = self.slots.rows(first)
+        self.read_slots = torch.ones(self.Q, dtype=torch.bool)  # position-level circuits are refused here
         self.structure = check_structure(model, task.clean[first])
         self.graph = ModelGraph(self.L, self.H, self.attn_only, qkv, parallel=self.structure.parallel)
         self.index = index_of(self.graph)

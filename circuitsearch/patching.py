@@ -104,15 +104,19 @@ class Run:
         S = self.index.S
         return ~self.masks.ablated[:S, None] & ~self.masks.at[:S]
 
-    def present_edge_units(self) -> torch.Tensor:
+    def present_edge_units(self, read: torch.Tensor | None = None) -> torch.Tensor:
         """Which (edge, slot) pairs still carry something [E, Q]: the edge present, not removed at the slot,
         its sender not ablated there, and its receiver not ablated there unless it is a head's key or value
-        (read there by later queries of a head live elsewhere)."""
+        (read there by later queries of a head live elsewhere); with `read` [Q] (Evaluator.read_slots), edges
+        into the logits only at the slots the metric reads."""
         ix, m = self.index, self.masks
         ok = self.present_edges()[:, None] & ~m.at[ix.edge_src]
         if m.removed_at is not None:
             ok &= ~m.removed_at[ix.edge_recv, ix.edge_src]
-        return ok & ~(m.at[ix.edge_dst_node] & ~ix.edge_kv[:, None])
+        ok &= ~(m.at[ix.edge_dst_node] & ~ix.edge_kv[:, None])
+        if read is not None:
+            ok &= (ix.edge_dst_node != ix.logits)[:, None] | read[None]
+        return ok
 
     @property
     def edge_units(self) -> frozenset:
@@ -210,6 +214,18 @@ def check_token_ids(task: Task, readout: Readout, vocab_in: int, vocab_out: int)
             raise ValueError(f"task {task.name!r}: {what} hold token ids outside the model's vocabulary "
                              f"(its {side} vocabulary is ids 0..{vocab - 1}); was the task made with another "
                              "model's tokenizer?")
+
+
+def read_slots(slot_rows: torch.Tensor, batch: Batch, Q: int) -> torch.Tensor:
+    """The slots [Q] (bool) holding a position the metric reads in some row: only there do the logits exist
+    for a position-level circuit."""
+    if batch.pos is None:
+        hit = slot_rows[:, -1]
+    else:
+        hit = slot_rows.gather(1, batch.pos)[batch.valid]
+    out = torch.zeros(Q, dtype=torch.bool)
+    out[hit] = True
+    return out
 
 
 @dataclass
@@ -349,6 +365,7 @@ class Evaluator:
         counts = torch.bincount(inverse, minlength=len(first)).float()
         self.batch = Batch.of(task.clean[first], self.readout.rows(first), counts)
         self._slot_rows = self.slots.rows(first)  # [B, P] slot of each distinct row's positions
+        self.read_slots = read_slots(self._slot_rows, self.batch, self.Q)
         self._units: list | None = None
         everything = Batch.of(task.corrupted, self.readout, torch.ones(len(task)))
         with torch.inference_mode():
@@ -575,7 +592,8 @@ class Evaluator:
             raise ValueError(f"the circuit's positions are slots {', '.join(slots)}, but this task's slots are "
                              f"{', '.join(self.slots.names)}: a position-level circuit scores only on prompts laid "
                              "out like its own (compare it at node level instead, e.g. with diff)")
-        at = [f"{n}@{q}" for n, kept in pos.get("nodes", {}).items() for q in slots if q not in kept]
+        at = [f"{n}@{q}" for n, kept in pos.get("nodes", {}).items() for q in slots
+              if q not in kept and n != "logits"]  # logits: listed where the metric reads them
         edges_at = [f"{e.split('->')[0]}@{q}->{e.split('->')[1]}@{q}" for e, kept in pos.get("edges", {}).items()
                     for q in slots if q not in kept]
         return at, edges_at

@@ -311,3 +311,54 @@ def test_induction_edges_at_positions(induction):
     assert len(kept) <= 6
     assert {d.phase for d in decisions} == {"nodes", "positions", "edges", "edge-positions"}
     assert result.final == pytest.approx(ev.rescore(result.run), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- run directories
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from circuitsearch.cli import main  # noqa: E402
+from circuitsearch.graphs.export import load_circuit  # noqa: E402
+from test_rundir import CHILD  # noqa: E402
+
+INDUCTION = ["--model", "induction-2l", "--task", "induction", "--level", "nodes,positions,edges", "--quiet",
+             "--order", "alternate"]
+
+
+def test_position_run_killed_in_each_phase_resumes_to_the_same_circuit(tmp_path):
+    whole = tmp_path / "whole"
+    assert main(["prune", *INDUCTION, "--out", str(whole)]) == 0
+    lines = (whole / "decisions.jsonl").read_text().splitlines()
+    phase = [json.loads(x)["phase"] for x in lines]
+    c = load_circuit(whole / "circuit.json")
+    assert c.positions["nodes"]["a0.2"] == ["S9"] and c.positions["nodes"]["logits"] == ["end"]
+    assert c.positions["edges"]["a0.2->a1.2.k" if "a0.2->a1.2.k" in c.edges else "a0.2->a1.1.k"] == ["S9"]
+    for name in ("positions", "edge-positions"):
+        k = phase.index(name) + 3  # killed three decisions into the phase
+        out = tmp_path / name
+        p = subprocess.Popen([sys.executable, "-c", CHILD, str(k), "0", "prune", *INDUCTION, "--out", str(out)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p.communicate(timeout=300)
+        assert p.returncode == -signal.SIGKILL
+        assert main(["prune", *INDUCTION, "--out", str(out)]) == 0
+        assert (out / "decisions.jsonl").read_text() == (whole / "decisions.jsonl").read_text()
+        a, b = (json.loads((d / "circuit.json").read_text()) for d in (whole, out))
+        assert (a["nodes"], a["edges"], a["positions"], a["scores"]) == (b["nodes"], b["edges"], b["positions"],
+                                                                          b["scores"])
+    # the saved circuit scores as its run did, from task.json + circuit.json alone
+    ev = Evaluator(load_induction_model(), induction_task(n=24, k=10, seed=0), "mean")
+    assert ev.score_circuit(c)["circuit"] == pytest.approx(c.scores["circuit"], abs=1e-5)
+
+
+def test_position_target_search_from_the_command_line(tmp_path):
+    out = tmp_path / "t"
+    assert main(["prune", "--model", "induction-2l", "--task", "induction", "--level", "nodes,positions",
+                 "--target", "0.9", "--quiet", "--out", str(out)]) == 0
+    c = load_circuit(out / "target-0.9" / "circuit.json")
+    assert c.scores["faithfulness"] >= 0.9 and c.positions["nodes"]
+    assert main(["prune", "--model", "induction-2l", "--task", "induction", "--level", "nodes,positions",
+                 "--target", "0.9", "--quiet", "--out", str(out)]) == 0  # finished: resumes to the same
+    assert load_circuit(out / "target-0.9" / "circuit.json").positions == c.positions

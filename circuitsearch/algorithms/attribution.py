@@ -117,7 +117,8 @@ def attribute(ev: Evaluator, run: Run | None = None, method: str = "eap-ig", ste
     edge_est = {}
     if edge_units:
         flat = est.flatten().tolist()
-        edge_est = {ev.edge_unit_name(u): flat[u] for u in run.present_edge_units().flatten().nonzero()[:, 0].tolist()}
+        present_u = run.present_edge_units(ev.read_slots).flatten().nonzero()[:, 0].tolist()
+        edge_est = {ev.edge_unit_name(u): flat[u] for u in present_u}
     base = {"ablated_nodes": sorted(run.nodes), "removed_edges": int(run.removed_edges().sum())}
     if run.units:
         base["ablated_units"] = sorted(ev.unit_names[u] for u in run.units)

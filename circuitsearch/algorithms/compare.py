@@ -70,15 +70,11 @@ class Comparison:
 
 
 def _combined(ev, diff: Diff, which: str, like: Circuit) -> Circuit:
-    """The intersection or union circuit, scored fresh by the evaluator."""
-    k = len(diff.names)
-    keep = (lambda s: len(s) == k) if which == "intersection" else (lambda s: True)
-    nodes = {n: None for n, s in diff.node_sets.items() if keep(s)}
-    nodes.setdefault("logits", None)
-    node_level = all(c.node_level for c in diff.circuits)
-    edges = {} if node_level else {e: None for e, s in diff.edge_sets.items() if keep(s)}
-    method = {**like.method, "order": which, "level": "nodes" if node_level else like.method.get("level")}
-    c = Circuit(model=like.model, graph=like.graph, task=like.task, nodes=nodes, edges=edges, method=method)
+    """The intersection or union circuit (unit by unit for circuits over the same slots), scored fresh by
+    the evaluator."""
+    c = diff.combined(which, like)
+    if not c.positions and all(x.node_level for x in diff.circuits):
+        c.method["level"] = "nodes"
     c.scores = ev.score_circuit(c)
     return c
 

@@ -31,13 +31,13 @@ def edge_candidates(ev: Evaluator, run: Run) -> list[str]:
     return ev.index.names(run.present_edges().nonzero()[:, 0], "edges")
 
 
-def candidate_ids(run: Run, level: str) -> list[int]:
+def candidate_ids(run: Run, level: str, read=None) -> list[int]:
     """Ids of the nodes, units (nodes at slots), edges or edge units still in `run`'s circuit, in forward
     order (see levels.Level.present)."""
     if level == "positions":
         return run.present_units().flatten().nonzero()[:, 0].tolist()
     if level == EDGE_POSITIONS:
-        return run.present_edge_units().flatten().nonzero()[:, 0].tolist()
+        return run.present_edge_units(read).flatten().nonzero()[:, 0].tolist()
     mask = run.present_nodes() if level == "nodes" else run.present_edges()
     return mask.nonzero()[:, 0].tolist()
 
@@ -74,7 +74,7 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
     version = 0          # how many removals the circuit has seen in this phase
     last: dict = {}      # candidate -> (version, decision) of its last try
     for p in range(max_passes):
-        cands = candidate_ids(run, level)
+        cands = table.present(run)
         seq = order.sequence(cands, p)
         removed_any = False
         pending: list[int] = []  # replayed removals, applied in one forward pass before the next new decision

@@ -85,6 +85,7 @@ class Level:
     key: str
     names: list
     stage: list
+    read: object = None  # edge-positions: the slots the metric reads (edges into logits elsewhere carry nothing)
 
     def present(self, run: Run) -> list[int]:
         """Ids still in `run`'s circuit, in forward order (units: node by node, slot by slot)."""
@@ -95,7 +96,7 @@ class Level:
         elif self.name == "positions":
             mask = run.present_units().flatten()
         else:
-            mask = run.present_edge_units().flatten()
+            mask = run.present_edge_units(self.read).flatten()
         return mask.nonzero()[:, 0].tolist()
 
     def extend(self, ev: Evaluator, run: Run, ids: list) -> Run:
@@ -130,7 +131,7 @@ def level_of(ev: Evaluator, phase: str) -> Level:
         elif phase == EDGE_POSITIONS:
             Q, n = ev.Q, ix.E * ev.Q
             cache[phase] = Level(phase, "edges_at", _Table(n, ev.edge_unit_name),
-                                 _Table(n, lambda u: ix.edge_stage[u // Q]))
+                                 _Table(n, lambda u: ix.edge_stage[u // Q]), ev.read_slots)
         else:
             raise ValueError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
     return cache[phase]

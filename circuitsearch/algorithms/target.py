@@ -103,7 +103,7 @@ def gain_order(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", step
     attr = attribute(ev, run, method, steps, units=level == "positions", edge_units=level == "edge-positions")
     est = attr._level(level)
     names = level_of(ev, level).names
-    present = [c for c in candidate_ids(run, level) if names[c] in est]
+    present = [c for c in level_of(ev, level).present(run) if names[c] in est]
     sign = 1.0 if ev.metric.higher_is_better else -1.0
     gain = {c: sign * est[names[c]] for c in present}
     base = ev.faithfulness(run.score)

@@ -46,9 +46,11 @@ def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: di
         run, slots = result.run, list(ev.slots.names)
         units = [ev.unit_names[u] for u in run.present_units().flatten().nonzero()[:, 0].tolist()]
         where = group_units(units, slots)
+        where["logits"] = [q for q, r in zip(slots, ev.read_slots.tolist()) if r]  # where the metric reads
         edge_where = {}
         if EDGE_POSITIONS in steps:  # each kept edge at the slots where it still carries something
-            eunits = [ev.edge_unit_name(u) for u in run.present_edge_units().flatten().nonzero()[:, 0].tolist()]
+            eunits = [ev.edge_unit_name(u)
+                      for u in run.present_edge_units(ev.read_slots).flatten().nonzero()[:, 0].tolist()]
             edge_where = group_units(eunits, slots)
             edges = {e: v for e, v in edges.items() if e in edge_where}  # carries nothing at any slot: gone
         unit_effects = {u: result.effects[u] for u in units if u in result.effects}
