@@ -155,11 +155,15 @@ def evaluator(config: PruneConfig, model, task, log=None):
     """The evaluator of `task` on `model` with the config's ablation, metric, graph (qkv, split_embed) and
     readout: the fast engine's, or the hook-based path's (config.engine; auto says why on `log`, see
     hooked.make_evaluator)."""
-    from .hooked import make_evaluator
+    from .algorithms.levels import phases
+    from .hooked import POSITIONS_REFUSED, make_evaluator
 
-    return make_evaluator(model, task, config.ablation, config.metric, qkv=config.qkv, engine=config.engine,
-                          device=config.device, dtype=config.dtype, log=log, split_embed=config.split_embed,
-                          positions=config.positions, reduce=config.reduce)
+    ev = make_evaluator(model, task, config.ablation, config.metric, qkv=config.qkv, engine=config.engine,
+                        device=config.device, dtype=config.dtype, log=log, split_embed=config.split_embed,
+                        positions=config.positions, reduce=config.reduce)
+    if "positions" in phases(config.level) and getattr(ev, "path", "fast") == "hooked":
+        raise ValueError(f"--level {config.level}: {POSITIONS_REFUSED}")  # before any search, not after its nodes
+    return ev
 
 
 def memory_needed(model, task) -> int:

@@ -362,3 +362,16 @@ def test_position_target_search_from_the_command_line(tmp_path):
     assert main(["prune", "--model", "induction-2l", "--task", "induction", "--level", "nodes,positions",
                  "--target", "0.9", "--quiet", "--out", str(out)]) == 0  # finished: resumes to the same
     assert load_circuit(out / "target-0.9" / "circuit.json").positions == c.positions
+
+
+def test_the_hook_based_path_refuses_position_level_circuits(test_model):
+    from circuitsearch.hooked import HookedEvaluator
+
+    task = random_task(test_model.bridge.cfg.d_vocab, seed=13)
+    ev = HookedEvaluator(test_model, task, "mean")
+    assert ev.score(nodes=[ev.senders[1]]) != ev.full  # it scores node circuits
+    with pytest.raises(ValueError, match="fast engine only"):
+        ev.score(at=[f"{ev.senders[1]}@{ev.slots.names[0]}"])
+    e = ev.graph.edges[-1].split("->")
+    with pytest.raises(ValueError, match="fast engine only"):
+        ev.score(edges_at=[f"{e[0]}@{ev.slots.names[1]}->{e[1]}@{ev.slots.names[1]}"])
