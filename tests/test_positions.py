@@ -375,3 +375,14 @@ def test_the_hook_based_path_refuses_position_level_circuits(test_model):
     e = ev.graph.edges[-1].split("->")
     with pytest.raises(ValueError, match="fast engine only"):
         ev.score(edges_at=[f"{e[0]}@{ev.slots.names[1]}->{e[1]}@{ev.slots.names[1]}"])
+
+
+def test_a_position_circuit_scores_only_on_prompts_with_its_slots(induction, tmp_path):
+    model, task, ev = induction
+    out = tmp_path / "r"
+    assert main(["prune", *INDUCTION[:4], "--level", "nodes,positions", "--quiet", "--out", str(out)]) == 0
+    c = load_circuit(out / "circuit.json")
+    assert ev.score_circuit(c)["circuit"] == pytest.approx(c.scores["circuit"], abs=1e-5)
+    other = Evaluator(model, induction_task(n=24, k=8, seed=1), "mean")  # 16 positions, not 20
+    with pytest.raises(ValueError, match="slots .* but this task's slots are"):
+        other.score_circuit(c)

@@ -61,7 +61,9 @@ class Comparison:
                 "per_order": {o: brief(c) for o, c in zip(self.orders, self.circuits)},
                 "kept_by": {"nodes": self.kept_by("nodes"), "edges": self.kept_by("edges")},
                 "jaccard": {"orders": self.orders, "nodes": self.diff.jaccard("nodes"),
-                            "edges": self.diff.jaccard("edges")},
+                            "edges": self.diff.jaccard("edges"),
+                            **({"node_units": self.diff.jaccard("node_units"),
+                                "edge_units": self.diff.jaccard("edge_units")} if self.diff.level == "units" else {})},
                 "intersection": {**brief(self.intersection), "nodes": list(self.intersection.nodes),
                                  "scores": self.intersection.scores},
                 "union": {**brief(self.union), "nodes": list(self.union.nodes), "scores": self.union.scores},
@@ -112,6 +114,11 @@ def format_comparison(cmp: Comparison) -> str:
     cw = max(6, *(len(o) for o in cmp.orders))
     out += ["", "  Jaccard between orders, heads and MLPs", "  " + " " * ow + "".join(f" {o:>{cw}}" for o in cmp.orders)]
     out += [f"  {o:<{ow}}" + "".join(f" {x:>{cw}.2f}" for x in row) for o, row in zip(cmp.orders, m)]
+    if cmp.diff.level == "units":  # circuits over the same slots: where, not only which, nodes are kept
+        m = cmp.diff.jaccard("node_units")
+        out += ["", "  Jaccard between orders, nodes at positions (node@slot units)",
+                "  " + " " * ow + "".join(f" {o:>{cw}}" for o in cmp.orders)]
+        out += [f"  {o:<{ow}}" + "".join(f" {x:>{cw}.2f}" for x in row) for o, row in zip(cmp.orders, m)]
     dep = cmp.order_dependent("nodes")
     k = len(cmp.orders)
     out += ["", f"  order-dependent heads and MLPs ({len(dep)}; kept by every order: "
