@@ -386,3 +386,28 @@ def test_a_position_circuit_scores_only_on_prompts_with_its_slots(induction, tmp
     other = Evaluator(model, induction_task(n=24, k=8, seed=1), "mean")  # 16 positions, not 20
     with pytest.raises(ValueError, match="slots .* but this task's slots are"):
         other.score_circuit(c)
+
+
+def test_role_slots_on_prompts_of_several_lengths(test_model):
+    """With prompts of two lengths, a slot is a role (its own position in each prompt): a node at every
+    slot is the node, and a node at one role changes each prompt at that role's own position."""
+    V = test_model.bridge.cfg.d_vocab
+    a, b = random_task(V, n=4, seq=6, seed=14), random_task(V, n=4, seq=8, seed=15)
+    a.positions, b.positions = {"X": 2, "end": -1}, {"X": 5, "end": -1}
+    task = concat_tasks("mixed", [a, b])
+    try:
+        ev = Evaluator(test_model, task, "mean")
+    except ValueError as err:  # bidirectional models refuse padded prompts
+        assert "attends bidirectionally" in str(err)
+        return
+    assert ev.slots.names == ("X", "end", REST)
+    node = ev.senders[2]
+    whole = ev.score(nodes=[node])
+    assert ev.score(at=[f"{node}@{q}" for q in ev.slots.names]) == pytest.approx(whole, abs=1e-6)
+    # at role X only: the same as ablating the node at position 2 of the short prompts and 5 of the long
+    # ones, which the per-prompt reference (one length at a time, its own mean) gives
+    x = ev.score(at=[f"{node}@X"])
+    assert x != pytest.approx(ev.full, abs=1e-6)
+    parts = [(Evaluator(test_model, t, "mean"), p) for t, p in ((a, 2), (b, 5))]
+    per = [e.score(at=[f"{node}@{e.slots.names[p]}"]) * len(e.task) for e, p in parts]
+    assert x == pytest.approx(sum(per) / len(task), abs=1e-5)
