@@ -865,10 +865,15 @@ class Evaluator:
         if not senders:
             return None
         K, B = p.K, p.B
-        later = self._node_stage[senders] >= p.start
-        D = torch.stack([(self._pass_diff(p, s).unflatten(0, (K, B)) if bool(new) else
-                          self._sender_diff(p.base, s).expand(K, *self._sender_diff(p.base, s).shape))
-                         for s, new in zip(senders, later.tolist())], 3)  # [K, B, P, s', d]
+
+        def diff(s: int, recomputed: bool) -> torch.Tensor:  # [K, B, P, d]: this pass's, or the base's for all K
+            if recomputed:
+                return self._pass_diff(p, s).unflatten(0, (K, B))
+            d = self._sender_diff(p.base, s)
+            return d.expand(K, *d.shape)
+
+        later = (self._node_stage[senders] >= p.start).tolist()
+        D = torch.stack([diff(s, new) for s, new in zip(senders, later)], 3)  # [K, B, P, s', d]
         Mr = M[:, :, senders][..., p.slot_rows]  # [K, r, s', B, P]
         return torch.einsum("krsbp,kbpsd->kbprd", Mr.to(D.dtype), D).flatten(0, 1)
 
