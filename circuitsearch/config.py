@@ -12,7 +12,7 @@ from pathlib import Path
 
 def default_order(metric: str) -> str:
     """The removal order of a prune that names none: attribution (EAP-IG ranking, least |estimate| first;
-    the smallest circuits on every task of the README's default-search study), or alternate for a metric
+    smaller circuits than alternate on every task compared in the README's study), or alternate for a metric
     without a gradient (accuracy), which attribution cannot rank."""
     from .metrics import get_metric
 
@@ -133,7 +133,7 @@ class PruneConfig:
         old = (saved or {}).get("order")
         if isinstance(old, str) and old != default and _valid_order(old, self.metric):
             return replace(self, order=old), (f"order {old}: the order this run directory was started with "
-                                              f"(--order not given; the default is now {default}); to run "
+                                              f"(--order not given; a new run's default is {default}); to run "
                                               f"another order, give --order and another --out")
         note = None
         if default != "attribution":

@@ -275,8 +275,8 @@ def test_a_run_started_under_the_old_default_resumes_with_its_saved_order(tmp_pa
     assert json.loads((out / "checkpoint.json").read_text())["config"]["order"] == "alternate"
     notes = []
     resumed = run_prune(_cfg(), out, progress=False, log=notes.append, curves=False)
-    assert ("note: order alternate: the order this run directory was started with (--order not given; the default "
-            "is now attribution); to run another order, give --order and another --out") in notes
+    assert ("note: order alternate: the order this run directory was started with (--order not given; a new "
+            "run's default is attribution); to run another order, give --order and another --out") in notes
     assert resumed.stats["replayed"] == 17 and resumed.method["order"] == "alternate"
     assert resumed.nodes.keys() == whole.nodes.keys() and resumed.edges.keys() == whole.edges.keys()
     assert resumed.scores == whole.scores
