@@ -16,6 +16,9 @@ def _threshold(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number (or 'off')") from None
 
 
+COMPARE_ORDERS = ("forward", "reverse", "alternate", "attribution", "random:1", "random:2")
+
+
 def _add_model_task(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name (see `circuitsearch models`), a local "
                    "Hugging Face directory or a .gguf file")
@@ -90,8 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep at least this fraction of the full model's performance (default 0.8; 'off')")
     p.add_argument("--relative", type=_threshold, default=None,
                    help="one removal may cost at most this much faithfulness (default off)")
-    p.add_argument("--order", default="alternate",
-                   help="forward, reverse, alternate (default), random:SEED, file:PATH, attribution")
+    p.add_argument("--order", default=None,
+                   help="attribution (default: least |EAP-IG estimate| first; alternate for --metric accuracy, "
+                   "which has no gradient), forward, reverse, alternate, random:SEED, file:PATH. A resumed run "
+                   "keeps the order it started with")
     p.add_argument("--max-passes", type=int, default=10)
     _add_batch(p)
     p.add_argument("--preset", choices=("acdc",), help="acdc: resample ablation, KL metric, edges, reverse order, "
@@ -110,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare-orders", help="prune with several removal orders and compare the circuits: "
                        "how often each node is kept, Jaccard, intersection and union")
     _add_model_task(p)
-    p.add_argument("--orders", default="forward,reverse,alternate,attribution,random:1,random:2",
-                   help="comma-separated orders (default forward,reverse,alternate,attribution,random:1,random:2)")
+    p.add_argument("--orders", default=None,
+                   help=f"comma-separated orders (default {','.join(COMPARE_ORDERS)}; without attribution for "
+                   "--metric accuracy, which has no gradient)")
     p.add_argument("--level", default="both", metavar="LEVEL",
                    help="what to prune: nodes, edges, both (nodes then edges; default), or phases out of "
                         "nodes,positions,edges in that order (positions: a node at one slot of token positions, "
@@ -256,7 +262,8 @@ def cmd_prune(args) -> int:
         return _prune_targets(args, cfg)
     c = run_prune(cfg, args.out, progress=not args.quiet, force=args.no_memory_check, batch=args.batch)
     s, st = c.scores, c.stats
-    print(f"\ncircuit for {c.task} on {c.model}: {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges")
+    print(f"\ncircuit for {c.task} on {c.model}: {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges "
+          f"(order {c.method['order']})")
     print(f"  faithfulness {s['faithfulness']:.3f}  normalized {s['normalized']:.3f}  "
           f"({c.method['metric']}: circuit {s['circuit']:.3f}, full {s['full']:.3f}, empty {s['empty']:.3f})")
     print(f"  {st['forward_passes']} forward passes = {st['forward_equivalents']} full-forward equivalents, "
@@ -296,7 +303,14 @@ def cmd_compare(args) -> int:
                       metric=args.metric, absolute=args.absolute, relative=args.relative,
                       max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
                       template=args.template, corruption=args.corruption, **_engine_args(args))
-    orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    if args.orders is not None:
+        orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    else:
+        from .config import default_order
+        orders = [o for o in COMPARE_ORDERS if o != "attribution" or default_order(args.metric) == "attribution"]
+        if len(orders) < len(COMPARE_ORDERS):
+            print(f"note: orders {','.join(orders)}: attribution ranks by gradients and the {args.metric} metric "
+                  "has none")
     executor = _executor(args)
     if executor is not None:
         from .sweeps.compare import compare_orders

@@ -6,8 +6,29 @@ setting means the same thing everywhere. Heavy imports wait until something is b
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+
+def default_order(metric: str) -> str:
+    """The removal order of a prune that names none: attribution (EAP-IG ranking, least |estimate| first;
+    smaller circuits than alternate on every task compared in the README's study), or alternate for a metric
+    without a gradient (accuracy), which attribution cannot rank."""
+    from .metrics import get_metric
+
+    return "attribution" if get_metric(metric).gradient else "alternate"
+
+
+def check_order_for_metric(order: str, metric: str) -> None:
+    """ValueError naming the fix when `order` needs gradients that `metric` does not have."""
+    from .metrics import METRICS, get_metric
+
+    if order == "attribution" and not get_metric(metric).gradient:
+        with_gradient = ", ".join(m for m in METRICS if get_metric(m).gradient)
+        raise ValueError(f"--order attribution ranks candidates by attribution gradients, and the {metric} metric "
+                         f"has none: leave --order out (the default for {metric} is "
+                         f"{default_order(metric)}) or choose another order, or use a metric with a gradient "
+                         f"({with_gradient})")
 
 
 @dataclass
@@ -22,7 +43,7 @@ class PruneConfig:
     absolute: float | None = 0.8
     relative: float | None = None
     on: str = "faithfulness"
-    order: str = "alternate"
+    order: str | None = None     # None: not chosen; resolve_order picks the saved or the default order
     max_passes: int = 10
     n_prompts: int = 24
     seed: int = 0
@@ -41,9 +62,11 @@ class PruneConfig:
                                  # setting: both paths compute the same scores (the path used is in stats)
 
     def to_json(self) -> dict:
-        """The settings that determine the result: threads never; device, dtype, split_embed, positions and
-        reduce when not the defaults (so run directories written before they existed keep their settings)."""
+        """The settings that determine the result: an order not chosen as default_order resolves it; threads
+        never; device, dtype, split_embed, positions and reduce when not the defaults (so run directories
+        written before they existed keep their settings)."""
         d = dict(self.__dict__)
+        d["order"] = self.order if self.order is not None else default_order(self.metric)
         d.pop("threads")
         d.pop("engine")
         for k, default in (("device", "cpu"), ("dtype", "float32"), ("split_embed", False), ("positions", "last"),
@@ -84,7 +107,9 @@ class PruneConfig:
         if self.attribution not in ("eap", "eap-ig"):
             raise ValueError(f"unknown attribution method {self.attribution!r}; choose eap or eap-ig")
         Thresholds(self.absolute, self.relative, self.on)
-        parse_order(self.order, self.attribution, self.steps)
+        if self.order is not None:
+            parse_order(self.order, self.attribution, self.steps)
+            check_order_for_metric(self.order, self.metric)
         check_task_name(self.task)
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -97,6 +122,36 @@ class PruneConfig:
                                          or self.threads < 1):
             raise ValueError(f"--threads {self.threads!r} must be a whole number of at least 1")
         return self
+
+    def resolve_order(self, saved: dict | None = None) -> tuple["PruneConfig", str | None]:
+        """This config with its order chosen, and a note saying why when that is not plain: an order given
+        stays; else the order of `saved` (the settings of the run directory being resumed: a run keeps the
+        order it started with, also one started under an earlier default); else default_order(metric)."""
+        if self.order is not None:
+            return self, None
+        default = default_order(self.metric)
+        old = (saved or {}).get("order")
+        if isinstance(old, str) and old != default and _valid_order(old, self.metric):
+            return replace(self, order=old), (f"order {old}: the order this run directory was started with "
+                                              f"(--order not given; a new run's default is {default}); to run "
+                                              f"another order, give --order and another --out")
+        note = None
+        if default != "attribution":
+            note = (f"order {default}: the default order, attribution, ranks by gradients and the {self.metric} "
+                    "metric has none (--order chooses another)")
+        return replace(self, order=default), note
+
+
+def _valid_order(order: str, metric: str) -> bool:
+    """Whether a saved order can run again here (a file: order's file may be gone)."""
+    from .algorithms.orders import parse_order
+
+    try:
+        parse_order(order)
+        check_order_for_metric(order, metric)
+    except ValueError:
+        return False
+    return True
 
 
 def check_task_name(name: str) -> None:

@@ -19,7 +19,8 @@ METRICS = ("logit_diff", "prob", "kl", "accuracy", "l2", "logprob")
 class Metric:
     """name; whether higher is better; whether it reads only the answer/wrong columns; which of the
     full model's outputs it compares with (`reference`: "logprobs", "logits" or None); whether its
-    faithfulness is circuit / full (`ratio`) or the normalized score."""
+    faithfulness is circuit / full (`ratio`) or the normalized score; whether it has a gradient
+    (attribution, and so `--order attribution` and target searches, need one)."""
 
     name: str
     higher_is_better: bool
@@ -28,6 +29,7 @@ class Metric:
     description: str
     reference: str | None = None
     ratio: bool = True
+    gradient: bool = True
 
     def __call__(self, logits: torch.Tensor, answers: torch.Tensor, wrong: torch.Tensor,
                  reference_logprobs: torch.Tensor | None = None) -> float:
@@ -73,7 +75,7 @@ _REGISTRY = {
     "prob": Metric("prob", True, False, _prob, "probability of the answer"),
     "kl": Metric("kl", False, False, _kl, "KL divergence from the full model's next-token distribution",
                  reference="logprobs"),
-    "accuracy": Metric("accuracy", True, False, _accuracy, "top-1 accuracy"),
+    "accuracy": Metric("accuracy", True, False, _accuracy, "top-1 accuracy", gradient=False),
     "l2": Metric("l2", False, False, _l2, "L2 distance of the output logits to the full model's (numeric outputs)",
                  reference="logits"),
     "logprob": Metric("logprob", True, False, _logprob,

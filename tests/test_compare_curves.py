@@ -95,6 +95,17 @@ def test_compare_orders_command_resumes(tmp_path, capsys):
     assert "at least two distinct orders" in capsys.readouterr().err
 
 
+def test_compare_orders_leaves_attribution_out_of_its_default_for_accuracy(tmp_path, capsys, monkeypatch):
+    import circuitsearch.cli as cli
+    monkeypatch.setattr(cli, "COMPARE_ORDERS", ("forward", "attribution", "reverse"))  # fewer prunes, same rule
+    args = ["compare-orders", "--model", "test:planted", "--task", "planted", "--n-prompts", "10", "--level", "nodes",
+            "--metric", "accuracy", "--out", str(tmp_path / "c"), "--quiet"]
+    assert main(args) == 0
+    assert "note: orders forward,reverse: attribution ranks by gradients and the accuracy metric has none" in \
+        capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "c").iterdir() if p.is_dir()) == ["forward", "reverse"]
+
+
 # ---- curves -------------------------------------------------------------------------------------
 
 def test_area_is_the_mib_trapezoid():
@@ -148,7 +159,8 @@ def test_prune_report_shows_curves(tmp_path):
     run_prune(PruneConfig(model="test:planted", task="planted", n_prompts=10), tmp_path, progress=False,
               log=lambda *a: None)
     data = json.loads((tmp_path / "curves.json").read_text())
-    assert [c["name"] for c in data["curves"]] == ["removal order (alternate)", "EAP-IG ranking"]
+    # the default order, attribution
+    assert [c["name"] for c in data["curves"]] == ["removal order (attribution)", "EAP-IG ranking"]
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = (tmp_path / "report.md").read_text()
     assert "![faithfulness curves](curves.png)" in report and "CPR" in report

@@ -145,20 +145,22 @@ def kill_after(monkeypatch, k):
     monkeypatch.setattr(DecisionLog, "record", killing)
 
 
-def test_killed_run_resumes_to_the_same_circuit(tmp_path, monkeypatch):
-    whole = run_prune(_cfg(), tmp_path / "whole", progress=False, log=lambda *a: None)
+@pytest.mark.parametrize("order", ["alternate", None])  # None: the default, attribution
+def test_killed_run_resumes_to_the_same_circuit(tmp_path, monkeypatch, order):
+    cfg = lambda: _cfg(order=order)
+    whole = run_prune(cfg(), tmp_path / "whole", progress=False, log=lambda *a: None)
     n_decisions = whole.stats["decisions"]
     assert n_decisions > 30
     for k in (1, 17, n_decisions - 3):
         out = tmp_path / f"killed{k}"
         with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
             kill_after(m, k)
-            run_prune(_cfg(), out, progress=False, log=lambda *a: None)
+            run_prune(cfg(), out, progress=False, log=lambda *a: None)
         assert len((out / "decisions.jsonl").read_text().splitlines()) == k
         assert not (out / "circuit.json").exists()
         with open(out / "decisions.jsonl", "a") as f:  # a kill in the middle of writing a line
             f.write('{"phase": "nod')
-        resumed = run_prune(_cfg(), out, progress=False, log=lambda *a: None)
+        resumed = run_prune(cfg(), out, progress=False, log=lambda *a: None)
         assert resumed.stats["replayed"] == k
         # the cost reported is the whole run's, not only the resumed session's
         assert resumed.stats["all_sessions"]["forward_passes"] > resumed.stats["forward_passes"]
@@ -166,11 +168,13 @@ def test_killed_run_resumes_to_the_same_circuit(tmp_path, monkeypatch):
         assert resumed.scores == whole.scores
         assert (out / "decisions.jsonl").read_text() == (tmp_path / "whole" / "decisions.jsonl").read_text()
     # replaying a finished run applies its removals without scoring them: a few passes, not one per removal
-    again = run_prune(_cfg(), tmp_path / "whole", progress=False, log=lambda *a: None, curves=False)
+    # (the attribution order ranks each phase again on replay, which costs its EAP-IG passes on top)
+    again = run_prune(cfg(), tmp_path / "whole", progress=False, log=lambda *a: None, curves=False)
     assert again.nodes.keys() == whole.nodes.keys() and again.scores == whole.scores
     removals = sum(1 for line in (tmp_path / "whole" / "decisions.jsonl").read_text().splitlines()
                    if '"removed": true' in line)
-    assert again.stats["forward_passes"] < min(removals, whole.stats["forward_passes"]) / 2
+    bound = min(removals, whole.stats["forward_passes"]) if order == "alternate" else whole.stats["forward_passes"]
+    assert again.stats["forward_passes"] < bound / 2
     assert again.stats["all_sessions"]["forward_passes"] >= whole.stats["forward_passes"] + again.stats["forward_passes"]
     assert "Over all its sessions" in (tmp_path / "whole" / "report.md").read_text()
 
@@ -210,3 +214,76 @@ def test_decision_log_is_closed_on_every_path(tmp_path, error, status):
     checkpoint = json.loads((tmp_path / "checkpoint.json").read_text())
     assert checkpoint["status"] == status and checkpoint["decisions"] == 1 and checkpoint["config"] == {"model": "m"}
     assert len((tmp_path / "decisions.jsonl").read_text().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- the default order
+
+def test_the_default_order_is_attribution_and_is_recorded(tmp_path):
+    from circuitsearch.cli import build_parser
+
+    assert build_parser().parse_args(["prune"]).order is None  # not chosen: the config resolves it
+    assert PruneConfig().order is None and PruneConfig().to_json()["order"] == "attribution"
+    notes = []
+    c = run_prune(_cfg(), tmp_path, progress=False, log=notes.append, curves=False)
+    assert c.method["order"] == "attribution" and c.method["attribution"] == "eap-ig"
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["config"]["order"] == "attribution"
+    assert not [n for n in notes if n.startswith("note: order ")]  # the plain default needs no note
+    # the same run as one that names the order: its directory resumes under an explicit --order attribution
+    again = run_prune(_cfg(order="attribution"), tmp_path, progress=False, log=lambda *a: None, curves=False)
+    assert again.stats["replayed"] == c.stats["decisions"]
+    assert again.nodes.keys() == c.nodes.keys() and again.edges.keys() == c.edges.keys()
+
+
+def test_a_metric_without_gradient_defaults_to_alternate_and_records_it(tmp_path):
+    notes = []
+    c = run_prune(_cfg(metric="accuracy"), tmp_path, progress=False, log=notes.append)
+    assert ("note: order alternate: the default order, attribution, ranks by gradients and the accuracy metric "
+            "has none (--order chooses another)") in notes
+    curves = json.loads((tmp_path / "curves.json").read_text())["curves"]  # no EAP-IG curve without a gradient
+    assert [x["name"] for x in curves] == ["removal order (alternate)"]
+    assert any(n.startswith("note: no EAP-IG curve: the accuracy metric has no gradient") for n in notes)
+    assert c.method["order"] == "alternate" and "attribution" not in c.method
+    assert json.loads((tmp_path / "circuit.json").read_text())["method"]["order"] == "alternate"
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["config"]["order"] == "alternate"
+    explicit = run_prune(_cfg(metric="accuracy", order="alternate"), tmp_path / "explicit", progress=False,
+                         log=lambda *a: None, curves=False)
+    assert explicit.nodes.keys() == c.nodes.keys() and explicit.edges.keys() == c.edges.keys()
+    assert (tmp_path / "decisions.jsonl").read_text() == (tmp_path / "explicit" / "decisions.jsonl").read_text()
+
+
+def test_attribution_order_with_a_metric_without_gradient_is_refused_before_loading(tmp_path):
+    message = ("--order attribution ranks candidates by attribution gradients, and the accuracy metric has none: "
+               "leave --order out (the default for accuracy is alternate) or choose another order, or use a metric "
+               "with a gradient (logit_diff, prob, kl, l2, logprob)")
+    with pytest.raises(ValueError) as e:
+        PruneConfig(metric="accuracy", order="attribution").check()
+    assert str(e.value) == message
+    with pytest.raises(ValueError, match="the accuracy metric has none"):
+        run_prune(_cfg(metric="accuracy", order="attribution"), tmp_path / "o", progress=False, log=lambda *a: None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_run_started_under_the_old_default_resumes_with_its_saved_order(tmp_path, monkeypatch):
+    """A directory whose checkpoint says order alternate (the default before attribution), resumed by a
+    command that names no order: it replays and finishes as alternate, and says so; naming another order
+    there is refused as a changed setting."""
+    whole = run_prune(_cfg(order="alternate"), tmp_path / "whole", progress=False, log=lambda *a: None, curves=False)
+    out = tmp_path / "old"
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        kill_after(m, 17)
+        run_prune(_cfg(order="alternate"), out, progress=False, log=lambda *a: None)
+    assert json.loads((out / "checkpoint.json").read_text())["config"]["order"] == "alternate"
+    notes = []
+    resumed = run_prune(_cfg(), out, progress=False, log=notes.append, curves=False)
+    assert ("note: order alternate: the order this run directory was started with (--order not given; a new "
+            "run's default is attribution); to run another order, give --order and another --out") in notes
+    assert resumed.stats["replayed"] == 17 and resumed.method["order"] == "alternate"
+    assert resumed.nodes.keys() == whole.nodes.keys() and resumed.edges.keys() == whole.edges.keys()
+    assert resumed.scores == whole.scores
+    assert (out / "decisions.jsonl").read_text() == (tmp_path / "whole" / "decisions.jsonl").read_text()
+    assert json.loads((out / "checkpoint.json").read_text())["config"]["order"] == "alternate"
+    # a finished old run, run again without --order: the same circuit, replayed, not a new search
+    again = run_prune(_cfg(), out, progress=False, log=lambda *a: None, curves=False)
+    assert again.stats["replayed"] == whole.stats["decisions"] and again.nodes.keys() == whole.nodes.keys()
+    with pytest.raises(RunDirError, match="order: 'alternate' there, 'attribution' now"):
+        run_prune(_cfg(order="attribution"), out, progress=False, log=lambda *a: None)

@@ -182,6 +182,20 @@ def test_the_lock_is_held_while_running_and_released_after(tmp_path):
         pass
 
 
+def test_a_directory_of_the_old_default_order_resumes_on_the_command_line_without_order(tmp_path, capsys):
+    out = tmp_path / "old"
+    assert main(["prune", *PLANTED, "--order", "alternate", "--out", str(out)]) == 0
+    first = json.loads((out / "circuit.json").read_text())
+    capsys.readouterr()
+    assert main(["prune", *PLANTED, "--out", str(out)]) == 0  # the command of the old default, unchanged
+    printed = capsys.readouterr().out
+    assert "note: order alternate: the order this run directory was started with" in printed
+    assert "(order alternate)" in printed
+    again = json.loads((out / "circuit.json").read_text())
+    assert again["method"]["order"] == "alternate" and again["stats"]["replayed"] == first["stats"]["decisions"]
+    assert (again["nodes"].keys(), again["edges"].keys()) == (first["nodes"].keys(), first["edges"].keys())
+
+
 # ---------------------------------------------------------------- bad input, before any model loads
 
 NO_LOAD = ("import sys; from circuitsearch.cli import main; code = main(sys.argv[1:]); "
@@ -202,11 +216,20 @@ def run_cli(*args):
     (["--target", ""], "target '' is not a number"),
     (["--order", "file:missing.txt"], "order file 'missing.txt' does not exist"),
     (["--model", "bogus"], "unknown model 'bogus'"),
+    (["--order", "attribution", "--metric", "accuracy"],
+     "the accuracy metric has none: leave --order out (the default for accuracy is alternate)"),
 ])
 def test_bad_flags_fail_before_the_default_model_loads(args, message, tmp_path):
     r = run_cli("prune", *args, "--out", str(tmp_path / "o"))  # the default model is the 135M one
     assert r.returncode == 2, r.stderr
     assert message in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_compare_orders_with_attribution_and_accuracy_fails_before_loading(tmp_path):
+    r = run_cli("compare-orders", "--orders", "alternate,attribution", "--metric", "accuracy",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "the accuracy metric has none" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "o").exists()
 
 

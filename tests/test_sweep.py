@@ -383,3 +383,19 @@ def test_compare_orders_on_local_workers_equals_the_one_process_comparison(tmp_p
         assert (tmp_path / "one" / order / "decisions.jsonl").read_text() == \
             (tmp_path / "pool" / order / "decisions.jsonl").read_text()
     assert (tmp_path / "pool" / "task.json").read_text() == (tmp_path / "pool" / "forward" / "task.json").read_text()
+
+
+def test_a_cell_started_under_the_old_default_order_is_finished_and_keeps_it(tmp_path):
+    """A cell that names no order, whose run directory was written when the default was alternate, counts as
+    finished with its saved order (not re-run as attribution); a new cell gets the default, attribution."""
+    base = ('[fixed]\nlevel = "nodes"\nn_prompts = 12\ncurves = false\n{}\n'
+            '[[cases]]\nmodel = "test:planted"\ntask = "planted"\n')
+    old, new = load_spec_text(base.format('order = "alternate"')), load_spec_text(base.format(""))
+    assert new.cells[0].name == old.cells[0].name  # a fixed order is not in the name: the same directory
+    assert run_sweep(old, tmp_path, InlineExecutor(), **QUIET)["counts"] == {"done": 1}
+    assert run_sweep(new, tmp_path, InlineExecutor(), **QUIET)["counts"] == {"skipped": 1}
+    ck = json.loads((tmp_path / "cells" / new.cells[0].name / "checkpoint.json").read_text())
+    assert ck["config"]["order"] == "alternate"
+    assert run_sweep(new, tmp_path / "fresh", InlineExecutor(), **QUIET)["counts"] == {"done": 1}
+    ck = json.loads((tmp_path / "fresh" / "cells" / new.cells[0].name / "checkpoint.json").read_text())
+    assert ck["config"]["order"] == "attribution"

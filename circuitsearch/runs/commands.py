@@ -14,7 +14,8 @@ from ..algorithms.speculation import MAX_K
 from ..config import PruneConfig, build
 from ..io import atomic_write_text
 from .reports import comparison_report, prune_report, targets_report
-from .store import DecisionLog, Prepared, RunDirError, open_dir, prepare, read_checkpoint, save_task, saved_task
+from .store import (DecisionLog, Prepared, RunDirError, open_dir, prepare, read_checkpoint, save_task, saved_config,
+                    saved_task)
 
 
 def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: dict):
@@ -147,12 +148,15 @@ def _replay(prepared: Prepared, dlog: DecisionLog, log, decisions: list | None =
 
 def write_curves(ev, result, circuit, out: Path, log=print) -> list:
     """curves.json and curves.png: faithfulness against % of edges kept, for the run's removal order
-    and for the EAP-IG ranking of the full model (MIB's CPR and CMD)."""
+    and for the EAP-IG ranking of the full model (MIB's CPR and CMD; not for a metric without a gradient)."""
     from ..algorithms.attribution import attribute
     from ..algorithms.curves import curves_json, faithfulness_curve, plot_curves, removal_ranking
 
-    ranked = [(f"removal order ({circuit.method['order']})", removal_ranking(ev, result.decisions, circuit)),
-              ("EAP-IG ranking", attribute(ev, method="eap-ig", steps=5).ranking("edges"))]
+    ranked = [(f"removal order ({circuit.method['order']})", removal_ranking(ev, result.decisions, circuit))]
+    if ev.metric.gradient:
+        ranked.append(("EAP-IG ranking", attribute(ev, method="eap-ig", steps=5).ranking("edges")))
+    else:
+        log(f"note: no EAP-IG curve: the {ev.metric.name} metric has no gradient (the removal order's curve is drawn)")
     made = [faithfulness_curve(ev, r, name) for name, r in ranked]
     atomic_write_text(out / "curves.json", json.dumps(curves_json(made), indent=1))
     try:
@@ -166,6 +170,9 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
               curves: bool = True, task=None, force: bool = False, batch: int = MAX_K):
     """Run (or resume) a prune into `out` and write the run directory; returns the Circuit.
 
+    An order not chosen (config.order None) is the one `out` was started with when it is resumed, else
+    the default for the metric (config.PruneConfig.resolve_order); the run records the order it used.
+
     model: an already loaded model of config.model (saves the load when running several prunes).
     task: the Task to use for a new run (a resumed run uses its own task.json).
     curves: also write faithfulness curves (removal order and EAP-IG rankings) into the report.
@@ -177,9 +184,12 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
 
     config.check()  # every setting and file before anything is loaded or written
     thresholds = Thresholds(config.absolute, config.relative, config.on)
-    order = parse_order(config.order, config.attribution, config.steps)
     out = Path(out)
     with open_dir(out):
+        config, note = config.resolve_order(saved_config(out))  # recorded as resolved: the run is reproducible
+        if note:
+            log(f"note: {note}")
+        order = parse_order(config.order, config.attribution, config.steps)
         prepared = prepare(out, config.to_json())
         for note in prepared.notes:
             log(f"warning: {note}")
@@ -305,8 +315,8 @@ def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progres
     from ..catalogue import load_model
     from ..config import check_fits, evaluator, resolve_task
 
-    config.check()  # bad settings fail before loading
-    orders = [check_order(o) for o in orders]
+    config.check()  # bad settings fail before loading, every order's with the metric
+    orders = [PruneConfig(**{**config.to_json(), "order": check_order(o)}).check().order for o in orders]
     if len(orders) < 2 or len(set(orders)) != len(orders):
         raise ValueError(f"compare-orders needs at least two distinct orders, got {orders}")
     out = Path(out)

@@ -171,6 +171,16 @@ def read_checkpoint(out: Path) -> dict | None:
     return data
 
 
+def saved_config(out: Path) -> dict | None:
+    """The settings in `out`'s checkpoint, or None where there are none (no checkpoint, or a damaged one,
+    which prepare reports)."""
+    try:
+        ck = read_checkpoint(out)
+    except RunDirError:
+        return None
+    return ck["config"] if ck is not None else None
+
+
 def check_settings(out: Path, config: dict, checkpoint: dict | None) -> None:
     """RunDirError naming every setting that differs when `out` holds a run of other settings."""
     if checkpoint is None:

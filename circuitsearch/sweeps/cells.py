@@ -82,12 +82,14 @@ def is_done(out: str | Path, cell: Cell) -> bool:
         ck = json.loads((cell_dir(out, cell) / "checkpoint.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return ck.get("status") == "done" and ck.get("config") == expected_config(cell) and circuit_path(out, cell).exists()
+    return (ck.get("status") == "done" and ck.get("config") == expected_config(cell, ck.get("config"))
+            and circuit_path(out, cell).exists())
 
 
-def expected_config(cell: Cell) -> dict:
-    """The settings the cell's checkpoint.json holds once its driver has run (see runs.commands)."""
-    cfg = cell.config().to_json()
+def expected_config(cell: Cell, saved: dict | None = None) -> dict:
+    """The settings the cell's checkpoint.json holds once its driver has run (see runs.commands); `saved`:
+    the settings already there (a cell that names no order resumes with the order it started with)."""
+    cfg = cell.config().resolve_order(saved if cell.kind == "prune" else None)[0].to_json()
     if cell.kind == "target":
         cfg = {**cfg, "order": "gain", "targets": cell.targets, "patience": cell.settings.get("patience", 30)}
     return cfg

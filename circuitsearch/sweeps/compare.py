@@ -32,7 +32,7 @@ def compare_orders(config: PruneConfig, orders: list[str], out: str | Path, exec
     from ..runs.store import saved_task, save_task
 
     config.check()
-    orders = [check_order(o) for o in orders]
+    orders = [PruneConfig(**{**config.to_json(), "order": check_order(o)}).check().order for o in orders]
     if len(orders) < 2 or len(set(orders)) != len(orders):
         raise ValueError(f"compare-orders needs at least two distinct orders, got {orders}")
     out = Path(out)

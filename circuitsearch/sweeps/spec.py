@@ -177,7 +177,7 @@ def check_cell(cell: Cell) -> None:
     s = cell.settings
     try:
         if s.get("target") is not None and s.get("order") != TARGET_ORDER:
-            raise SpecError(f"target = {s['target']!r} is set but order is {s.get('order', 'alternate')!r}: a "
+            raise SpecError(f"target = {s['target']!r} is set but order is {cell.config().to_json()['order']!r}: a "
                             f"target search is order = \"{TARGET_ORDER}\" (put it in the order axis)")
         if cell.kind == "target":
             if s.get("target") is None and s.get("absolute") is None:
