@@ -11,12 +11,10 @@ from pathlib import Path
 
 
 def default_order(metric: str) -> str:
-    """The removal order of a prune that names none: attribution (EAP-IG ranking, least |estimate| first;
-    smaller circuits than alternate on every task compared in the README's study), or alternate for a metric
-    without a gradient (accuracy), which attribution cannot rank."""
-    from .metrics import get_metric
+    """The removal order of a prune that names none (algorithms.orders.default_order)."""
+    from .algorithms.orders import default_order as default
 
-    return "attribution" if get_metric(metric).gradient else "alternate"
+    return default(metric)
 
 
 def check_order_for_metric(order: str, metric: str) -> None:

@@ -284,8 +284,8 @@ class HookedEvaluator(Evaluator):
         mixed `alpha` of the way from its ablation value, every receiver's input a tensor of its own: each
         head's q/k/v input recomputed through the projection, on grouped-query models one copy of the
         prompts per query head of a group) and one backward pass."""
-        if self.metric.name == "accuracy":
-            raise ValueError("accuracy has no gradient: attribute with logit_diff, prob or kl instead")
+        if not self.metric.gradient:
+            raise ValueError(f"{self.metric.name} has no gradient: attribute with logit_diff, prob or kl instead")
         run = run or self.clean_run
         if bool(run.masks.at.any()) or run.masks.removed_at is not None:
             raise ValueError(POSITIONS_REFUSED)

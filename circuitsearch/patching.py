@@ -648,8 +648,8 @@ class Evaluator:
         distinct prompt rows, each row's gradient weighted by its share of the task ("logits":
         [B, P, d] when the metric reads other positions than the last of full-length prompts).
         """
-        if self.metric.name == "accuracy":
-            raise ValueError("accuracy has no gradient: attribute with logit_diff, prob or kl instead")
+        if not self.metric.gradient:
+            raise ValueError(f"{self.metric.name} has no gradient: attribute with logit_diff, prob or kl instead")
         run = run or self.clean_run
         eng, L, H = self.engine, self.L, self.H
         ablated = run.masks.ablated.clone()  # copies: normal tensors, not inference ones

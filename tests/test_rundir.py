@@ -218,6 +218,8 @@ def run_cli(*args):
     (["--model", "bogus"], "unknown model 'bogus'"),
     (["--order", "attribution", "--metric", "accuracy"],
      "the accuracy metric has none: leave --order out (the default for accuracy is alternate)"),
+    (["--target", "0.8", "--metric", "accuracy"], "the target search ranks candidates by attribution gradients"),
+    (["--level", "nodes,edges,positions"], "nodes,positions,edges in that order"),
 ])
 def test_bad_flags_fail_before_the_default_model_loads(args, message, tmp_path):
     r = run_cli("prune", *args, "--out", str(tmp_path / "o"))  # the default model is the 135M one

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..patching import Evaluator, Run
 from .levels import EDGE_POSITIONS, level_of
-from .orders import ByMagnitude, Order, parse_order
+from .orders import ByMagnitude, Order, default_order, parse_order
 from .speculation import MAX_K, Speculation
 from .search import (LEVELS, Decision, PruneResult, Replay, ResumeError, Thresholds, dangling_nodes,  # noqa: F401
                      phases, remove_dangling, run_phases)
@@ -42,13 +42,14 @@ def candidate_ids(run: Run, level: str, read=None) -> list[int]:
     return mask.nonzero()[:, 0].tolist()
 
 
-def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order = "alternate",
+def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order | None = None,
           max_passes: int = 10, run: Run | None = None, replay: Iterable = (),
           on_decision: Callable[[Decision], None] | None = None, ranking: list[str] | None = None,
           progress: bool = True, result: PruneResult | None = None, batch: int = MAX_K) -> PruneResult:
     """Prune nodes, nodes at slots (positions) or edges (level) from `run` (default: the full model) until
     a pass removes nothing.
 
+    order: None is the command line's default (orders.default_order: attribution, or alternate for accuracy).
     ranking: for the attribution order, names least important first (default: attribute `run`).
     batch: the most candidates scored together by speculation (1: one at a time); the decisions
     are the same for every value.
@@ -57,7 +58,7 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
     """
     if level not in ("nodes", "positions", "edges", EDGE_POSITIONS):
         raise ValueError(f"prune level must be 'nodes', 'positions', 'edges' or '{EDGE_POSITIONS}', not {level!r}")
-    order = parse_order(order)
+    order = parse_order(order if order is not None else default_order(ev.metric.name))
     if ranking is not None and isinstance(order, ByMagnitude):
         order = ByMagnitude(order.name, order.method, order.steps, tuple(ranking))
     if max_passes < 1:
@@ -155,7 +156,7 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
 
 
 def find_circuit(ev: Evaluator, level: str = "both", thresholds: Thresholds = Thresholds(),
-                 order: str | Order = "alternate", max_passes: int = 10, replay: Iterable = (),
+                 order: str | Order | None = None, max_passes: int = 10, replay: Iterable = (),
                  on_decision: Callable[[Decision], None] | None = None, ranking: dict | None = None,
                  progress: bool = True, attribution: str = "eap-ig", steps: int = 5, batch: int = MAX_K) -> PruneResult:
     """The default pipeline: nodes, then edges among surviving nodes, then dangling nodes, then a
@@ -165,7 +166,7 @@ def find_circuit(ev: Evaluator, level: str = "both", thresholds: Thresholds = Th
     ranking: {"nodes": [...], "edges": [...]} names least important first, instead of attributing.
     batch: the most candidates scored together by speculation (1: one at a time; same decisions).
     """
-    order = parse_order(order, attribution, steps)
+    order = parse_order(order if order is not None else default_order(ev.metric.name), attribution, steps)
     phases(level)
     if max_passes < 1:
         raise ValueError(f"max_passes must be at least 1, not {max_passes}")

@@ -125,6 +125,15 @@ class ByMagnitude(Order):
         return Listed(self.name, tuple(lookup[n] for n in names))
 
 
+def default_order(metric: str) -> str:
+    """The removal order of a prune that names none: attribution (EAP-IG ranking, least |estimate| first;
+    smaller circuits than alternate on every task compared in the README's study), or alternate for a metric
+    without a gradient (accuracy), which attribution cannot rank."""
+    from ..metrics import get_metric
+
+    return "attribution" if get_metric(metric).gradient else "alternate"
+
+
 def parse_order(order: "str | Order", attribution: str = "eap-ig", steps: int = 5) -> Order:
     """The Order object an order name means; ValueError naming the choices for anything else."""
     if isinstance(order, Order):

@@ -237,8 +237,14 @@ def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = 
     from ..algorithms.target import parse_targets, prune_to_targets
     from ..graphs.export import load_circuit
 
+    from ..metrics import get_metric
+
     targets = parse_targets(targets)
     config.check()
+    if not get_metric(config.metric).gradient:  # before anything loads
+        raise ValueError(f"the target search ranks candidates by attribution gradients, and the {config.metric} "
+                         "metric has none: prune to targets with logit_diff, prob, kl, l2 or logprob, or use "
+                         "iterative pruning (--absolute) with accuracy")
     if patience is not None and patience < 1:
         raise ValueError(f"patience {patience} must be at least 1 (or None to try every candidate)")
     out = Path(out)
