@@ -199,14 +199,18 @@ def to_dot(circuit: Circuit, look: Look | None = None) -> str:
         drawn.append((width, f"  {_q(src)} -> {_q(node)} [color={_q(colour)}, penwidth={width:.2f}{label}, "
                              f"tooltip={_q(tip)}];"))
     lines += [line for _, line in sorted(drawn, key=lambda d: d[0])]  # strongest edges drawn last, on top
+    return _close(lines, circuit, look, bool(merged), [], "faithfulness lost on removal")
+
+
+def _close(lines: list, circuit: Circuit, look: Look | None, edges: bool, notes: list, effect: str) -> str:
+    """The diagram's label (caption, notes, legend) and closing brace, as DOT text."""
     if look and look.legend is not None:
         legend = look.legend
     else:
-        legend = [(INPUT_COLOURS[i], INPUT_NAMES[i]) for i in ("q", "k", "v", "")] if merged else []
-    text = caption(circuit, look)
+        legend = [(INPUT_COLOURS[i], INPUT_NAMES[i]) for i in ("q", "k", "v", "")] if edges else []
+    text = caption(circuit, look) + notes
     if not look:
-        text.append(("edge width, " if merged else "") + "fill shade: |effect| (faithfulness lost on removal); "
-                    "ellipse = head, box = MLP")
+        text.append(("edge width, " if edges else "") + f"fill shade: |effect| ({effect}); ellipse = head, box = MLP")
     lines.append(f"  label={_label(text, legend)};")
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -358,18 +362,5 @@ def positions_dot(circuit: Circuit, look: Look | None = None) -> str:
         drawn.append((width, f"  {_q(src)} -> {_q(node)} [color={_q(colour)}, penwidth={width:.2f}{style}{label}, "
                              f"tooltip={_q(tip)}];"))
     lines += [line for _, line in sorted(drawn, key=lambda d: d[0])]
-    if look and look.legend is not None:
-        legend = look.legend
-    else:
-        legend = [(INPUT_COLOURS[i], INPUT_NAMES[i]) for i in ("q", "k", "v", "")] if merged else []
-    text = caption(circuit, look)
-    if any(g == "kv" for _, _, g, _ in merged):
-        text.append(KV_NOTE)
-    if ghosts:
-        text.append(GHOST_NOTE)
-    if not look:
-        text.append(("edge width, " if merged else "") + "fill shade: |effect| (faithfulness lost on removal; the "
-                    "unit's own when recorded); ellipse = head, box = MLP")
-    lines.append(f"  label={_label(text, legend)};")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+    notes = ([KV_NOTE] if any(g == "kv" for _, _, g, _ in merged) else []) + ([GHOST_NOTE] if ghosts else [])
+    return _close(lines, circuit, look, bool(merged), notes, "faithfulness lost on removal; the unit's own when recorded")
