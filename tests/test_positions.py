@@ -411,3 +411,29 @@ def test_role_slots_on_prompts_of_several_lengths(test_model):
     parts = [(Evaluator(test_model, t, "mean"), p) for t, p in ((a, 2), (b, 5))]
     per = [e.score(at=[f"{node}@{e.slots.names[p]}"]) * len(e.task) for e, p in parts]
     assert x == pytest.approx(sum(per) / len(task), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_positions_match_hooked_reference(smollm2, smollm2_digits):
+    """On the embedded model (grouped-query attention): nodes and edges at positions against the hand-hooked
+    forward, with k/v edges removed alike for the query heads of a group, as the reference needs."""
+    from test_evaluator import grouped_uniform
+
+    ev = Evaluator(smollm2, smollm2_digits, "mean")
+    rng = random.Random(8)
+    P = smollm2_digits.seq_len
+    picks = [(rng.choice(ev.senders), rng.randrange(P)) for _ in range(30)]
+    fast = ev.score(at=[f"{n}@{ev.slots.names[p]}" for n, p in picks])
+    assert abs(fast - ev.full) > 1e-2
+    assert abs(fast - hooked_score(smollm2, smollm2_digits, "mean", nodes=[f"{n}@{p}" for n, p in picks])) < TOL
+    edges_at = []
+    for e in rng.sample(ev.graph.edges, 300):
+        p = rng.randrange(P)
+        for g in grouped_uniform([e], smollm2.n_heads, smollm2.n_kv_heads):
+            edges_at.append((g, p))
+    fast = ev.score(edges_at=[f"{e.split('->')[0]}@{ev.slots.names[p]}->{e.split('->')[1]}@{ev.slots.names[p]}"
+                              for e, p in edges_at])
+    ref = hooked_score(smollm2, smollm2_digits, "mean",
+                       edges=[f"{e.split('->')[0]}@{p}->{e.split('->')[1]}@{p}" for e, p in edges_at])
+    assert abs(fast - ev.full) > 1e-3
+    assert abs(fast - ref) < TOL
