@@ -399,3 +399,21 @@ def test_a_cell_started_under_the_old_default_order_is_finished_and_keeps_it(tmp
     assert run_sweep(new, tmp_path / "fresh", InlineExecutor(), **QUIET)["counts"] == {"done": 1}
     ck = json.loads((tmp_path / "fresh" / "cells" / new.cells[0].name / "checkpoint.json").read_text())
     assert ck["config"]["order"] == "attribution"
+
+
+def test_a_worker_loads_all_the_cells_code_at_start():
+    """Everything a cell imports lazily is loaded when a worker starts, so an edit to the tree under a running
+    sweep cannot mix two versions of the code in one cell."""
+    import subprocess
+    import sys
+
+    from circuitsearch.sweeps.executors import CELL_CODE
+
+    code = ("import sys; from circuitsearch.sweeps.executors import load_cell_code; load_cell_code(); "
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('circuitsearch'))))")
+    loaded = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+                 .stdout.split())
+    assert set(CELL_CODE) <= loaded
+    lazy = {"circuitsearch.algorithms.levels", "circuitsearch.tasks.slots", "circuitsearch.graphs.circuit",
+            "circuitsearch.readout", "circuitsearch.metrics"}
+    assert lazy <= loaded

@@ -77,12 +77,33 @@ def _exit_with_parent(parent: int, every: float = 1.0) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
+CELL_CODE = ("circuitsearch.runs.commands", "circuitsearch.runs.reports", "circuitsearch.config",
+             "circuitsearch.catalogue", "circuitsearch.hooked", "circuitsearch.patching", "circuitsearch.engine",
+             "circuitsearch.reference", "circuitsearch.evaluation", "circuitsearch.algorithms.iterative",
+             "circuitsearch.algorithms.target", "circuitsearch.algorithms.attribution",
+             "circuitsearch.algorithms.curves", "circuitsearch.algorithms.compare", "circuitsearch.graphs.render",
+             "circuitsearch.graphs.diff", "circuitsearch.graphs.export", "circuitsearch.tasks",
+             "circuitsearch.sweeps.crosstask", "circuitsearch.sweeps.compare")
+
+
+def load_cell_code() -> None:
+    """Import everything a cell runs, once, when a worker starts. The package imports lazily (so `--help`
+    is instant); a worker that did so mid-sweep would read a module as the tree holds it then, and an edit
+    under a running sweep would mix two versions in one cell (it happened: 'Run' object has no attribute)."""
+    import importlib
+
+    for name in CELL_CODE:
+        importlib.import_module(name)
+
+
 def _init_worker(threads: int, setup) -> None:
-    """Each worker process: torch threads sized to its share of the cores, then the caller's setup."""
+    """Each worker process: torch threads sized to its share of the cores, the cells' code loaded, then the
+    caller's setup."""
     _exit_with_parent(os.getppid())
     os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
     torch.set_num_threads(threads)
+    load_cell_code()
     if setup is not None:
         setup()
 
@@ -105,6 +126,7 @@ class InlineExecutor:
         return {"executor": self.name, "workers": 0}
 
     def run(self, out: str | Path, cells: list[Cell], on_result: OnResult, log=print) -> None:
+        load_cell_code()
         for cell in cells:
             on_result(run_cell(str(out), cell, self.batch))
 
@@ -190,6 +212,7 @@ def _ray_cell(out: str, cell: Cell, threads: int, batch: int) -> CellResult:
     """A Ray task: one cell in a Ray worker (which keeps its models between tasks, like a local worker)."""
     import torch
     torch.set_num_threads(threads)
+    load_cell_code()
     return run_cell(out, cell, batch)
 
 
