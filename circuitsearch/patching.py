@@ -23,7 +23,7 @@ import torch
 
 from .engine import Engine, Weights
 from .graphs.index import EMBED, HEAD, GraphIndex, index_of
-from .graphs.model_graph import ModelGraph
+from .graphs.model_graph import ModelGraph, edge_unit_name, split_edge_unit, split_unit, unit_name
 from .metrics import Metric, faithfulness, get_metric, normalized
 from .models import Model
 from .readout import Readout, make_readout
@@ -522,15 +522,13 @@ class Evaluator:
     def unit_names(self) -> list:
         """Names of every (sender, slot) unit, by unit id = sender id * Q + slot: `a9.1@end`, `m3@5`."""
         if self._units is None:
-            self._units = [f"{s}@{q}" for s in self.senders for q in self.slots.names]
+            self._units = [unit_name(s, q) for s in self.senders for q in self.slots.names]
             self._unit_id = {u: i for i, u in enumerate(self._units)}
         return self._units
 
     def edge_unit_name(self, u: int) -> str:
         """`a4.4@S1->a9.1.k@S1` of edge unit id u = edge id * Q + slot."""
-        src, recv = self.index.edges[u // self.Q].split("->")
-        q = self.slots.names[u % self.Q]
-        return f"{src}@{q}->{recv}@{q}"
+        return edge_unit_name(self.index.edges[u // self.Q], self.slots.names[u % self.Q])
 
     def edge_unit(self, name: str | int) -> int:
         """Edge unit id of `sender@slot->receiver@slot` (both ends at the same slot)."""
@@ -538,16 +536,8 @@ class Evaluator:
             if not 0 <= name < self.index.E * self.Q:
                 raise ValueError(f"edge unit id {name} is outside 0..{self.index.E * self.Q - 1}")
             return name
-        parts = str(name).split("->")
-        ends = [x.partition("@") for x in parts]
-        if len(parts) != 2 or not all(sep for _, sep, _ in ends):
-            raise ValueError(f"{name!r} is not an edge at a slot: write sender@slot->receiver@slot, "
-                             f"e.g. a0.1@S1->a1.0.k@S1 (slots: {', '.join(self.slots.names)})")
-        (src, _, q1), (recv, _, q2) = ends
-        if q1 != q2:
-            raise ValueError(f"edge {name!r} joins slot {q1!r} to slot {q2!r}: an edge carries a sender's output "
-                             "at a position into a receiver's input at the same position, so both ends name one slot")
-        return self.index.edge(f"{src}->{recv}") * self.Q + self.slots.index(q1)
+        edge, slot = split_edge_unit(name)
+        return self.index.edge(edge) * self.Q + self.slots.index(slot)
 
     def unit(self, name: str | int) -> int:
         """Unit id of `node@slot` (a ValueError naming the problem for an unknown node or slot)."""
@@ -557,11 +547,8 @@ class Evaluator:
             return name
         self.unit_names
         i = self._unit_id.get(name)
-        if i is None:
-            node, sep, slot = str(name).partition("@")
-            if not sep:
-                raise ValueError(f"{name!r} is not a node at a slot: write node@slot, e.g. a9.1@end "
-                                 f"(slots: {', '.join(self.slots.names)})")
+        if i is None:  # not a unit of this evaluator: say why
+            node, slot = split_unit(name)
             n = self.index.node(node)
             if n == self.index.logits:
                 raise ValueError("the logits node cannot be ablated; remove its incoming edges instead")
@@ -592,10 +579,9 @@ class Evaluator:
             raise ValueError(f"the circuit's positions are slots {', '.join(slots)}, but this task's slots are "
                              f"{', '.join(self.slots.names)}: a position-level circuit scores only on prompts laid "
                              "out like its own (compare it at node level instead, e.g. with diff)")
-        at = [f"{n}@{q}" for n, kept in pos.get("nodes", {}).items() for q in slots
+        at = [unit_name(n, q) for n, kept in pos.get("nodes", {}).items() for q in slots
               if q not in kept and n != "logits"]  # logits: listed where the metric reads them
-        edges_at = [f"{e.split('->')[0]}@{q}->{e.split('->')[1]}@{q}" for e, kept in pos.get("edges", {}).items()
-                    for q in slots if q not in kept]
+        edges_at = [edge_unit_name(e, q) for e, kept in pos.get("edges", {}).items() for q in slots if q not in kept]
         return at, edges_at
 
     def circuit_run(self, circuit) -> Run:

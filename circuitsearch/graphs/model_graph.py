@@ -253,8 +253,9 @@ def split_edge_unit(unit: str) -> tuple[str, str]:
                          "'a4.4@S1->a9.1.k@S1'")
     (src, s1), (dst, s2) = (p.split("@") for p in parts)
     if s1 != s2:
-        raise ValueError(f"edge unit {unit!r} joins slot {s1!r} to slot {s2!r}: an edge at a slot has the same "
-                         f"slot on both ends (e.g. '{src}@{s1}->{dst}@{s1}')")
+        raise ValueError(f"edge unit {unit!r} joins slot {s1!r} to slot {s2!r}: an edge carries a sender's output "
+                         "at a position into a receiver's input at the same position, so it has the same slot on "
+                         f"both ends (e.g. '{src}@{s1}->{dst}@{s1}')")
     check_slot_name(s1)
     edge = f"{src}->{dst}"
     split_edge(edge)

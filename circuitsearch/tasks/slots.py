@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..graphs.model_graph import check_slot_name
 from .base import Task, TaskError
 
 REST = "rest"
@@ -79,4 +80,9 @@ def task_slots(task: Task) -> Slots:
 
 
 def _ok(name: str) -> bool:
-    return bool(name) and not any(c in name for c in "@, \t\n") and "->" not in name
+    """A name unit names can carry (graphs.model_graph.check_slot_name)."""
+    try:
+        check_slot_name(name)
+    except ValueError:
+        return False
+    return True
