@@ -41,7 +41,7 @@ class Attribution:
 
         Ties keep forward order, so rankings are deterministic.
         """
-        scores = self._level(level)
+        scores = self.estimates(level)
         names = list(scores)
         return sorted(names, key=lambda n: abs(scores[n]))
 
@@ -49,7 +49,8 @@ class Attribution:
         """The k most important names at `level`."""
         return self.ranking(level)[::-1][:k]
 
-    def _level(self, level: str) -> dict:
+    def estimates(self, level: str) -> dict:
+        """Name -> estimate at one search level (nodes, positions, edges, edge-positions)."""
         table = {"nodes": self.nodes, "edges": self.edges, "positions": self.units, "edge-positions": self.edge_units}
         if level not in table:
             raise ValueError(f"attribution level must be one of {', '.join(table)}, not {level!r}")
@@ -125,6 +126,12 @@ def attribute(ev: Evaluator, run: Run | None = None, method: str = "eap-ig", ste
     if run.edge_units:
         base["removed_edge_units"] = len(run.edge_units)
     return Attribution(method, steps, nodes, edges, base, unit_est, edge_est)
+
+
+def attribute_for(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", steps: int = 5) -> Attribution:
+    """attribute with the per-slot estimates a search level needs (positions: node units; edge-positions:
+    edge units)."""
+    return attribute(ev, run, method, steps, units=level == "positions", edge_units=level == "edge-positions")
 
 
 def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int = 5,

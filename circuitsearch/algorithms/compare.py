@@ -110,14 +110,13 @@ def format_comparison(cmp: Comparison) -> str:
         out.append(f"  {name:<{ow}} {s['heads']:>5} {s['mlps']:>4} {s['edges']:>6} {s['faithfulness']:>12.3f} "
                    f"{str(cost.get('forward_passes', '')):>10} "
                    f"{str(round(seconds, 1) if isinstance(seconds, float) else seconds):>8}")
-    m = cmp.diff.jaccard("nodes")
     cw = max(6, *(len(o) for o in cmp.orders))
-    out += ["", "  Jaccard between orders, heads and MLPs", "  " + " " * ow + "".join(f" {o:>{cw}}" for o in cmp.orders)]
-    out += [f"  {o:<{ow}}" + "".join(f" {x:>{cw}.2f}" for x in row) for o, row in zip(cmp.orders, m)]
+    kinds = [("nodes", "heads and MLPs")]
     if cmp.diff.level == "units":  # circuits over the same slots: where, not only which, nodes are kept
-        m = cmp.diff.jaccard("node_units")
-        out += ["", "  Jaccard between orders, nodes at positions (node@slot units)",
-                "  " + " " * ow + "".join(f" {o:>{cw}}" for o in cmp.orders)]
+        kinds.append(("node_units", "nodes at positions (node@slot units)"))
+    for kind, what in kinds:
+        m = cmp.diff.jaccard(kind)
+        out += ["", f"  Jaccard between orders, {what}", "  " + " " * ow + "".join(f" {o:>{cw}}" for o in cmp.orders)]
         out += [f"  {o:<{ow}}" + "".join(f" {x:>{cw}.2f}" for x in row) for o, row in zip(cmp.orders, m)]
     dep = cmp.order_dependent("nodes")
     k = len(cmp.orders)

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 from tqdm.auto import tqdm
 
 from ..patching import Evaluator, Run
-from .levels import EDGE_POSITIONS, level_of
+from .levels import EDGE_POSITIONS, candidate_ids, level_of  # noqa: F401  (candidate_ids: part of this API)
 from .orders import ByMagnitude, Order, default_order, parse_order
 from .speculation import MAX_K, Speculation
 from .search import (LEVELS, Decision, PruneResult, Replay, ResumeError, Thresholds, dangling_nodes,  # noqa: F401
@@ -29,17 +29,6 @@ def node_candidates(ev: Evaluator, run: Run) -> list[str]:
 def edge_candidates(ev: Evaluator, run: Run) -> list[str]:
     """Edges still in the circuit whose sender and receiver nodes both survive, in forward order."""
     return ev.index.names(run.present_edges().nonzero()[:, 0], "edges")
-
-
-def candidate_ids(run: Run, level: str, read=None) -> list[int]:
-    """Ids of the nodes, units (nodes at slots), edges or edge units still in `run`'s circuit, in forward
-    order (see levels.Level.present)."""
-    if level == "positions":
-        return run.present_units().flatten().nonzero()[:, 0].tolist()
-    if level == EDGE_POSITIONS:
-        return run.present_edge_units(read).flatten().nonzero()[:, 0].tolist()
-    mask = run.present_nodes() if level == "nodes" else run.present_edges()
-    return mask.nonzero()[:, 0].tolist()
 
 
 def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order | None = None,

@@ -77,27 +77,35 @@ class _Lookup:
         return i
 
 
+def candidate_ids(run: Run, phase: str, read=None) -> list[int]:
+    """Ids of the nodes, units (nodes at slots), edges or edge units still in `run`'s circuit, in forward
+    order (units: node by node, slot by slot); `read`: Evaluator.read_slots, for edge units."""
+    if phase == "nodes":
+        mask = run.present_nodes()
+    elif phase == "edges":
+        mask = run.present_edges()
+    elif phase == "positions":
+        mask = run.present_units().flatten()
+    else:
+        mask = run.present_edge_units(read).flatten()
+    return mask.nonzero()[:, 0].tolist()
+
+
 @dataclass(frozen=True)
 class Level:
-    """One phase's candidate table: `names` and `stage` by id, `key` the extend() keyword."""
+    """One phase's candidate table: `names` and `stage` by id, `key` the extend() keyword, `parse` a name (or
+    id) to its id with an error saying why for one the evaluator does not have."""
 
     name: str
     key: str
     names: list
     stage: list
+    parse: Callable
     read: object = None  # edge-positions: the slots the metric reads (edges into logits elsewhere carry nothing)
 
     def present(self, run: Run) -> list[int]:
-        """Ids still in `run`'s circuit, in forward order (units: node by node, slot by slot)."""
-        if self.name == "nodes":
-            mask = run.present_nodes()
-        elif self.name == "edges":
-            mask = run.present_edges()
-        elif self.name == "positions":
-            mask = run.present_units().flatten()
-        else:
-            mask = run.present_edge_units(self.read).flatten()
-        return mask.nonzero()[:, 0].tolist()
+        """Ids still in `run`'s circuit, in forward order."""
+        return candidate_ids(run, self.name, self.read)
 
     def extend(self, ev: Evaluator, run: Run, ids: list) -> Run:
         return ev.extend(run, **{self.key: ids})
@@ -108,12 +116,12 @@ class Level:
                 EDGE_POSITIONS: ([], [], [], ids)}[self.name]
 
     def lookup(self, ev: Evaluator) -> dict:
-        """Name -> id."""
+        """Name -> id, for names that may not be this level's (`in` says whether they are)."""
         if self.name == "nodes":
             return ev.index.node_id
         if self.name == "edges":
             return ev.index.edge_id
-        return _Lookup(ev.unit if self.name == "positions" else ev.edge_unit)
+        return _Lookup(self.parse)
 
 
 def level_of(ev: Evaluator, phase: str) -> Level:
@@ -122,16 +130,17 @@ def level_of(ev: Evaluator, phase: str) -> Level:
     if phase not in cache:
         ix = ev.index
         if phase == "nodes":
-            cache[phase] = Level(phase, "nodes", ix.nodes, ix.node_stage)
+            cache[phase] = Level(phase, "nodes", ix.nodes, ix.node_stage, ix.node)
         elif phase == "edges":
-            cache[phase] = Level(phase, "edges", ix.edges, ix.edge_stage)
+            cache[phase] = Level(phase, "edges", ix.edges, ix.edge_stage, ix.edge)
         elif phase == "positions":
             Q = ev.Q
-            cache[phase] = Level(phase, "at", ev.unit_names, [ix.node_stage[u // Q] for u in range(ev.S * Q)])
+            cache[phase] = Level(phase, "at", ev.unit_names, [ix.node_stage[u // Q] for u in range(ev.S * Q)],
+                                 ev.unit)
         elif phase == EDGE_POSITIONS:
             Q, n = ev.Q, ix.E * ev.Q
             cache[phase] = Level(phase, "edges_at", _Table(n, ev.edge_unit_name),
-                                 _Table(n, lambda u: ix.edge_stage[u // Q]), ev.read_slots)
+                                 _Table(n, lambda u: ix.edge_stage[u // Q]), ev.edge_unit, ev.read_slots)
         else:
             raise ValueError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
     return cache[phase]

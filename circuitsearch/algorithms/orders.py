@@ -113,14 +113,11 @@ class ByMagnitude(Order):
     ranking: tuple | None = None  # names, least important first (given instead of computed)
 
     def prepare(self, ev, run, level):
-        from .attribution import attribute
-
+        from .attribution import attribute_for
         from .levels import level_of
 
-        names = self.ranking if self.ranking is not None else attribute(ev, run, self.method, self.steps,
-                                                                        units=level == "positions",
-                                                                        edge_units=level == "edge-positions"
-                                                                        ).ranking(level)
+        names = self.ranking if self.ranking is not None else \
+            attribute_for(ev, run, level, self.method, self.steps).ranking(level)
         lookup = level_of(ev, level).lookup(ev)
         return Listed(self.name, tuple(lookup[n] for n in names))
 

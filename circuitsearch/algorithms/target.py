@@ -29,8 +29,8 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from ..patching import Evaluator, Run
-from .attribution import attribute
-from .iterative import candidate_ids, edge_candidates
+from .attribution import attribute_for
+from .iterative import edge_candidates
 from .levels import level_of
 from .search import Decision, PruneResult, Replay, Thresholds, phases, run_phases
 
@@ -88,11 +88,7 @@ def removal_order(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", s
 
 def _ids(ev: Evaluator, order: list, level: str) -> list[int]:
     """Names or index ids of one level as index ids (names are checked against the graph)."""
-    if level == "positions":
-        return [ev.unit(u) for u in order]
-    if level == "edge-positions":
-        return [ev.edge_unit(u) for u in order]
-    return ev.index.node_ids(order) if level == "nodes" else ev.index.edge_ids(order)
+    return [level_of(ev, level).parse(x) for x in order]
 
 
 def gain_order(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", steps: int = 5) -> tuple[list[int], dict]:
@@ -100,8 +96,7 @@ def gain_order(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", step
     score change their removal should bring, highest first (removals that should raise the score
     first). Also the estimates as faithfulness drops, by name. (The attribution *order* of
     iterative pruning ranks by |estimate| instead: orders.ByMagnitude.)"""
-    attr = attribute(ev, run, method, steps, units=level == "positions", edge_units=level == "edge-positions")
-    est = attr._level(level)
+    est = attribute_for(ev, run, level, method, steps).estimates(level)
     names = level_of(ev, level).names
     present = [c for c in level_of(ev, level).present(run) if names[c] in est]
     sign = 1.0 if ev.metric.higher_is_better else -1.0
