@@ -1027,14 +1027,18 @@ class Evaluator:
         """Embedding sender s's output for the stacked rows: `live` tiled, its ablation value in the circuits
         that ablate s (`what`: the Source field holding it, the whole embed or the parts indexed by s)."""
         emb = p.tile(live)
+        if p.source is None:
+            return emb
         off = p.ablated[:, s]
-        if p.source is not None and bool(off.any()):
-            abl = p.ablation(what, None if what == "embed" else s)
-            emb = abl.expand_as(emb) if bool(off.all()) else torch.where(p.rows(off)[:, None, None], abl, emb)
-        pm = p.at_rows(s) if p.source is not None and not bool(off.all()) else None  # ablated at single slots
-        if pm is not None:
-            emb = torch.where(pm, p.ablation(what, None if what == "embed" else s), emb)
-        return emb
+        pm = None if bool(off.all()) else p.at_rows(s)  # ablated at single slots
+        if not bool(off.any()) and pm is None:
+            return emb
+        abl = p.ablation(what, None if what == "embed" else s)
+        if bool(off.all()):
+            return abl.expand_as(emb)
+        if bool(off.any()):
+            emb = torch.where(p.rows(off)[:, None, None], abl, emb)
+        return emb if pm is None else torch.where(pm, abl, emb)
 
     def _heads_z(self, p: "_Pass", l: int, resid: torch.Tensor, hab: torch.Tensor | None,
                  edges: bool) -> torch.Tensor:

@@ -48,15 +48,14 @@ def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: di
         units = [ev.unit_names[u] for u in run.present_units().flatten().nonzero()[:, 0].tolist()]
         where = group_units(units, slots)
         where["logits"] = [q for q, r in zip(slots, ev.read_slots.tolist()) if r]  # where the metric reads
-        edge_where = {}
+        eunits = []
         if EDGE_POSITIONS in steps:  # each kept edge at the slots where it still carries something
             eunits = [ev.edge_unit_name(u)
                       for u in run.present_edge_units(ev.read_slots).flatten().nonzero()[:, 0].tolist()]
-            edge_where = group_units(eunits, slots)
-            edges = {e: v for e, v in edges.items() if e in edge_where}  # carries nothing at any slot: gone
-        unit_effects = {u: result.effects[u] for u in units if u in result.effects}
+        edge_where = group_units(eunits, slots)
         if EDGE_POSITIONS in steps:
-            unit_effects.update({u: result.effects[u] for u in eunits if u in result.effects})
+            edges = {e: v for e, v in edges.items() if e in edge_where}  # carries nothing at any slot: gone
+        unit_effects = {u: result.effects[u] for u in units + eunits if u in result.effects}
         positions = positions_field(slots, where, edge_where, unit_effects)
     method = {"level": config.level, "ablation": config.ablation, "metric": config.metric, "order": config.order,
               "thresholds": {"absolute": config.absolute, "relative": config.relative, "on": config.on},
