@@ -19,13 +19,52 @@ def _threshold(text: str) -> float | None:
 COMPARE_ORDERS = ("forward", "reverse", "alternate", "attribution", "random:1", "random:2")
 
 
+class _Store(argparse._StoreAction):
+    """A stored option that also notes, in the namespace's `given`, that the user gave it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        _note_given(namespace, self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _StoreTrue(argparse._StoreTrueAction):
+    def __call__(self, parser, namespace, values, option_string=None):
+        _note_given(namespace, self.dest)
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _note_given(namespace, dest: str) -> None:
+    if not hasattr(namespace, "given"):
+        namespace.given = set()
+    namespace.given.add(dest)
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose options record which of them the command line gave (args.given): a flag
+    the user gave is honoured or refused, never overwritten or ignored without a word."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.register("action", None, _Store)
+        self.register("action", "store", _Store)
+        self.register("action", "store_true", _StoreTrue)
+
+
+def given(args) -> set:
+    """The options (by dest) the command line gave explicitly."""
+    return set(getattr(args, "given", ()))
+
+
 def _add_model_task(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="model name (see `circuitsearch models`), a local "
                    "Hugging Face directory or a .gguf file")
     p.add_argument("--task", default="digits", help="built-in task (see `circuitsearch tasks`), a .jsonl file "
                    "(text, or token ids) or a run's task.json")
     p.add_argument("--n-prompts", type=int, default=24, help="prompts to use (default 24)")
-    p.add_argument("--seed", type=int, default=0, help="seed for prompt generation and random orders")
+    p.add_argument("--seed", type=int, default=0, help="seed for generating a built-in or toy task's prompts (a "
+                   "random order takes its own seed: --order random:SEED)")
+    p.add_argument("--keep-all", action="store_true", help="built-in tasks: keep the prompts the model answers "
+                   "wrongly too (by default only answered prompts are kept; the count is reported either way)")
     p.add_argument("--template", type=_template, default=0, help="which template of the built-in task, or all "
                    "(n prompts of each template in one task)")
     p.add_argument("--positions", default="last", help="where the metric is read: last (default), all (every "
@@ -77,7 +116,7 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="circuitsearch", description="Find, compare and draw the circuits "
+    ap = _Parser(prog="circuitsearch", description="Find, compare and draw the circuits "
                                  "transformer language models use for a task.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -100,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-passes", type=int, default=10)
     _add_batch(p)
     p.add_argument("--preset", choices=("acdc",), help="acdc: resample ablation, KL metric, edges, reverse order, "
-                   "relative threshold on the KL itself (--relative, default 0.01), no absolute threshold")
+                   "relative threshold on the KL itself (--relative, default 0.01), no absolute threshold; "
+                   "--ablation, --metric, --level and --order given as well are kept")
     p.add_argument("--target", help="prune to target performances instead, e.g. 0.97,0.9,0.8: for each, the "
                    "smallest circuit verified at or above it (nested; attribution ranking, bisection, refinement)")
     p.add_argument("--attribution", choices=("eap", "eap-ig"), default="eap-ig",
@@ -233,30 +273,79 @@ def cmd_tasks(args) -> int:
 
 def cmd_models(args) -> int:
     from .catalogue import MODELS
+    from .models import HUB, hub_status
 
     for m in MODELS:
         print(f"{m.name:18s} {m.what}\n{'':18s} needs: {m.needs}")
+        if m is HUB:
+            print(f"{'':18s} {hub_status()}")
     return 0
 
 
+ACDC_PRESET = {"ablation": "resample", "metric": "kl", "level": "edges", "order": "reverse"}
+
+
 def _config(args):
+    """prune's PruneConfig: the flags given, and the preset's settings where no flag was given."""
     from .config import PruneConfig
 
+    g = given(args)
     cfg = PruneConfig(model=args.model, task=args.task, level=args.level, ablation=args.ablation,
                       metric=args.metric, absolute=args.absolute, relative=args.relative, order=args.order,
                       max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
                       template=args.template, corruption=args.corruption, attribution=args.attribution,
                       steps=args.steps, **_engine_args(args))
     if args.preset == "acdc":
-        cfg.ablation, cfg.metric, cfg.level, cfg.order, cfg.on = "resample", "kl", "edges", "reverse", "metric"
-        cfg.absolute = None
+        if "absolute" in g:
+            raise ValueError("--absolute does not combine with --preset acdc: the preset's threshold acts on the "
+                             "KL itself, as ACDC's does (one removal may raise it by at most --relative). For an "
+                             "absolute threshold on faithfulness, leave --preset out and give its settings: "
+                             "--ablation resample --metric kl --level edges --order reverse --absolute A "
+                             "--relative R")
+        if "target" in g:
+            raise ValueError("--target does not combine with --preset acdc: the target search verifies "
+                             "faithfulness against each target, not ACDC's per-removal KL rule; leave one out")
+        kept = sorted(k for k in ACDC_PRESET if k in g)
+        for k, v in ACDC_PRESET.items():
+            if k not in g:
+                setattr(cfg, k, v)
+        cfg.on, cfg.absolute = "metric", None
         cfg.relative = 0.01 if args.relative is None else args.relative
+        print(f"note: --preset acdc: {cfg.ablation} ablation, metric {cfg.metric}, level {cfg.level}, order "
+              f"{cfg.order}, relative threshold {cfg.relative:g} on the {cfg.metric} itself, no absolute threshold"
+              + (f" ({', '.join('--' + k for k in kept)} as given)" if kept else ""), file=sys.stderr)
     return cfg
+
+
+# flags prune takes that the target search cannot honour, and why
+TARGET_REFUSES = {
+    "absolute": "each target is the search's absolute threshold (--target 0.8 is --absolute 0.8)",
+    "relative": "bisection and refinement remove many candidates at a time, so a cost per removal has no meaning "
+                "there; for a relative threshold use iterative pruning (--absolute A --relative R)",
+    "order": "it ranks the candidates by their estimated gain (recorded as order gain); --attribution and "
+             "--steps choose that ranking",
+    "max_passes": "it has no passes: it bisects, then refines once (--patience bounds the refinement)",
+    "batch": "it scores one circuit at a time",
+}
+
+
+def _check_target_flags(args) -> None:
+    """--target with a flag it cannot honour, or --patience without --target: refused before loading."""
+    g = given(args)
+    if args.target is None:
+        if "patience" in g:
+            raise ValueError("--patience applies to the target search only (--target); leave it out")
+        return
+    for key, why in TARGET_REFUSES.items():
+        if key in g:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{flag} does not apply to --target: {why}; leave {flag} out")
 
 
 def cmd_prune(args) -> int:
     from .runs import run_prune
 
+    _check_target_flags(args)
     cfg = _config(args)
     if args.target is not None:
         return _prune_targets(args, cfg)
@@ -356,9 +445,11 @@ def cmd_attribute(args) -> int:
 
 
 def _engine_args(args) -> dict:
-    """The engine's, the graph's and the readout's settings (every command with _add_model_task has them)."""
+    """The engine's, the graph's, the readout's and the task's settings every command with _add_model_task has,
+    and which flags the command line gave (PruneConfig.given: a task setting that cannot apply is refused)."""
     return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "engine": args.engine,
-            "split_embed": args.split_embed, "positions": args.positions, "reduce": args.reduce}
+            "split_embed": args.split_embed, "positions": args.positions, "reduce": args.reduce,
+            "keep_all": args.keep_all, "given": frozenset(given(args))}
 
 
 def _evaluator(args):

@@ -58,6 +58,9 @@ class PruneConfig:
     reduce: str | None = None    # over positions: mean or sum (None: sum for logprob, else mean)
     engine: str = "auto"         # fast, hooked, or auto (fast when it reproduces the model); not a result
                                  # setting: both paths compute the same scores (the path used is in stats)
+    keep_all: bool = False       # built-in tasks: keep the prompts the model answers wrongly too
+    given: frozenset = frozenset()  # settings the user gave explicitly (command line flags, sweep keys): one that
+                                    # cannot apply is refused even at its default value; not a result setting
 
     def to_json(self) -> dict:
         """The settings that determine the result: an order not chosen as default_order resolves it; threads
@@ -67,8 +70,9 @@ class PruneConfig:
         d["order"] = self.order if self.order is not None else default_order(self.metric)
         d.pop("threads")
         d.pop("engine")
+        d.pop("given")
         for k, default in (("device", "cpu"), ("dtype", "float32"), ("split_embed", False), ("positions", "last"),
-                           ("reduce", None)):
+                           ("reduce", None), ("keep_all", False)):
             if d[k] == default:
                 d.pop(k)
         return d
@@ -108,7 +112,13 @@ class PruneConfig:
         if self.order is not None:
             parse_order(self.order, self.attribution, self.steps)
             check_order_for_metric(self.order, self.metric)
+        unused = [k for k in ("attribution", "steps") if k in self.given]
+        if unused and not get_metric(self.metric).gradient:
+            flag = "--" + unused[0]
+            raise ValueError(f"{flag} does not apply: nothing ranks by attribution with the {self.metric} metric, "
+                             f"which has no gradient (no attribution order, no EAP-IG curve); leave {flag} out")
         check_task_name(self.task)
+        self._check_task_settings()
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         parse_device(self.device)
@@ -120,6 +130,26 @@ class PruneConfig:
                                          or self.threads < 1):
             raise ValueError(f"--threads {self.threads!r} must be a whole number of at least 1")
         return self
+
+    def _check_task_settings(self) -> None:
+        """Refuse a task setting this kind of task does not use (given, or not at its default): a task file
+        holds its own prompts, a toy task has one template and its own corruption."""
+        kind = task_kind(self.task)
+        if kind == "builtin":
+            return
+        used = ("n_prompts", "seed") if kind == "toy" else ()
+        for key, default in TASK_SETTING_DEFAULTS.items():
+            if key in used or (key not in self.given and getattr(self, key) == default):
+                continue
+            flag = "--" + key.replace("_", "-")
+            if kind == "file":
+                why = (f"the task file {self.task!r} holds its own prompts and corrupted prompts, and every one of "
+                       "them is used" + (" (to use fewer, shorten the file)" if key == "n_prompts" else ""))
+            else:
+                why = (f"the toy task {self.task!r} has one template and makes its corrupted prompts its own way"
+                       if key in ("template", "corruption") else
+                       f"the toy task {self.task!r} keeps every prompt it makes (its model answers them by design)")
+            raise ValueError(f"{flag} does not apply: {why}; leave {flag} out")
 
     def resolve_order(self, saved: dict | None = None) -> tuple["PruneConfig", str | None]:
         """This config with its order chosen, and a note saying why when that is not plain: an order given
@@ -150,6 +180,18 @@ def _valid_order(order: str, metric: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+TASK_SETTING_DEFAULTS = {"n_prompts": 24, "seed": 0, "template": 0, "corruption": "random", "keep_all": False}
+
+
+def task_kind(name: str) -> str:
+    """'file' (a .jsonl task file or a run's task.json), 'toy' (a toy model's task) or 'builtin'."""
+    from . import toys
+
+    if name.endswith((".jsonl", ".json")):
+        return "file"
+    return "toy" if name in toys.TASKS else "builtin"
 
 
 def check_task_name(name: str) -> None:
@@ -197,11 +239,14 @@ def resolve_task(config: PruneConfig, model, task_file: str | Path | None = None
     if name in toys.TASKS:
         return toys.TASKS[name][0](n=config.n_prompts, seed=config.seed)
     if model.tokenizer is None:
-        raise TaskError(f"task {name!r} is made of text, but model {model.name!r} has no tokenizer: "
-                        f"use --task {' or '.join(toys.TASKS)} with test models")
+        why = model.meta.get("no_tokenizer")
+        raise TaskError(f"task {name!r} is made of text, but model {model.name!r} has no tokenizer"
+                        + (f" (its tokenizer did not load: {why})" if why else "")
+                        + f": use token-id tasks (a JSONL file of ids, a run's task.json; with test models "
+                          f"--task {' or '.join(toys.TASKS)})")
     from .tasks import get_task
     return get_task(name, model.tokenizer, n=config.n_prompts, seed=config.seed, template=config.template,
-                    corruption=config.corruption, model=model)
+                    corruption=config.corruption, model=model, filter=not config.keep_all)
 
 
 def evaluator(config: PruneConfig, model, task, log=None):
@@ -238,10 +283,24 @@ def available_memory() -> int | None:
     return None
 
 
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+_SAID: set = set()  # notes this process has said once already
+
+
 def check_fits(model, task, log=None, force: bool = False) -> None:
-    """Refuse a task that will not fit in memory (unless forced), warn when it takes over half of it."""
+    """Refuse a task that will not fit in memory (unless forced), warn when it takes over half of it; where
+    this system does not say how much memory is free, say once that nothing was checked."""
     need, have = memory_needed(model, task), available_memory()
     if have is None:
+        if "memory" not in _SAID:
+            _SAID.add("memory")
+            (log or _stderr)("note: memory not checked: this system has no /proc/meminfo to say how much is free "
+                             f"(the search needs about {need / 2 ** 30:.1f} GiB); watch its memory yourself")
         return
     gib = lambda b: f"{b / 2 ** 30:.1f} GiB"
     what = f"{len(task)} prompts x {task.seq_len} tokens on {model.name} ({model.n_layers} layers, d_model {model.d_model})"
@@ -252,18 +311,32 @@ def check_fits(model, task, log=None, force: bool = False) -> None:
         log(f"warning: {what} needs about {gib(need)} of memory; {gib(have)} is available")
 
 
+def open_model(name: str, log=None):
+    """load_model(name), saying what its load has to say (model.notes, e.g. a tokenizer that did not load)
+    on `log` (default: standard error) once, at load."""
+    from .catalogue import load_model
+
+    model = load_model(name)
+    for note in model.notes:
+        (log or _stderr)(note)
+    return model
+
+
 def build(config: PruneConfig, model=None, task_file: str | Path | None = None, log=None, force: bool = False):
     """(model, task, evaluator) of a config; `model` saves the load when it is already loaded,
     `task_file` (a saved task.json) replaces building the task. A task that will not fit in memory
     is refused before the evaluator runs it (force: try anyway); log gets the warnings."""
-    from .catalogue import load_model
     from .engine import choose_threads
 
     config.check()
-    model = model if model is not None else load_model(config.model)
+    model = model if model is not None else open_model(config.model, log)
     choose_threads(model, config.threads)
     task = resolve_task(config, model, task_file)
     check_fits(model, task, log, force)
-    return model, task, evaluator(config, model, task, log)
+    ev = evaluator(config, model, task, log)  # checks the prompts' token ids first
+    if task_kind(config.task) == "file" and not {"n_kept", "n_correct"} & set(task.meta):
+        from .tasks import note_answered
+        note_answered(task, model)  # a task file is used whole: how many prompts the model answers is said
+    return model, task, ev
 
 

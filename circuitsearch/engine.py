@@ -65,6 +65,10 @@ def parse_device(text: str) -> torch.device:
         raise ValueError(f"--device {text!r} is not a device (cpu, cuda, cuda:1, mps)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {text!r}: this machine has no CUDA device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise ValueError(f"--device {text!r}: this machine has {n} CUDA device(s), cuda:0"
+                         + (f" to cuda:{n - 1}" if n > 1 else "") + "; choose one of them")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {text!r}: this machine has no MPS device; use --device cpu")
     return dev

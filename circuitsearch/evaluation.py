@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import PruneConfig, evaluator, resolve_task
 from .graphs.circuit import Circuit
+from .metrics import score_problem
 
 MATRIX_SCHEMA = "circuitsearch.crosstask/1"
 
@@ -79,8 +80,12 @@ def format_matrix(ct: CrossTask, key: str = "faithfulness") -> str:
     cw = max(7, *(len(t) for t in ct.tasks))
     out = [f"{key} of each circuit (row) on each task's prompts (column), {ct.model}",
            f"{corner:<{rw}}" + "".join(f"  {t:>{cw}}" for t in ct.tasks)]
-    for c, row in zip(ct.circuits, ct.matrix(key)):
-        out.append(f"{c:<{rw}}" + "".join(f"  {x:>{cw}.3f}" for x in row))
+    for c, row, scores in zip(ct.circuits, ct.matrix(key), ct.scores):
+        out.append(f"{c:<{rw}}" + "".join(f"  {x:>{cw - 1}.3f}{'*' if s.get('meaningless') else ' '}"
+                                          for x, s in zip(row, scores)))
+    if any(s.get("meaningless") for row in ct.scores for s in row):
+        out.append("* the model fails that task (its full score is at or below 0, or no better than the empty "
+                   "circuit's), so this score means nothing")
     return "\n".join(out) + "\n"
 
 
@@ -125,11 +130,19 @@ def score_column(runs: list[SavedRun], task: str, model, log=print) -> list[dict
             shared = shared or _task_for(task, runs, model, r)
             t, key = shared, (task, *how)
         if key not in evs:
-            evs[key] = evaluator(_config(r, task, model), model, t)
-        s = evs[key].score_circuit(r.circuit)
+            evs[key] = ev = evaluator(_config(r, task, model), model, t)
+            if score_problem(ev.metric, ev.full, ev.empty):
+                log(f"warning: on task {task!r} ({m['ablation']} ablation, {m['metric']}): "
+                    f"{score_problem(ev.metric, ev.full, ev.empty)}; its faithfulness scores are marked * and "
+                    "mean nothing")
+        ev = evs[key]
+        s = ev.score_circuit(r.circuit)
         s["prompts"] = len(t)
+        why = score_problem(ev.metric, ev.full, ev.empty)
+        if why:
+            s["meaningless"] = why
         column.append(s)
-        log(f"  {r.name} circuit on {task}: faithfulness {s['faithfulness']:.3f}")
+        log(f"  {r.name} circuit on {task}: faithfulness {s['faithfulness']:.3f}{' *' if why else ''}")
     return column
 
 
@@ -148,9 +161,9 @@ def cross_task(run_dirs: list, tasks: list[str] | None = None, model=None, log=p
                          "cross-task scores compare circuits of one model")
     tasks = list(tasks) if tasks else list(dict.fromkeys(r.task.name for r in runs))
     if columns is None:
-        from .catalogue import load_model
+        from .config import open_model
 
-        model = model or load_model(runs[0].circuit.model)
+        model = model or open_model(runs[0].circuit.model, log)
         columns = [score_column(runs, t, model, log) for t in tasks]
     else:
         columns = columns(runs, tasks, log)

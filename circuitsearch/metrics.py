@@ -7,6 +7,7 @@ evaluator computes just those; the others need the whole vocabulary.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -108,3 +109,21 @@ def faithfulness(metric: Metric, score: float, full: float, empty: float) -> flo
 def normalized(metric: Metric, score: float, full: float, empty: float) -> float:
     """(circuit − empty) / (full − empty), MIB's normalisation; 1 = full model, 0 = nothing."""
     return (score - empty) / (full - empty) if full != empty else float("nan")
+
+
+def score_problem(metric: Metric, full: float, empty: float) -> str | None:
+    """Why faithfulness means nothing on a task whose full model scores `full` and empty circuit `empty`,
+    or None when it does: a full score at or below 0 for a ratio metric (circuit / full flips its sign, so
+    removals toward the wrong answer would pass, or is NaN at 0), or a full model no better than the empty
+    circuit (nothing to keep; for KL and L2, an empty circuit at 0 divides by 0)."""
+    if math.isnan(full) or math.isnan(empty):
+        return f"the full model scores {full:.4g} and the empty circuit {empty:.4g} (not numbers)"
+    if metric.ratio and metric.higher_is_better and not full > 0:
+        return (f"the full model's {metric.name} is {full:.4g}, at or below 0, so faithfulness (circuit / full) "
+                + ("is undefined" if full == 0 else "has the wrong sign and would accept removals that push "
+                   "toward the wrong answer"))
+    better = full > empty if metric.higher_is_better else full < empty
+    if not better:
+        return (f"the full model's {metric.name} is {full:.4g} and the empty circuit's (every node ablated) "
+                f"{empty:.4g}: the model does the task no better than nothing, so there is no circuit to find")
+    return None

@@ -44,6 +44,7 @@ class Model:
     d_model: int
     source: str
     meta: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)  # what its load has to say (a tokenizer that did not load)
 
     @property
     def processing(self) -> str:
@@ -154,11 +155,17 @@ def load_local(path: str | Path, dtype=None) -> Model:
                                                   local_files_only=True)
     except Exception as e:
         raise ModelError(f"could not load the GGUF file {path}: {e}") from e
+    why = None
     try:
         tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
-    except Exception:  # a GGUF file need not carry a tokenizer: token-id tasks still run
-        tok = None
-    return from_hf(hf.eval(), tok, str(path), f"gguf:{p.resolve()}")
+    except Exception as e:  # a GGUF file need not carry a tokenizer: token-id tasks still run, and the user is told
+        tok, why = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
+    model = from_hf(hf.eval(), tok, str(path), f"gguf:{p.resolve()}")
+    if why is not None:
+        model.meta["no_tokenizer"] = why
+        model.notes.append(f"warning: {path}: its tokenizer did not load ({why}), so only token-id tasks can run "
+                           "on it (a JSONL file of ids, or a run's task.json)")
+    return model
 
 
 def check_local(path: str | Path) -> Path:
@@ -337,6 +344,22 @@ def _hub_offline():
         constants.HF_HUB_OFFLINE = before
 
 
+def hub_status(timeout: float = 1.0) -> str:
+    """What this machine has of what hub models need, checked now: whether the hub answers (within `timeout`
+    seconds) and which models the local Hugging Face cache holds."""
+    if _hub_reachable(timeout):
+        return "here: the hub is reachable"
+    try:
+        from huggingface_hub import constants
+        cache = Path(constants.HF_HUB_CACHE)
+    except ImportError:
+        cache = Path.home() / ".cache" / "huggingface" / "hub"
+    held = sorted(p.name.removeprefix("models--").replace("--", "/") for p in cache.glob("models--*")) \
+        if cache.is_dir() else []
+    return (f"here: the hub is unreachable, and the local HF cache ({cache}) holds "
+            + (f"{len(held)} model(s): {', '.join(held[:8])}{' ...' if len(held) > 8 else ''}" if held else "none"))
+
+
 def _load_hub(name: str) -> Model:
     offline = contextlib.nullcontext()
     if not _hub_reachable():
@@ -415,5 +438,5 @@ LOCAL = NamedModel("<path>", lambda name: load_local(name),
                    "the files; a tokenizer only for text tasks", looks_local)
 HUB = NamedModel("hub:<name>", lambda name: _load_hub(name.removeprefix("hub:")),
                  "any Hugging Face causal LM TransformerLens supports (gpt2, pythia-70m, ...)",
-                 "a reachable Hugging Face hub or a local HF cache; this machine has neither",
+                 "a reachable Hugging Face hub or a local HF cache",
                  lambda name: name.startswith("hub:") or name in HUB_NAMES or "/" in name)

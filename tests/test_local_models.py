@@ -147,7 +147,21 @@ def test_python_api_from_bridge_and_from_hf():
         load_model("./not-a-model.bin")
 
 
-def test_readme_python_lines(ids_task):
+def own_answers_task(model, path, n=8):
+    """A token-id JSONL task whose answers are the model's own top choices and wrong answers its last: a task
+    the model does (random answers would make its full score negative, which a search refuses)."""
+    g = torch.Generator().manual_seed(0)
+    clean, corrupted = torch.randint(0, V, (2, n, 6), generator=g)
+    with torch.no_grad():
+        logits = model.bridge(clean)[:, -1]
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"clean": clean[i].tolist(), "corrupted": corrupted[i].tolist(),
+                                "answer": int(logits[i].argmax()), "wrong_answer": int(logits[i].argmin())}) + "\n")
+    return path
+
+
+def test_readme_python_lines(tmp_path):
     """The README's three lines, on a tiny seeded GPT-NeoX without a tokenizer."""
     import transformers as tf
     from circuitsearch import Evaluator, Model, find_circuit, load_task
@@ -156,7 +170,7 @@ def test_readme_python_lines(ids_task):
     hf_model = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                                       num_attention_heads=4, intermediate_size=64)).eval()
     model = Model.from_hf(hf_model, None)
-    ev = Evaluator(model, load_task(ids_task, model.tokenizer))
+    ev = Evaluator(model, load_task(own_answers_task(model, tmp_path / "own.jsonl"), model.tokenizer))
     result = find_circuit(ev, level="nodes", progress=False)
     assert ev.graph.parallel and ev.faithfulness(result.final) >= 0.8 - 1e-6
     assert len(result.ablated) > 0

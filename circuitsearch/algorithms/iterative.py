@@ -17,8 +17,8 @@ from ..patching import Evaluator, Run
 from .levels import EDGE_POSITIONS, candidate_ids, level_of  # noqa: F401  (candidate_ids: part of this API)
 from .orders import ByMagnitude, Order, default_order, parse_order
 from .speculation import MAX_K, Speculation
-from .search import (LEVELS, Decision, PruneResult, Replay, ResumeError, Thresholds, dangling_nodes,  # noqa: F401
-                     phases, remove_dangling, run_phases)
+from .search import (LEVELS, Decision, PruneResult, Replay, ResumeError, Thresholds, check_scores,  # noqa: F401
+                     dangling_nodes, phases, remove_dangling, run_phases)
 
 
 def node_candidates(ev: Evaluator, run: Run) -> list[str]:
@@ -52,6 +52,7 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
         order = ByMagnitude(order.name, order.method, order.steps, tuple(ranking))
     if max_passes < 1:
         raise ValueError(f"max_passes must be at least 1, not {max_passes}")
+    check_scores(ev)
     run = run if run is not None else ev.run()
     result = result or PruneResult(run)
     replay = replay if isinstance(replay, Replay) else Replay(replay)

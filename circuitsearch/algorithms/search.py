@@ -14,12 +14,32 @@ from typing import Callable, Iterable
 
 import networkx as nx
 
+from ..metrics import score_problem
 from ..patching import Evaluator, Run
 from .levels import LEVEL_CHOICES as LEVELS, phases  # noqa: F401  (phases is part of this interface)
 
 
 class ResumeError(RuntimeError):
     """The decision log does not belong to this run (other settings or another model)."""
+
+
+class TaskScoreError(ValueError):
+    """The model fails the task, so faithfulness would mean nothing (see check_scores)."""
+
+
+def check_scores(ev: Evaluator) -> None:
+    """Refuse, before any search, a task on which faithfulness means nothing (metrics.score_problem): the
+    message names the scores and the fixes."""
+    why = score_problem(ev.metric, ev.full, ev.empty)
+    if why is None:
+        return
+    meta = getattr(ev.task, "meta", {}) or {}
+    answered = (f" The model answers {meta['n_correct']} of its {len(ev.task)} prompts correctly (top-1)."
+                if "n_correct" in meta and "n_kept" not in meta else "")
+    raise TaskScoreError(f"task {ev.task.name!r}: {why}.{answered} Check the answers (the answer is the token the "
+                         "model should predict, the wrong answer its contrast), choose another --metric, or drop "
+                         "the prompts the model fails (a built-in task keeps only answered prompts unless "
+                         "--keep-all; another template may suit the model better)")
 
 
 @dataclass(frozen=True)
@@ -178,6 +198,7 @@ def run_phases(ev: Evaluator, level: str, phase: Phase, dangling: Thresholds | N
     says, each by `phase`; then the nodes left dangling (after an edge phase, by `dangling`); then a
     fresh re-score (result.final)."""
     steps = phases(level)
+    check_scores(ev)
     result = PruneResult(start if start is not None else ev.run())
     for p in steps:
         phase(p, result)

@@ -32,7 +32,7 @@ from ..patching import Evaluator, Run
 from .attribution import attribute_for
 from .iterative import edge_candidates
 from .levels import level_of
-from .search import Decision, PruneResult, Replay, Thresholds, phases, run_phases
+from .search import Decision, PruneResult, Replay, Thresholds, check_scores, phases, run_phases
 
 MAX_ROUNDS = 8
 PATIENCE = 30
@@ -206,6 +206,7 @@ def prune_to_targets(ev: Evaluator, targets: list[float], level: str = "both", m
     replay: decisions of an interrupted session (see module docstring); on_decision gets every new one.
     """
     phases(level)
+    check_scores(ev)
     if max_rounds < 1:
         raise ValueError(f"max_rounds must be at least 1, not {max_rounds}")
     if patience is not None and patience < 1:

@@ -83,8 +83,11 @@ def _token_lengths(task) -> str:
 
 def _kept_note(task) -> str:
     m = task.meta
-    return f" (kept {m['n_kept']} of {m['n_generated']} generated: the model answers them correctly)" \
-        if "n_kept" in m and "n_generated" in m else ""
+    if "n_kept" in m and "n_generated" in m:
+        return f" (kept {m['n_kept']} of {m['n_generated']} generated: the model answers them correctly)"
+    if "n_correct" in m:
+        return f" (the model answers {m['n_correct']} of {len(task)} correctly, top-1; every prompt is used)"
+    return ""
 
 
 def _render_or_note(draw, obj, path: Path, log) -> str | None:
@@ -145,15 +148,24 @@ def _replay(prepared: Prepared, dlog: DecisionLog, log, decisions: list | None =
     return Replay(decisions, mismatch, first)
 
 
-def write_curves(ev, result, circuit, out: Path, log=print) -> list:
+def ranking_label(method: str, steps: int) -> str:
+    """How a curve of an attribution ranking is named: 'EAP ranking', or 'EAP-IG ranking' with its steps
+    where they are not the default 5."""
+    if method == "eap":
+        return "EAP ranking"
+    return "EAP-IG ranking" + (f" ({steps} steps)" if steps != 5 else "")
+
+
+def write_curves(ev, result, circuit, out: Path, log=print, method: str = "eap-ig", steps: int = 5) -> list:
     """curves.json and curves.png: faithfulness against % of edges kept, for the run's removal order
-    and for the EAP-IG ranking of the full model (MIB's CPR and CMD; not for a metric without a gradient)."""
+    and for the attribution ranking of the full model by the run's `method` and `steps` (MIB's CPR and CMD;
+    not for a metric without a gradient)."""
     from ..algorithms.attribution import attribute
     from ..algorithms.curves import curves_json, faithfulness_curve, plot_curves, removal_ranking
 
     ranked = [(f"removal order ({circuit.method['order']})", removal_ranking(ev, result.decisions, circuit))]
     if ev.metric.gradient:
-        ranked.append(("EAP-IG ranking", attribute(ev, method="eap-ig", steps=5).ranking("edges")))
+        ranked.append((ranking_label(method, steps), attribute(ev, method=method, steps=steps).ranking("edges")))
     else:
         log(f"note: no EAP-IG curve: the {ev.metric.name} metric has no gradient (the removal order's curve is drawn)")
     made = [faithfulness_curve(ev, r, name) for name, r in ranked]
@@ -219,10 +231,29 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
         if prepared.notes:
             stats["recovered"] = prepared.notes
         circuit = circuit_from_result(ev, result, config, result.final, stats)
-        extras = (lambda: write_curves(ev, result, circuit, out, log)) if curves else None
+        extras = (lambda: write_curves(ev, result, circuit, out, log, config.attribution, config.steps)) \
+            if curves else None
         write_outputs(circuit, out, log, extras)
         dlog.checkpoint("done", {"faithfulness": circuit.scores["faithfulness"]})
     return circuit
+
+
+# settings of iterative pruning the target search has no use for, with why (refused, not ignored)
+TARGET_UNUSED = {
+    "relative": "bisection and refinement remove many candidates at a time, so a cost per removal has no meaning "
+                "there; for a relative threshold use iterative pruning",
+    "max_passes": "it has no passes: it bisects, then refines once (patience bounds the refinement)",
+    "order": "it ranks candidates by their estimated gain (recorded as order gain); attribution and steps "
+             "choose that ranking",
+}
+
+
+def check_target_config(config: PruneConfig) -> None:
+    """ValueError for a setting the target search would ignore: given, or not at its default."""
+    default = PruneConfig()
+    for key, why in TARGET_UNUSED.items():
+        if key in config.given or getattr(config, key) != getattr(default, key):
+            raise ValueError(f"{key} {getattr(config, key)!r} does not apply to the target search: {why}")
 
 
 def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = True, log=print,
@@ -240,6 +271,7 @@ def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = 
 
     targets = parse_targets(targets)
     config.check()
+    check_target_config(config)
     if not get_metric(config.metric).gradient:  # before anything loads
         raise ValueError(f"the target search ranks candidates by attribution gradients, and the {config.metric} "
                          "metric has none: prune to targets with logit_diff, prob, kl, l2 or logprob, or use "
@@ -277,9 +309,9 @@ def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = 
         first = next((i for i, d in enumerate(decisions) if d.get("target") in todo), len(decisions))
         if decisions[first:]:
             log(f"resuming {out}: replaying {len(decisions) - first} decisions")
-        tconf = PruneConfig(**{**config.to_json(), "order": "gain"})
-
         def write(step):
+            # what this target's search used: the target as its absolute threshold, no relative one
+            tconf = PruneConfig(**{**config.to_json(), "order": "gain", "absolute": step.target, "relative": None})
             sub = out / f"target-{step.target}"
             sub.mkdir(exist_ok=True)
             save_task(sub, task)
@@ -287,6 +319,7 @@ def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = 
                      "target_forward_passes": step.forward_passes,
                      "target_backward_passes": step.backward_passes}
             c = circuit_from_result(ev, step.result, tconf, step.result.final, stats)
+            del c.method["max_passes"]  # it has none (check_target_config)
             summary = step.summary(ev)
             c.method.update(target=step.target, attribution=config.attribution, steps=config.steps,
                             target_search=summary)
@@ -311,14 +344,27 @@ def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = 
     return rows
 
 
+# the lines of a run's log that a driver running several runs (compare-orders, sweeps) passes on to the user:
+# notes, warnings, resumes; the model-and-task line each run starts with is said once by the driver
+MESSAGE_PREFIXES = ("note:", "warning:", "resuming ")
+
+
+def _order_log(order: str, log):
+    """The log of one order's prune in compare-orders: its messages (MESSAGE_PREFIXES), prefixed with the order."""
+    def out(*parts):
+        text = " ".join(map(str, parts))
+        if text.startswith(MESSAGE_PREFIXES):
+            log(f"  [{order}] {text}")
+    return out
+
+
 def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progress: bool = True, log=print,
                 model=None, force: bool = False, batch: int = MAX_K):
     """Prune with each order into out/<order>/ (each a resumable run directory, all on the same
     prompts), then compare: comparison.json, comparison.svg and report.md in `out`."""
     from ..algorithms.compare import compare_circuits, order_dirname, render_comparison
     from ..algorithms.orders import check_order
-    from ..catalogue import load_model
-    from ..config import check_fits, evaluator, resolve_task
+    from ..config import check_fits, evaluator, open_model, resolve_task
 
     config.check()  # bad settings fail before loading, every order's with the metric
     orders = [PruneConfig(**{**config.to_json(), "order": check_order(o)}).check().order for o in orders]
@@ -326,7 +372,7 @@ def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progres
         raise ValueError(f"compare-orders needs at least two distinct orders, got {orders}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = model if model is not None else load_model(config.model)
+    model = model if model is not None else open_model(config.model, log)
     task = resolve_task(config, model, saved_task(out))
     check_fits(model, task, log, force)
     save_task(out, task)
@@ -335,7 +381,7 @@ def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progres
         sub = out / order_dirname(order)
         log(f"[{i + 1}/{len(orders)}] order {order} -> {sub}")
         cfg = PruneConfig(**{**config.to_json(), "order": order})
-        circuits.append(run_prune(cfg, sub, progress=progress, log=lambda *a: None, model=model, task=task,
+        circuits.append(run_prune(cfg, sub, progress=progress, log=_order_log(order, log), model=model, task=task,
                                   force=force, batch=batch))
         c = circuits[-1]
         log(f"  {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges, faithfulness "

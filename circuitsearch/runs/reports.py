@@ -14,6 +14,26 @@ def thresholds_text(t: dict) -> str:
     return f"absolute {f(t.get('absolute'))}, relative {f(t.get('relative'))} (on {t.get('on', 'faithfulness')})"
 
 
+# what a "full-forward equivalent" is: a cost model, not a measurement (benchmarks/cost_model.py measures it)
+EQUIVALENTS_NOTE = (": a fixed cost model, each pass counted as the fraction of the layers it recomputes, a layer's "
+                    "attention taken as 0.30-0.35 of it; benchmarks/cost_model.py measures those fractions")
+
+
+def prompts_text(task_meta: dict, n: int | None) -> str | None:
+    """How many of the task's prompts the model answers correctly, where that was counted: a built-in task
+    keeps only answered prompts (unless --keep-all); a task file is used whole, so its count is said."""
+    if "n_kept" in task_meta and "n_generated" in task_meta:
+        return (f"Prompts: {task_meta['n_kept']} kept of {task_meta['n_generated']} generated, those the model "
+                "answers correctly (top-1).")
+    if "n_correct" in task_meta and n:
+        wrong = task_meta.get("wrong_prompts") or []
+        listed = ", ".join(map(str, wrong[:10])) + (" ..." if len(wrong) > 10 else "")
+        return (f"Prompts: the model answers {task_meta['n_correct']} of the {n} correctly (top-1)"
+                + (f"; prompts {listed} (0-based) it answers otherwise, and they are scored as they are."
+                   if wrong else "."))
+    return None
+
+
 def prune_report(circuit, diagram: str | None, curves: list | None = None) -> str:
     """report.md of a prune run: sizes, scores, cost, diagram, curves, the most important nodes."""
     s, m, st = circuit.scores, circuit.method, circuit.stats
@@ -30,8 +50,11 @@ def prune_report(circuit, diagram: str | None, curves: list | None = None) -> st
         lines += ["", ABOVE_ONE]
     if st.get("recovered"):
         lines += ["", "**Recovered from a damaged run directory:**", ""] + [f"- {n}" for n in st["recovered"]]
+    answered = prompts_text(circuit.meta.get("task_meta", {}), circuit.meta.get("n_prompts"))
+    if answered:
+        lines += ["", answered]
     lines += ["", f"Forward passes: {st.get('forward_passes')} ({st.get('forward_equivalents')} full-forward "
-              f"equivalents), {st.get('seconds')} s, {st.get('decisions')} decisions."]
+              f"equivalents{EQUIVALENTS_NOTE}), {st.get('seconds')} s, {st.get('decisions')} decisions."]
     if st.get("batched_passes") or st.get("skipped"):
         lines += [f"Speculation scored those circuits in {st.get('batched_passes', 0)} batched passes "
                   f"(plus single ones); {st.get('skipped', 0)} tries were answered by an earlier try on the same "

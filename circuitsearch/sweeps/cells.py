@@ -27,11 +27,11 @@ def log_path(out: str | Path, cell: Cell) -> Path:
     return Path(out) / "logs" / f"{cell.name}.log"
 
 
-def get_model(name: str):
-    """The worker's model of this name, loaded on first use."""
+def get_model(name: str, log=None):
+    """The worker's model of this name, loaded on first use (its load notes on `log`: the cell that loads it)."""
     if name not in _MODELS:
-        from ..catalogue import load_model
-        _MODELS[name] = load_model(name)
+        from ..config import open_model
+        _MODELS[name] = open_model(name, log)
         LOADS["count"] += 1
     return _MODELS[name]
 
@@ -61,6 +61,7 @@ class CellResult:
     model_loads: int = 0           # models the worker had loaded so far (1 per model when the cache works)
     targets: list = field(default_factory=list)  # a target cell: one summary per target
     circuit: str | None = None     # circuit.json relative to the sweep directory
+    messages: list = field(default_factory=list)  # the run's notes and warnings, for the driver to pass on
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -123,25 +124,30 @@ def run_cell(out: str, cell: Cell, batch: int = 16) -> CellResult:
     import socket
 
     from ..runs import run_prune, run_targets
+    from ..runs.commands import MESSAGE_PREFIXES
 
     t0 = time.time()
     worker = f"{socket.gethostname()}:{os.getpid()}"
     path = log_path(out, cell)
     path.parent.mkdir(parents=True, exist_ok=True)
+    messages: list[str] = []
     with open(path, "a") as logf:
         def log(*parts):
-            print(*parts, file=logf, flush=True)
+            text = " ".join(map(str, parts))
+            print(text, file=logf, flush=True)
+            if text.startswith(MESSAGE_PREFIXES):
+                messages.append(text)
 
         log(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {worker}: cell {cell.name}")
         try:
             if cell.kind == "evaluate":  # a column of evaluate's cross-task matrix
                 from .crosstask import run_column
-                scores = run_column(out, cell, get_model(cell.settings["model"]), log)
+                scores = run_column(out, cell, get_model(cell.settings["model"], log), log)
                 return _stamp(CellResult(cell.name, cell.settings, cell.kind, "done", scores={"column": scores}),
-                              worker, t0)
+                              worker, t0, messages)
             if is_done(out, cell):
-                return _stamp(result_from_dir(out, cell, "skipped"), worker, t0)
-            model = get_model(cell.settings.get("model", "smollm2-135m"))
+                return _stamp(result_from_dir(out, cell, "skipped"), worker, t0, messages)
+            model = get_model(cell.settings.get("model", "smollm2-135m"), log)
             if cell.kind == "target":
                 run_targets(cell.config(), cell.targets, cell_dir(out, cell), progress=False, log=log,
                             patience=cell.settings.get("patience", 30), model=model)
@@ -152,13 +158,14 @@ def run_cell(out: str, cell: Cell, batch: int = 16) -> CellResult:
                     task = Task.from_json(json.loads((Path(out) / cell.task_file).read_text()))
                 run_prune(cell.config(), cell_dir(out, cell), progress=False, log=log, model=model, task=task,
                           curves=cell.settings.get("curves", True), batch=batch)
-            return _stamp(result_from_dir(out, cell, "done"), worker, t0)
+            return _stamp(result_from_dir(out, cell, "done"), worker, t0, messages)
         except Exception as e:  # a cell's failure is its row, not the sweep's end
             log(traceback.format_exc())
             return _stamp(CellResult(cell.name, cell.settings, cell.kind, "failed",
-                                     error=f"{type(e).__name__}: {e}"), worker, t0)
+                                     error=f"{type(e).__name__}: {e}"), worker, t0, messages)
 
 
-def _stamp(r: CellResult, worker: str, t0: float) -> CellResult:
+def _stamp(r: CellResult, worker: str, t0: float, messages: list | None = None) -> CellResult:
     r.worker, r.wall, r.model_loads = worker, round(time.time() - t0, 3), LOADS["count"]
+    r.messages = list(messages or [])
     return r

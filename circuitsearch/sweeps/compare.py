@@ -17,15 +17,14 @@ def order_cells(config: PruneConfig, orders: list[str]) -> list[Cell]:
     from ..algorithms.compare import order_dirname
 
     return [Cell(f"order={order_dirname(o)}", {**config.to_json(), "order": o, "curves": True},
-                 dir=order_dirname(o), task_file="task.json") for o in orders]
+                 dir=order_dirname(o), task_file="task.json", derived=True) for o in orders]
 
 
 def compare_orders(config: PruneConfig, orders: list[str], out: str | Path, executor, log=print, force: bool = False):
     """run_compare with the orders' prunes spread over `executor`; returns the Comparison."""
     from ..algorithms.compare import compare_circuits, render_comparison
     from ..algorithms.orders import check_order
-    from ..catalogue import load_model
-    from ..config import check_fits, evaluator, resolve_task
+    from ..config import check_fits, evaluator, open_model, resolve_task
     from ..graphs.export import load_circuit
     from ..graphs.render import RenderError
     from ..runs.reports import comparison_report
@@ -37,7 +36,7 @@ def compare_orders(config: PruneConfig, orders: list[str], out: str | Path, exec
         raise ValueError(f"compare-orders needs at least two distinct orders, got {orders}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = load_model(config.model)
+    model = open_model(config.model, log)
     task = resolve_task(config, model, saved_task(out))
     check_fits(model, task, log, force)
     save_task(out, task)
@@ -46,6 +45,8 @@ def compare_orders(config: PruneConfig, orders: list[str], out: str | Path, exec
 
     def on_result(r):
         results[r.name] = r
+        for m in r.messages:  # the order's own notes and warnings
+            log(f"  [{r.name}] {m}")
         what = (f"{r.heads} heads, {r.mlps} MLPs, {r.edges} edges, faithfulness {r.faithfulness:.3f}, "
                 f"{r.forward_passes} forward passes" if r.status != "failed" else f"FAILED: {r.error}")
         log(f"  {r.name}: {what}")

@@ -108,6 +108,8 @@ def run_sweep(spec: SweepSpec, out: str | Path, executor=None, truth: str | Path
 
         def on_result(r: CellResult):
             rows[r.name] = r.to_json()
+            for m in r.messages:  # the cell's own notes and warnings
+                log(f"  [{r.name}] {m}")
             done = sum(1 for x in rows.values() if x["status"] != "pending")
             what = (f"{r.heads} heads, {r.mlps} MLPs, {r.edges} edges, faithfulness {r.faithfulness:.3f}"
                     if r.status != "failed" else f"FAILED: {r.error}")

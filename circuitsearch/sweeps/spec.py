@@ -40,6 +40,7 @@ class Cell:
     settings: dict
     dir: str = ""        # its run directory relative to the sweep's; default cells/<name>
     task_file: str = ""  # a task.json (relative to the sweep's directory) every such cell starts from
+    derived: bool = False  # settings taken whole from another run's (compare-orders), not written by a user
 
     @property
     def kind(self) -> str:
@@ -60,11 +61,12 @@ class Cell:
         return parse_targets(t if isinstance(t, list) else [t])
 
     def config(self) -> PruneConfig:
-        """The run's PruneConfig (a target cell's order is 'gain', which run_targets records anyway)."""
+        """The run's PruneConfig, its keys as given by the sweep file (unless derived; a target cell's order
+        "target" is not an order of iterative pruning: run_targets records order gain)."""
         cfg = {k: v for k, v in self.settings.items() if k in CONFIG_KEYS}
         if self.kind == "target":
-            cfg["order"] = "alternate"  # unused by a target search; any valid order passes check()
-        return PruneConfig(**cfg)
+            del cfg["order"]
+        return PruneConfig(**cfg, given=frozenset() if self.derived else frozenset(cfg))
 
 
 @dataclass
@@ -184,6 +186,8 @@ def check_cell(cell: Cell) -> None:
                 raise SpecError("order = \"target\" searches to the absolute threshold, which is off: set absolute "
                                 "or target")
             parse_targets(cell.targets)
+            from ..runs.commands import check_target_config
+            check_target_config(cell.config())
         if s.get("patience") is not None and s["patience"] < 1:
             raise SpecError(f"patience = {s['patience']} must be at least 1")
         cell.config().check()

@@ -6,23 +6,40 @@ import torch
 from . import builtin  # noqa: F401  (registers the built-in tasks)
 from .base import TASKS, TEMPLATES, Task, TaskError, build_task, concat_tasks, load_task
 
-__all__ = ["Task", "TaskError", "build_task", "load_task", "TASKS", "get_task", "list_tasks", "filter_correct"]
+__all__ = ["Task", "TaskError", "build_task", "load_task", "TASKS", "get_task", "list_tasks", "filter_correct",
+           "answered", "note_answered"]
 
 
 def list_tasks() -> list[tuple[str, str]]:
     return [(name, desc) for name, (_, desc) in TASKS.items()]
 
 
-def filter_correct(task: Task, model, keep: int | None = None) -> Task:
-    """Only the prompts whose clean top-1 prediction is the answer (at most `keep` of them)."""
+def answered(task: Task, model) -> torch.Tensor:
+    """Which prompts [n] the model answers correctly: its clean top-1 prediction at the prompt's last real
+    position is the answer (for a multi-token answer, its first token after those it shares with the wrong
+    one, which the task already feeds). One forward pass of the bridge."""
     with torch.no_grad():
         logits = model.bridge(task.clean)
         pred = logits[torch.arange(len(task)), task.lengths - 1].argmax(-1)  # each prompt's last real position
-    ok = (pred == task.answers).nonzero()[:, 0].tolist()
+    return pred == task.answers
+
+
+def note_answered(task: Task, model) -> Task:
+    """`task` with meta n_correct (how many prompts the model answers correctly, see `answered`) and
+    wrong_prompts (the indices of the others): a task file is used whole, so this is said, not filtered."""
+    ok = answered(task, model)
+    task.meta.update(n_correct=int(ok.sum()), wrong_prompts=(~ok).nonzero()[:, 0].tolist())
+    return task
+
+
+def filter_correct(task: Task, model, keep: int | None = None) -> Task:
+    """Only the prompts whose clean top-1 prediction is the answer (at most `keep` of them)."""
+    ok = answered(task, model).nonzero()[:, 0].tolist()
     if not ok:
         which = f" (template {task.meta['template']})" if "template" in task.meta else ""
         raise TaskError(f"the model answers none of the {len(task)} prompts of task {task.name!r}{which} correctly; "
-                        "try another template, or turn the filter off")
+                        "try another template (`circuitsearch tasks` lists them), or pass --keep-all to keep the "
+                        "prompts it answers wrongly (the full model must still beat the empty circuit)")
     kept = task.subset(ok[:keep] if keep else ok)
     kept.meta.update(n_generated=len(task), n_correct=len(ok), n_kept=len(kept))
     return kept
@@ -60,8 +77,10 @@ def get_task(name: str, tokenizer, n: int = 24, seed: int = 0, template: int | s
     kw = {"seed": seed, "template": template}
     if corruption is not None:
         kw["corruption"] = corruption
-    if model is None or not filter:
+    if model is None:
         return builder(tokenizer, n=n, **kw)
+    if not filter:  # every prompt kept; how many the model answers is said
+        return note_answered(builder(tokenizer, n=n, **kw), model)
     # at least 72 candidates: --template all asks a few prompts of each template, and a weak template
     # (letters 1: 6 of 72 answered) would otherwise have none; the first 3n are the same prompts either way
     return filter_correct(builder(tokenizer, n=max(3 * n, 72), **kw), model, keep=n)
