@@ -282,14 +282,18 @@ def neo_dir(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("neo")
     torch.manual_seed(0)
-    tf.GPTNeoForCausalLM(tf.GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
-                                         attention_types=[[["global", "local"], 1]], window_size=3,
-                                         max_position_embeddings=64)).save_pretrained(root / "neo")
+    neo = tf.GPTNeoForCausalLM(tf.GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                               attention_types=[[["global", "local"], 1]], window_size=3,
+                                               max_position_embeddings=64)).eval()
+    neo.save_pretrained(root / "neo")
     g = torch.Generator().manual_seed(0)
+    clean, corrupted = torch.randint(0, 64, (2, 6, 6), generator=g)
+    with torch.no_grad():  # answers the model's own top choices, wrong answers its last: a task it does
+        logits = neo(clean).logits[:, -1]
     with open(root / "ids.jsonl", "w") as f:
         for i in range(6):
-            clean, corrupted = torch.randint(0, 64, (2, 6), generator=g).tolist()
-            f.write(json.dumps({"clean": clean, "corrupted": corrupted, "answer": i, "wrong_answer": i + 10}) + "\n")
+            f.write(json.dumps({"clean": clean[i].tolist(), "corrupted": corrupted[i].tolist(),
+                                "answer": int(logits[i].argmax()), "wrong_answer": int(logits[i].argmin())}) + "\n")
     return root
 
 
