@@ -141,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=("acdc",), help="acdc: resample ablation, KL metric, edges, reverse order, "
                    "relative threshold on the KL itself (--relative, default 0.01), no absolute threshold; "
                    "--ablation, --metric, --level and --order given as well are kept")
+    p.add_argument("--search", choices=("iterative", "masks", "target"), default=None,
+                   help="iterative (default: try each candidate in --order, remove it if the thresholds hold), "
+                   "masks (learned masks: optimise a continuous mask per unit aimed at --absolute, then verify, "
+                   "repair and polish it exactly; --mask-steps, --mask-lr, --mask-margin), or target (the target "
+                   "search: --target T1,T2,... or --absolute T)")
+    p.add_argument("--mask-steps", type=int, default=None,
+                   help=f"--search masks: Adam steps per phase (default {MASK_DEFAULTS.steps})")
+    p.add_argument("--mask-lr", type=float, default=None,
+                   help=f"--search masks: learning rate of the mask logits (default {MASK_DEFAULTS.lr:g})")
+    p.add_argument("--mask-margin", type=float, default=None,
+                   help=f"--search masks: aim at faithfulness --absolute + this (default {MASK_DEFAULTS.margin:g})")
     p.add_argument("--target", help="prune to target performances instead, e.g. 0.97,0.9,0.8: for each, the "
                    "smallest circuit verified at or above it (nested; attribution ranking, bisection, refinement)")
     p.add_argument("--attribution", choices=("eap", "eap-ig"), default="eap-ig",
@@ -282,6 +293,8 @@ def cmd_models(args) -> int:
     return 0
 
 
+from .algorithms.mask_settings import MASK_DEFAULTS  # noqa: E402  (torch-free)
+
 ACDC_PRESET = {"ablation": "resample", "metric": "kl", "level": "edges", "order": "reverse"}
 
 
@@ -294,7 +307,14 @@ def _config(args):
                       metric=args.metric, absolute=args.absolute, relative=args.relative, order=args.order,
                       max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
                       template=args.template, corruption=args.corruption, attribution=args.attribution,
-                      steps=args.steps, **_engine_args(args))
+                      steps=args.steps, mask_steps=args.mask_steps, mask_lr=args.mask_lr,
+                      mask_margin=args.mask_margin, **_engine_args(args))
+    if args.search == "masks":
+        for flag in ("order", "preset"):
+            if flag in g:
+                raise ValueError(f"--{flag} does not combine with --search masks: the masks' own order (least needed "
+                                 "first) drives the repair and the polish; leave --" + flag + " out")
+        cfg.order = "masks"
     if args.preset == "acdc":
         if "absolute" in g:
             raise ValueError("--absolute does not combine with --preset acdc: the preset's threshold acts on the "
@@ -329,6 +349,24 @@ TARGET_REFUSES = {
 }
 
 
+def _check_search(args) -> None:
+    """--search target takes its targets from --target, or from --absolute (one target); --target is the target
+    search, so another --search with it is refused."""
+    g = given(args)
+    if args.search == "target":
+        if args.target is None:
+            args.target = str(args.absolute)
+            args.given = frozenset(g - {"absolute"})
+    elif args.search is not None and args.target is not None:
+        raise ValueError(f"--target is the target search; it does not combine with --search {args.search}: "
+                         "leave one out")
+    if args.target is not None:
+        for k in ("mask_steps", "mask_lr", "mask_margin"):
+            if k in g:
+                raise ValueError(f"--{k.replace('_', '-')} sets learned masks (--search masks), not the target "
+                                 "search; leave it out")
+
+
 def _check_target_flags(args) -> None:
     """--target with a flag it cannot honour, or --patience without --target: refused before loading."""
     g = given(args)
@@ -345,6 +383,7 @@ def _check_target_flags(args) -> None:
 def cmd_prune(args) -> int:
     from .runs import run_prune
 
+    _check_search(args)
     _check_target_flags(args)
     cfg = _config(args)
     if args.target is not None:
@@ -355,7 +394,8 @@ def cmd_prune(args) -> int:
           f"(order {c.method['order']})")
     print(f"  faithfulness {s['faithfulness']:.3f}  normalized {s['normalized']:.3f}  "
           f"({c.method['metric']}: circuit {s['circuit']:.3f}, full {s['full']:.3f}, empty {s['empty']:.3f})")
-    print(f"  {st['forward_passes']} forward passes = {st['forward_equivalents']} full-forward equivalents, "
+    back = f" (with {st['backward_passes']} backward passes)" if st.get("backward_passes") else ""
+    print(f"  {st['forward_passes']} forward passes{back} = {st['forward_equivalents']} full-forward equivalents, "
           f"{st['seconds']} s")
     out = Path(args.out)
     files = [f for f in ("report.md", "circuit.json", "circuit.svg", "circuit.dot", "curves.png", "curves.json",

@@ -17,10 +17,18 @@ def default_order(metric: str) -> str:
     return default(metric)
 
 
+MASKS = "masks"  # the order value (and --search masks) of learned-mask search (algorithms/masks.py)
+MASK_KEYS = ("mask_steps", "mask_lr", "mask_margin")
+
+
 def check_order_for_metric(order: str, metric: str) -> None:
     """ValueError naming the fix when `order` needs gradients that `metric` does not have."""
     from .metrics import METRICS, get_metric
 
+    if order == MASKS and not get_metric(metric).gradient:
+        with_gradient = ", ".join(m for m in METRICS if get_metric(m).gradient)
+        raise ValueError(f"learned masks (--search masks) optimise through gradients, and the {metric} metric has "
+                         f"none: use a metric with a gradient ({with_gradient}), or iterative pruning")
     if order == "attribution" and not get_metric(metric).gradient:
         with_gradient = ", ".join(m for m in METRICS if get_metric(m).gradient)
         raise ValueError(f"--order attribution ranks candidates by attribution gradients, and the {metric} metric "
@@ -59,6 +67,9 @@ class PruneConfig:
     engine: str = "auto"         # fast, hooked, or auto (fast when it reproduces the model); not a result
                                  # setting: both paths compute the same scores (the path used is in stats)
     keep_all: bool = False       # built-in tasks: keep the prompts the model answers wrongly too
+    mask_steps: int | None = None    # learned masks (order masks): Adam steps per phase (None: MaskSettings')
+    mask_lr: float | None = None     # its learning rate
+    mask_margin: float | None = None  # aim at absolute + margin
     given: frozenset = frozenset()  # settings the user gave explicitly (command line flags, sweep keys): one that
                                     # cannot apply is refused even at its default value; not a result setting
 
@@ -71,11 +82,39 @@ class PruneConfig:
         d.pop("threads")
         d.pop("engine")
         d.pop("given")
+        for k in MASK_KEYS:
+            d.pop(k)
+        if d["order"] == MASKS:  # the settings the search used, defaults resolved
+            d.update({f"mask_{k}": v for k, v in self.mask_settings().to_json().items()
+                      if k in ("steps", "lr", "margin")})
         for k, default in (("device", "cpu"), ("dtype", "float32"), ("split_embed", False), ("positions", "last"),
                            ("reduce", None), ("keep_all", False)):
             if d[k] == default:
                 d.pop(k)
         return d
+
+    def mask_settings(self):
+        """The MaskSettings of a learned-mask run (defaults where not given)."""
+        from .algorithms.mask_settings import MaskSettings
+
+        return MaskSettings.of(self.mask_steps, self.mask_lr, self.mask_margin)
+
+    def _check_mask_settings(self) -> None:
+        """Mask settings only with order masks; masks need the absolute threshold on faithfulness."""
+        given = [k for k in MASK_KEYS if getattr(self, k) is not None]
+        if self.order != MASKS:
+            if given:
+                flag = "--" + given[0].replace("_", "-")
+                raise ValueError(f"{flag} does not apply: it sets learned-mask search; add --search masks "
+                                 f"(order masks) or leave {flag} out")
+            return
+        self.mask_settings()
+        if self.absolute is None or self.on != "faithfulness":
+            raise ValueError("learned masks aim at the absolute threshold on faithfulness: give --absolute (e.g. 0.8) "
+                             "with thresholds on faithfulness")
+        if self.engine == "hooked":
+            from .algorithms.mask_settings import MASKS_REFUSED
+            raise ValueError(f"--engine hooked: {MASKS_REFUSED}")
 
     def check(self) -> "PruneConfig":
         """Reject settings that cannot run before anything is loaded; each message names the fix."""
@@ -110,8 +149,10 @@ class PruneConfig:
             raise ValueError(f"unknown attribution method {self.attribution!r}; choose eap or eap-ig")
         Thresholds(self.absolute, self.relative, self.on)
         if self.order is not None:
-            parse_order(self.order, self.attribution, self.steps)
+            if self.order != MASKS:
+                parse_order(self.order, self.attribution, self.steps)
             check_order_for_metric(self.order, self.metric)
+        self._check_mask_settings()
         unused = [k for k in ("attribution", "steps") if k in self.given]
         if unused and not get_metric(self.metric).gradient:
             flag = "--" + unused[0]
@@ -175,7 +216,8 @@ def _valid_order(order: str, metric: str) -> bool:
     from .algorithms.orders import parse_order
 
     try:
-        parse_order(order)
+        if order != MASKS:
+            parse_order(order)
         check_order_for_metric(order, metric)
     except ValueError:
         return False

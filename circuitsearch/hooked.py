@@ -384,7 +384,7 @@ class HookedEvaluator(Evaluator):
             flat = inputs["attn"] + [t for t in inputs["mlp"] if t is not None] + [inputs["logits"]]
             grads = torch.autograd.grad(score, flat, allow_unused=True, materialize_grads=True)
         self.forward_passes += 1
-        self.forward_equivalents += 1.0
+        self.forward_equivalents += 3.0  # the backward costs about two forwards (Evaluator.count_relaxed)
         self.backward_passes += 1
         g_attn, rest = list(grads[:L]), list(grads[L:])
         return {"attn": g_attn, "mlp": [None] * L if self.attn_only else rest[:L], "logits": rest[-1][:, -1]}

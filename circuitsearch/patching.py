@@ -713,12 +713,17 @@ class Evaluator:
             score = (per * b.weight).sum() / b.weight.sum()
             flat = inputs["attn"] + [t for t in inputs["mlp"] if t is not None] + [x]
             grads = torch.autograd.grad(score, flat, allow_unused=True, materialize_grads=True)
-        self.forward_passes += 1
-        self.forward_equivalents += 1.0
-        self.backward_passes += 1
+        self.count_relaxed()
         g_attn, rest = list(grads[:L]), list(grads[L:])
         g_mlp = [None] * L if self.attn_only else rest[:L]
         return {"attn": g_attn, "mlp": g_mlp, "logits": rest[-1]}
+
+    def count_relaxed(self, backward: bool = True) -> None:
+        """Count one relaxed forward (circuitsearch.relaxed) and its backward in the stats: a backward costs
+        about two forwards (a gradient for every activation and weight product), so 3 forward-equivalents."""
+        self.forward_passes += 1
+        self.forward_equivalents += 3.0 if backward else 1.0
+        self.backward_passes += int(backward)
 
     def sender_diffs(self, run: Run) -> torch.Tensor:
         """live − ablated output of every sender in `run`, stacked [B, P, S, d]."""

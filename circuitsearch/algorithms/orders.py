@@ -152,11 +152,14 @@ def parse_order(order: "str | Order", attribution: str = "eap-ig", steps: int = 
             raise ValueError(f"order file {str(path)!r} does not exist")
         return FromFile(order, str(path))
     raise ValueError(f"unknown order {order!r}; choose forward, reverse, alternate, random:SEED, "
-                     "file:PATH (one node or edge name a line) or attribution")
+                     "file:PATH (one node or edge name a line) or attribution (or masks: learned-mask search)")
 
 
 def check_order(order: str) -> str:
-    """Reject an order name that is not one of ORDERS, with the list in the message."""
+    """Reject an order name that is not one of ORDERS (or masks: learned-mask search, which compare-orders
+    and sweeps take as an order), with the list in the message."""
+    if order == "masks":
+        return order
     parse_order(order)
     return order
 

@@ -179,6 +179,8 @@ class PruneResult:
     final: float | None = None                        # the circuit re-scored from scratch
     skipped: int = 0                                  # tries answered by an earlier try on the same circuit
     speculation: dict = field(default_factory=dict)   # phase -> rows scored, batched blocks, rows wasted
+    masks: dict = field(default_factory=dict)         # learned masks: phase -> what optimisation and repair did
+    mask_logits: dict = field(default_factory=dict)   # learned masks: phase -> unit name -> final logit
 
     @property
     def ablated(self) -> frozenset:

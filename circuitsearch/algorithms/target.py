@@ -135,8 +135,9 @@ class _Scorer:
 
 
 def bisect_remove(ev: Evaluator, run: Run, order: list[int], level: str, target: float,
-                  scorer: _Scorer | None = None, round_: int = 0) -> tuple[Run, dict]:
-    """The circuit removing the longest prefix of `order` (index ids) that verifies >= target.
+                  scorer: _Scorer | None = None, round_: int = 0, pass_name: str | None = None) -> tuple[Run, dict]:
+    """The circuit removing the longest prefix of `order` (index ids) that verifies >= target (its
+    decisions logged as pass `pass_name`, default bisect:ROUND).
 
     Bisection assumes the score falls as the prefix grows; it need not, but every circuit
     returned is verified, and removing nothing (the current circuit) is the fallback.
@@ -146,7 +147,7 @@ def bisect_remove(ev: Evaluator, run: Run, order: list[int], level: str, target:
     lo, hi, best, scored = 0, len(order), run, 0
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        ok, cand, _ = scorer.try_remove(run, order[:mid], f"bisect:{round_}", mid - 1)
+        ok, cand, _ = scorer.try_remove(run, order[:mid], pass_name or f"bisect:{round_}", mid - 1)
         scored += cand is not None
         if ok:
             lo, best = mid, cand

@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 from ..algorithms.speculation import MAX_K
-from ..config import PruneConfig, build
+from ..config import MASKS, PruneConfig, build
 from ..io import atomic_write_text
 from .reports import comparison_report, prune_report, targets_report
-from .store import (DecisionLog, Prepared, RunDirError, open_dir, prepare, read_checkpoint, save_task, saved_config,
+from .store import (DecisionLog, MaskFile, Prepared, RunDirError, open_dir, prepare, read_checkpoint, save_task, saved_config,
                     saved_task)
 
 
@@ -66,6 +66,8 @@ def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: di
               "dangling_removed": result.dangling}
     if config.order == "attribution":
         method.update(attribution=config.attribution, steps=config.steps)
+    if config.order == MASKS:  # learned masks: how they were learned, and what verification made of them
+        method.update(search="masks", masks={"settings": config.mask_settings().to_json(), "phases": result.masks})
     if config.positions != "last" or config.reduce is not None:
         method.update(positions=config.positions, reduce=ev.reduce)
     if estimated:
@@ -163,7 +165,11 @@ def write_curves(ev, result, circuit, out: Path, log=print, method: str = "eap-i
     from ..algorithms.attribution import attribute
     from ..algorithms.curves import curves_json, faithfulness_curve, plot_curves, removal_ranking
 
-    ranked = [(f"removal order ({circuit.method['order']})", removal_ranking(ev, result.decisions, circuit))]
+    if result.mask_logits.get("edges"):  # learned masks: the edges by final logit, least needed first
+        logits = result.mask_logits["edges"]
+        ranked = [("learned masks", sorted(logits, key=logits.get))]
+    else:
+        ranked = [(f"removal order ({circuit.method['order']})", removal_ranking(ev, result.decisions, circuit))]
     if ev.metric.gradient:
         ranked.append((ranking_label(method, steps), attribute(ev, method=method, steps=steps).ranking("edges")))
     else:
@@ -200,7 +206,8 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
         config, note = config.resolve_order(saved_config(out))  # recorded as resolved: the run is reproducible
         if note:
             log(f"note: {note}")
-        order = parse_order(config.order, config.attribution, config.steps)
+        masks = config.order == MASKS
+        order = None if masks else parse_order(config.order, config.attribution, config.steps)
         prepared = prepare(out, config.to_json())
         for note in prepared.notes:
             log(f"warning: {note}")
@@ -220,8 +227,14 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
             dlog.checkpoint("running")
             replay = _replay(prepared, dlog, log)
             t1 = time.time()
-            result = find_circuit(ev, config.level, thresholds, order, config.max_passes, replay, dlog.record,
-                                  progress=progress, batch=batch)
+            if masks:
+                from ..algorithms.masks import find_circuit_masks
+
+                result = find_circuit_masks(ev, config.level, thresholds, config.mask_settings(), config.max_passes,
+                                            replay, dlog.record, MaskFile(out, log), progress, batch)
+            else:
+                result = find_circuit(ev, config.level, thresholds, order, config.max_passes, replay, dlog.record,
+                                      progress=progress, batch=batch)
         stats = {**ev.stats(), "engine": getattr(ev, "path", "fast"), "seconds": round(time.time() - t0, 2),
                  "search_seconds": round(time.time() - t1, 2),
                  "decisions": len(result.decisions), "replayed": len(decisions) - replay.dropped,

@@ -34,6 +34,29 @@ def prompts_text(task_meta: dict, n: int | None) -> str | None:
     return None
 
 
+def masks_text(method: dict, stats: dict) -> list[str]:
+    """The learned-mask section of a report: settings, and per phase what optimisation reached and what exact
+    verification did with it (removed at discretisation, put back by repair, removed by the polish)."""
+    mk = method.get("masks")
+    if not mk:
+        return []
+    st = mk["settings"]
+    lines = ["", "## Learned masks", "",
+             f"sigmoid masks (temperature {st['temperature']:g}), {st['steps']} Adam steps per phase at lr "
+             f"{st['lr']:g}, aimed at faithfulness absolute + {st['margin']:g}; {stats.get('backward_passes')} "
+             "backward passes in all (each counted as 2 forward-equivalents). Then verified exactly: units with "
+             "logit <= 0 removed in one scored step, put back by bisection in mask order if that missed the "
+             "absolute threshold, then one iterative polish in mask order under both thresholds.", "",
+             "| phase | units | expected kept | relaxed faithfulness | removed by masks | put back | "
+             "faithfulness then | removed by polish |", "|---|---|---|---|---|---|---|---|"]
+    f = lambda v: "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+    for p, d in mk["phases"].items():
+        lines.append(f"| {p} | {d['units']} | {f(d['expected_kept'])} | {f(d['relaxed_faithfulness'])} | "
+                     f"{d['discretised_removed']} | {d['repaired']} | {f(d['faithfulness_after_repair'])} | "
+                     f"{d['polish_removed']} |")
+    return lines
+
+
 def prune_report(circuit, diagram: str | None, curves: list | None = None) -> str:
     """report.md of a prune run: sizes, scores, cost, diagram, curves, the most important nodes."""
     s, m, st = circuit.scores, circuit.method, circuit.stats
@@ -59,6 +82,7 @@ def prune_report(circuit, diagram: str | None, curves: list | None = None) -> st
         lines += [f"Speculation scored those circuits in {st.get('batched_passes', 0)} batched passes "
                   f"(plus single ones); {st.get('skipped', 0)} tries were answered by an earlier try on the same "
                   "circuit without a forward pass."]
+    lines += masks_text(m, st)
     lines += [""]
     if st.get("all_sessions"):
         a = st["all_sessions"]

@@ -337,3 +337,47 @@ class DecisionLog:
         if not self._f.closed:
             os.fsync(self._f.fileno())
             self._f.close()
+
+
+class MaskFile:
+    """DIR/masks.pt: the optimiser state of a learned-mask search, by phase (algorithms.masks.MaskState),
+    written atomically at every checkpoint. A damaged file is said once and ignored: the optimisation is
+    deterministic, so it is recomputed and reaches the same circuit."""
+
+    NAME = "masks.pt"
+
+    def __init__(self, out: Path, log=print):
+        self.path, self.log = Path(out) / self.NAME, log
+        self._states: dict | None = None
+
+    def _read(self) -> dict:
+        if self._states is None:
+            self._states = {}
+            if self.path.exists():
+                import torch
+
+                try:
+                    data = torch.load(self.path, map_location="cpu", weights_only=True)
+                    if not isinstance(data, dict) or not all(isinstance(v, dict) and "theta" in v for v in data.values()):
+                        raise ValueError("not a mask state by phase")
+                    self._states = data
+                except Exception as e:  # any damage: recompute (same result), never trust half a file
+                    self.log(f"warning: {self.path} is damaged ({type(e).__name__}: {e}); the mask optimisation "
+                             "is recomputed from the start (it is deterministic: same circuit)")
+        return self._states
+
+    def load(self, phase: str) -> dict | None:
+        return self._read().get(phase)
+
+    def save(self, phase: str, state: dict) -> None:
+        import io
+
+        import torch
+
+        from ..io import atomic_write_bytes
+
+        states = self._read()
+        states[phase] = state
+        buf = io.BytesIO()
+        torch.save(states, buf)
+        atomic_write_bytes(self.path, buf.getvalue())

@@ -22,7 +22,8 @@ CONFIG_KEYS = tuple(f.name for f in fields(PruneConfig))
 EXTRA_KEYS = ("target", "patience", "curves")  # settings of a cell that are not PruneConfig fields
 SETTING_KEYS = CONFIG_KEYS + EXTRA_KEYS
 THRESHOLD_KEYS = ("absolute", "relative")
-INT_KEYS = ("max_passes", "n_prompts", "seed", "template", "steps", "patience")
+INT_KEYS = ("max_passes", "n_prompts", "seed", "template", "steps", "patience", "mask_steps")
+FLOAT_KEYS = ("mask_lr", "mask_margin")
 BOOL_KEYS = ("qkv", "split_embed", "curves")
 TARGET_ORDER = "target"  # order = "target": a target search (run_targets) instead of iterative pruning
 NAME_LIMIT = 150         # longer cell names are cut and end in a hash of the settings
@@ -110,6 +111,10 @@ def _value(where: str, key: str, value):
         if isinstance(value, bool) or not isinstance(value, int):
             raise SpecError(f"{where}: {key} = {value!r} must be a whole number")
         return value
+    if key in FLOAT_KEYS:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{where}: {key} = {value!r} must be a number")
+        return float(value)
     if key in BOOL_KEYS:
         if not isinstance(value, bool):
             raise SpecError(f"{where}: {key} = {value!r} must be true or false")
