@@ -7,16 +7,16 @@ from dataclasses import asdict, dataclass, fields
 
 @dataclass(frozen=True)
 class MaskSettings:
-    """steps: Adam steps per phase; lr: its learning rate; init: every mask logit's start (sigmoid(2) = 0.88
+    """steps: Adam steps per phase; lr: its learning rate; init: every mask logit's start (sigmoid(3) = 0.95
     kept); temperature: m = sigmoid(logit / temperature), fixed (annealing it made larger circuits in the
     README's study); margin: the optimisation aims at faithfulness A + margin, so the discretised circuit
     needs less repair; dual_lr, mu0: the Lagrange multiplier of the faithfulness constraint starts at mu0 and
-    its log grows by dual_lr * 10 * (shortfall) each step, within [0, 9]; checkpoint_every: steps between
+    its log grows by dual_lr * (A + margin - F) each step, within [0, 9]; checkpoint_every: steps between
     saves of the optimiser state."""
 
     steps: int = 100
     lr: float = 0.3
-    init: float = 2.0
+    init: float = 3.0
     temperature: float = 1.0
     margin: float = 0.0
     dual_lr: float = 1.0

@@ -121,7 +121,7 @@ def optimise(ev: Evaluator, run: Run, phase: str, settings: MaskSettings, absolu
         ev.count_relaxed()
         opt.step()
         f = float(F.detach())
-        log_mu = min(max(log_mu + settings.dual_lr * 10.0 * (target - f), 0.0), 9.0)
+        log_mu = min(max(log_mu + settings.dual_lr * (target - f), 0.0), 9.0)
         kept = float(m.detach().sum())
         bar.update()
         bar.set_postfix(loss=f"{float(loss.detach()):.3f}", kept=f"{kept:.1f}", faith=f"{f:.3f}", refresh=False)
