@@ -51,12 +51,11 @@ def test_nodes_and_edges_match_hooked_reference(arch_model):
     task = random_task(64, seed=5)
     ev = Evaluator(arch_model, task)
     rng = random.Random(0)
-    grouped = arch_model.n_kv_heads != arch_model.n_heads
     for k in (1, 3):
         nodes = rng.sample(ev.senders, k)
         assert abs(ev.score(nodes=nodes) - hooked_score(arch_model, task, nodes=nodes)) < TOL, nodes
-    # edges into MLPs and the logits (k/v edges of grouped heads need the grouped-uniform form)
-    pool = [e for e in ev.graph.edges if not (grouped and e[-2:] in (".k", ".v"))]
+    # every kind of edge: into q/k/v (on the grouped-query model per query head), MLPs and the logits
+    pool = ev.graph.edges
     changed = 0
     for frac in (0.05, 0.3):
         edges = rng.sample(pool, int(frac * len(pool)))
