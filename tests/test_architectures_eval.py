@@ -1,5 +1,6 @@
 """The evaluator's semantics on a bidirectional model and a parallel-block (GPT-NeoX) model, and the
 load-time check that refuses an engine which does not reproduce the bridge."""
+import dataclasses
 import random
 
 import pytest
@@ -31,8 +32,10 @@ def test_full_score_is_the_models_own(arch_model):
     task = random_task(64, seed=3)
     ev = Evaluator(arch_model, task)
     assert abs(ev.full - plain_logit_diff(arch_model, task)) < TOL
-    assert ev.score() == ev.full
     assert abs(ev.score() - hooked_score(arch_model, task)) < TOL
+    assert abs(ev.corrupted - plain_logit_diff(arch_model, dataclasses.replace(task, clean=task.corrupted))) < TOL
+    assert abs(ev.empty - hooked_score(arch_model, task, nodes=ev.senders)) < TOL
+    assert abs(ev.empty - ev.full) > 1e-3
 
 
 def test_node_ablation_equals_removing_its_out_edges(arch_model):

@@ -27,8 +27,11 @@ def test_nothing_ablated_equals_plain_forward(test_model, ablation):
     task = random_task(test_model.bridge.cfg.d_vocab)
     ev = Evaluator(test_model, task, ablation)
     assert abs(ev.full - plain_logit_diff(test_model, task)) < TOL
-    assert ev.score() == ev.full
     assert abs(ev.score(nodes=[], edges=[]) - hooked_score(test_model, task, ablation)) < TOL
+    # the baselines faithfulness and normalized divide by, each against its own independent value
+    assert abs(ev.corrupted - plain_logit_diff(test_model, dataclasses.replace(task, clean=task.corrupted))) < TOL
+    assert abs(ev.empty - hooked_score(test_model, task, ablation, nodes=ev.senders)) < TOL
+    assert abs(ev.empty - ev.full) > 1e-3
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS)
