@@ -1,11 +1,13 @@
 """The naive path: score a circuit with one full TransformerLens hooked forward.
 
 Slow and simple on purpose: every hook point is the bridge's own, nothing is cached between
-calls. Tests and benchmarks hold the fast evaluator to it. On grouped-query models the
-bridge's k/v input hooks are per key/value head, so edges into k and v must be removed
-alike for all query heads of a group, or it raises (the evaluators have no such restriction:
-circuitsearch.hooked, the hook-based path models run on, gives each query head its own k/v
-input by running one copy of the prompts per distinct input).
+calls. Tests and benchmarks hold the fast evaluator to it.
+
+On grouped-query models the bridge computes one key/value head per group of query heads, while
+an edge into `a9.1.k` or `a9.1.v` changes only what query head 1 reads. Where such edges are
+removed, the prompts run as one copy per query head of a group (copy c computes each group's key
+and value from its c-th query head's patched input), each head's z is taken from its own copy,
+and every copy continues with the assembled z, so all copies stay one forward of the circuit.
 
 The names say the graph: `embed` is the whole embedding (hook_embed and hook_pos_embed together),
 `tok` and `pos` (a split-embed graph) are hook_embed and hook_pos_embed alone.
@@ -80,6 +82,12 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
         whole = {s for s, p in senders if p is None}
         removed[recv] = [(s, p) for s, p in senders if p is None or s not in whole]
 
+    n, rep = task.clean.shape[0], H // n_kv
+    # grouped k/v read differently by the query heads of a group: one copy of the prompts per query head
+    copies = rep if rep > 1 and any(r[-2:] in (".k", ".v") and v for r, v in removed.items()) else 1
+    if copies > 1:  # a per-prompt ablation value (resample) follows the prompts into every copy
+        src = {k: v.repeat(copies, *(1,) * (v.dim() - 1)) if v.shape[0] > 1 else v for k, v in src.items()}
+
     if ({"tok", "pos"} & (nodes | {s for v in removed.values() for s, _ in v})) and not has_pos:
         raise ValueError("tok and pos name the token and position embeddings of a model with learned positions; "
                          "this model has no hook_pos_embed")
@@ -125,6 +133,9 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
             if kind == "embed":  # embed at p: token and position embedding both (their sum is embed)
                 t = at_positions(t, name, "embed")
             elif kind == "z":
+                if copies > 1:  # head h reads its own copy's k/v (copy h % rep); every copy goes on with that
+                    z = t.reshape(copies, n, *t.shape[1:])
+                    t = torch.stack([z[h % rep][:, :, h] for h in range(H)], 2).repeat(copies, 1, 1, 1)
                 for h in range(H):
                     t = at_positions(t, name, f"a{layer}.{h}", h)
             elif kind == "mlp":
@@ -154,21 +165,21 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
 
         def fn(t, hook):
             groups = W.shape[0]
+            shared = groups < H  # one key/value head per group of `rep` query heads
             for g in range(groups):
-                heads = [g] if groups == H else list(range(g * H // n_kv, (g + 1) * H // n_kv))
-                sets = {frozenset(removed.get(f"a{layer}.{h}.{inp}", [])) for h in heads}
-                if len(sets) > 1:
-                    raise ValueError(f"the hooked reference needs edges into {inp} of layer {layer} removed "
-                                     f"alike for heads {heads}, which share one key/value head")
-                senders = sets.pop()
-                if senders:
-                    x = live[f"blocks.{layer}.hook_resid_pre"] - sum(diff(s) for s in senders)
+                for c in range(copies if shared else 1):
+                    head = g * rep + c if shared else g  # copy c: the group's k/v as its c-th query head reads them
+                    senders = removed.get(f"a{layer}.{head}.{inp}", [])
+                    if not senders:
+                        continue
+                    rows = slice(c * n, (c + 1) * n) if shared else slice(None)
+                    x = live[f"blocks.{layer}.hook_resid_pre"][rows] - sum(diff(s)[rows] for s in senders)
                     y = ln1(x) @ W[g] + (0 if bias is None else bias[g])
                     t = t.clone()
                     if t.dim() == 4:  # [batch, pos, head, d_head]
-                        t[:, :, g] = y
+                        t[rows, :, g] = y
                     else:  # [batch, pos, head * d_head]
-                        t[..., g * dh:(g + 1) * dh] = y
+                        t[rows, :, g * dh:(g + 1) * dh] = y
             return t
         return fn
 
@@ -201,8 +212,8 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
     hooks.append(("ln_final.hook_in" if model.bridge.cfg.normalization_type else "unembed.hook_in",
                   single_receiver_hook("logits")))
     with torch.no_grad():
-        logits = b.run_with_hooks(task.clean, fwd_hooks=hooks)
-    return logits[:, -1].detach().float()
+        logits = b.run_with_hooks(task.clean.repeat(copies, 1), fwd_hooks=hooks)
+    return logits[:n, -1].detach().float()
 
 
 def hooked_score(model: Model, task: Task, ablation: str = "mean", metric: str = "logit_diff",

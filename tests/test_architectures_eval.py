@@ -1,5 +1,6 @@
 """The evaluator's semantics on a bidirectional model and a parallel-block (GPT-NeoX) model, and the
 load-time check that refuses an engine which does not reproduce the bridge."""
+import dataclasses
 import random
 
 import pytest
@@ -31,8 +32,10 @@ def test_full_score_is_the_models_own(arch_model):
     task = random_task(64, seed=3)
     ev = Evaluator(arch_model, task)
     assert abs(ev.full - plain_logit_diff(arch_model, task)) < TOL
-    assert ev.score() == ev.full
     assert abs(ev.score() - hooked_score(arch_model, task)) < TOL
+    assert abs(ev.corrupted - plain_logit_diff(arch_model, dataclasses.replace(task, clean=task.corrupted))) < TOL
+    assert abs(ev.empty - hooked_score(arch_model, task, nodes=ev.senders)) < TOL
+    assert abs(ev.empty - ev.full) > 1e-3
 
 
 def test_node_ablation_equals_removing_its_out_edges(arch_model):
@@ -51,12 +54,11 @@ def test_nodes_and_edges_match_hooked_reference(arch_model):
     task = random_task(64, seed=5)
     ev = Evaluator(arch_model, task)
     rng = random.Random(0)
-    grouped = arch_model.n_kv_heads != arch_model.n_heads
     for k in (1, 3):
         nodes = rng.sample(ev.senders, k)
         assert abs(ev.score(nodes=nodes) - hooked_score(arch_model, task, nodes=nodes)) < TOL, nodes
-    # edges into MLPs and the logits (k/v edges of grouped heads need the grouped-uniform form)
-    pool = [e for e in ev.graph.edges if not (grouped and e[-2:] in (".k", ".v"))]
+    # every kind of edge: into q/k/v (on the grouped-query model per query head), MLPs and the logits
+    pool = ev.graph.edges
     changed = 0
     for frac in (0.05, 0.3):
         edges = rng.sample(pool, int(frac * len(pool)))

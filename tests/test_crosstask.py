@@ -2,11 +2,13 @@
 import json
 
 import pytest
+import torch
 
 from circuitsearch.cli import main
 from circuitsearch.evaluation import cross_task, format_matrix, load_run, score_on
 from circuitsearch.catalogue import load_model
 from circuitsearch.patching import Evaluator
+from circuitsearch.reference import hooked_score
 from circuitsearch.runs import PruneConfig, run_prune
 from circuitsearch.toys import planted_task
 
@@ -38,14 +40,22 @@ def test_a_circuit_on_its_own_task_scores_its_own_score(runs):
 
 
 def test_other_prompts_give_another_score_from_the_same_machinery(runs):
-    """The nodes circuit scored on new planted prompts equals a hand-built ablation of everything else."""
+    """The nodes circuit scored on new planted prompts equals a hand-built ablation of everything else, and
+    its scores are the plain model's and the hooked reference's on those prompts."""
     run = load_run(runs["nodes"][0])
     other = planted_task(n=9, seed=5)
-    ev = Evaluator(load_model("test:planted"), other, "mean")
+    model = load_model("test:planted")
+    ev = Evaluator(model, other, "mean")
     s = score_on(ev, run.circuit)
-    by_hand = ev.faithfulness(ev.score(nodes=[n for n in ev.senders if n not in run.circuit.nodes]))
-    assert s["faithfulness"] == pytest.approx(by_hand, abs=1e-9)
-    assert s["full"] == pytest.approx(ev.full)
+    ablated = [n for n in ev.senders if n not in run.circuit.nodes]
+    assert s["faithfulness"] == pytest.approx(ev.faithfulness(ev.score(nodes=ablated)), abs=1e-9)
+    with torch.no_grad():
+        logits = model.bridge(other.clean)[:, -1]
+    plain = (logits.gather(1, other.answers[:, None]) - logits.gather(1, other.wrong_answers[:, None])).mean()
+    assert s["full"] == pytest.approx(float(plain), abs=1e-4)
+    assert s["circuit"] == pytest.approx(hooked_score(model, other, "mean", nodes=ablated), abs=1e-4)
+    assert s["empty"] == pytest.approx(hooked_score(model, other, "mean", nodes=ev.senders), abs=1e-4)
+    assert ablated and abs(s["full"] - s["empty"]) > 1  # a faithfulness with a real denominator
 
 
 def test_circuits_of_different_models_are_refused(runs):

@@ -27,8 +27,11 @@ def test_nothing_ablated_equals_plain_forward(test_model, ablation):
     task = random_task(test_model.bridge.cfg.d_vocab)
     ev = Evaluator(test_model, task, ablation)
     assert abs(ev.full - plain_logit_diff(test_model, task)) < TOL
-    assert ev.score() == ev.full
     assert abs(ev.score(nodes=[], edges=[]) - hooked_score(test_model, task, ablation)) < TOL
+    # the baselines faithfulness and normalized divide by, each against its own independent value
+    assert abs(ev.corrupted - plain_logit_diff(test_model, dataclasses.replace(task, clean=task.corrupted))) < TOL
+    assert abs(ev.empty - hooked_score(test_model, task, ablation, nodes=ev.senders)) < TOL
+    assert abs(ev.empty - ev.full) > 1e-3
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS)
@@ -49,8 +52,6 @@ def test_nodes_match_hooked_reference(test_model, ablation):
 def test_edges_match_hooked_reference(test_model, ablation):
     task = random_task(test_model.bridge.cfg.d_vocab, seed=2)
     ev = Evaluator(test_model, task, ablation)
-    if test_model.n_kv_heads != test_model.n_heads:
-        pytest.skip("grouped k/v: covered by the grouped-uniform test")
     rng = random.Random(1)
     # Zero-ablating 70% of edges leaves LayerNorm inputs near zero, where float32 rounding in the
     # two summation orders is amplified (the two paths agree to 3e-8 in float64): stop at 30%.
@@ -77,19 +78,29 @@ def grouped_uniform(edges, n_heads, n_kv):
     return sorted(out)
 
 
-def test_grouped_query_edges_match_hooked_reference():
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_grouped_query_edges_match_hooked_reference(ablation):
+    """Under grouped-query attention an edge into a k or v receiver is per query head: removed for a1.0.k
+    alone it is another circuit than removed for the whole key/value group, and the reference (one copy of
+    the prompts per query head of a group) agrees with the evaluator on both."""
     from circuitsearch.catalogue import load_model
     model = load_model("test:tiny-llama")
+    assert model.n_kv_heads < model.n_heads
     task = random_task(model.bridge.cfg.d_vocab, seed=3)
-    ev = Evaluator(model, task, "mean")
+    ev = Evaluator(model, task, ablation)
     rng = random.Random(2)
-    edges = grouped_uniform(rng.sample(ev.graph.edges, 80), model.n_heads, model.n_kv_heads)
-    fast = ev.score(edges=edges)
-    assert abs(fast - ev.full) > 1e-3
-    assert abs(fast - hooked_score(model, task, "mean", edges=edges)) < TOL
-    # per-query-head k receivers are independent in the evaluator: a9.0.k alone differs from its group
-    one = [e for e in ev.graph.edges if e.endswith("a1.0.k")]
-    assert ev.score(edges=one) != ev.score(edges=grouped_uniform(one, model.n_heads, model.n_kv_heads))
+    for edges in (rng.sample(ev.graph.edges, 80),
+                  grouped_uniform(rng.sample(ev.graph.edges, 80), model.n_heads, model.n_kv_heads)):
+        fast = ev.score(edges=edges)
+        assert abs(fast - ev.full) > 1e-3
+        assert abs(fast - hooked_score(model, task, ablation, edges=edges)) < TOL
+    for receiver in ("a1.0.k", "a2.3.v"):
+        one = [e for e in ev.graph.edges if e.endswith(receiver)]
+        group = grouped_uniform(one, model.n_heads, model.n_kv_heads)
+        alone, whole = ev.score(edges=one), ev.score(edges=group)
+        assert abs(alone - whole) > 1e-4, receiver  # one query head's k/v is not its group's
+        assert abs(alone - hooked_score(model, task, ablation, edges=one)) < TOL, receiver
+        assert abs(whole - hooked_score(model, task, ablation, edges=group)) < TOL, receiver
 
 
 @pytest.mark.parametrize("ablation", ABLATIONS)
@@ -204,7 +215,7 @@ def test_smollm2_fast_path_matches_hooked_reference(smollm2, smollm2_digits):
     rng = random.Random(0)
     nodes = rng.sample(ev.senders, 25)
     assert abs(ev.score(nodes=nodes) - hooked_score(smollm2, smollm2_digits, "mean", nodes=nodes)) < TOL
-    edges = grouped_uniform(rng.sample(ev.graph.edges, 400), smollm2.n_heads, smollm2.n_kv_heads)
+    edges = rng.sample(ev.graph.edges, 400)  # k/v edges per query head (grouped-query attention)
     fast = ev.score(edges=edges)
     assert abs(fast - ev.full) > 1e-2
     assert abs(fast - hooked_score(smollm2, smollm2_digits, "mean", edges=edges)) < TOL
@@ -224,7 +235,7 @@ def test_repeated_prompts_run_once_and_score_as_the_plain_mean(test_model, ablat
     assert ev.batch.tokens.shape[0] == distinct and float(ev.batch.weight.sum()) == len(task)
     rng = random.Random(3)
     nodes = rng.sample(ev.senders, 3)
-    edges = [e for e in rng.sample(ev.graph.edges, 8) if test_model.n_kv_heads == test_model.n_heads]
+    edges = rng.sample(ev.graph.edges, 8)
     fast = ev.score(nodes=nodes, edges=edges)
     assert abs(fast - ev.full) > 1e-4
     assert abs(fast - hooked_score(test_model, task, ablation, metric, nodes=nodes, edges=edges)) < TOL

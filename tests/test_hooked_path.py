@@ -101,6 +101,7 @@ def test_grouped_query_heads_read_their_own_k_and_v():
     for edges in (one_k, one_v, one_k + one_v):
         h = hooked.score(edges=edges)
         assert close(fast.score(edges=edges), h)
+        assert close(h, hooked_score(m, task, edges=edges))  # the reference: one copy per query head
         grouped = grouped_uniform(edges, m.n_heads, m.n_kv_heads)
         assert abs(h - hooked.score(edges=grouped)) > 1e-6  # the group-wide removal is another circuit
         assert close(hooked.score(edges=grouped), hooked_score(m, task, edges=grouped))  # the reference agrees

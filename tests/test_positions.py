@@ -76,8 +76,6 @@ def test_nodes_at_positions_match_hooked_reference(test_model, ablation):
 def test_nodes_at_positions_with_edges_and_nodes_match_reference(test_model):
     task = random_task(test_model.bridge.cfg.d_vocab, seed=5)
     ev = Evaluator(test_model, task, "mean")
-    if test_model.n_kv_heads != test_model.n_heads:
-        pytest.skip("grouped k/v: the reference needs edges into k/v removed alike per group")
     rng = random.Random(2)
     edges = rng.sample(ev.graph.edges, len(ev.graph.edges) // 5)
     nodes = rng.sample(ev.senders, 2)
@@ -248,8 +246,6 @@ def test_an_edge_at_every_slot_is_the_edge(test_model):
 def test_edges_at_positions_match_hooked_reference(test_model, ablation):
     task = random_task(test_model.bridge.cfg.d_vocab, seed=10)
     ev = Evaluator(test_model, task, ablation)
-    if test_model.n_kv_heads != test_model.n_heads:
-        pytest.skip("grouped k/v: the reference needs edges into k/v removed alike per group")
     rng = random.Random(6)
     changed = 0
     for k in (3, 20, 80):
@@ -416,7 +412,7 @@ def test_role_slots_on_prompts_of_several_lengths(test_model):
 @pytest.mark.slow
 def test_smollm2_positions_match_hooked_reference(smollm2, smollm2_digits):
     """On the embedded model (grouped-query attention): nodes and edges at positions against the hand-hooked
-    forward, with k/v edges removed alike for the query heads of a group, as the reference needs."""
+    forward, k/v edges per query head, and removed for a whole key/value group."""
     from test_evaluator import grouped_uniform
 
     ev = Evaluator(smollm2, smollm2_digits, "mean")
@@ -426,14 +422,13 @@ def test_smollm2_positions_match_hooked_reference(smollm2, smollm2_digits):
     fast = ev.score(at=[f"{n}@{ev.slots.names[p]}" for n, p in picks])
     assert abs(fast - ev.full) > 1e-2
     assert abs(fast - hooked_score(smollm2, smollm2_digits, "mean", nodes=[f"{n}@{p}" for n, p in picks])) < TOL
-    edges_at = []
-    for e in rng.sample(ev.graph.edges, 300):
-        p = rng.randrange(P)
-        for g in grouped_uniform([e], smollm2.n_heads, smollm2.n_kv_heads):
-            edges_at.append((g, p))
-    fast = ev.score(edges_at=[f"{e.split('->')[0]}@{ev.slots.names[p]}->{e.split('->')[1]}@{ev.slots.names[p]}"
-                              for e, p in edges_at])
-    ref = hooked_score(smollm2, smollm2_digits, "mean",
-                       edges=[f"{e.split('->')[0]}@{p}->{e.split('->')[1]}@{p}" for e, p in edges_at])
-    assert abs(fast - ev.full) > 1e-3
-    assert abs(fast - ref) < TOL
+    picks = [(e, rng.randrange(P)) for e in rng.sample(ev.graph.edges, 300)]
+    per_head = picks  # an edge into a k/v receiver is one query head's
+    grouped = [(g, p) for e, p in picks for g in grouped_uniform([e], smollm2.n_heads, smollm2.n_kv_heads)]
+    for edges_at in (per_head, grouped):
+        fast = ev.score(edges_at=[f"{e.split('->')[0]}@{ev.slots.names[p]}->{e.split('->')[1]}@{ev.slots.names[p]}"
+                                  for e, p in edges_at])
+        ref = hooked_score(smollm2, smollm2_digits, "mean",
+                           edges=[f"{e.split('->')[0]}@{p}->{e.split('->')[1]}@{p}" for e, p in edges_at])
+        assert abs(fast - ev.full) > 1e-3
+        assert abs(fast - ref) < TOL

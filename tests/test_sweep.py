@@ -165,12 +165,14 @@ def test_local_sweep_finds_the_known_circuits_and_reports_a_failing_cell(local_s
 def test_a_second_run_skips_finished_cells_and_retries_failed_ones(local_sweep, tmp_path, capsys):
     tmp, out, first, _ = local_sweep
     before = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/decisions.jsonl")}
+    cells = cell_results(out)
+    assert sum(c[0] == "done" for c in cells.values()) == 8 and all(c[2] for c in cells.values() if c[0] == "done")
     assert main(["sweep", str(spec_file(tmp)), "--out", str(out), "--workers", "0"]) == 1  # cells failed
     summary = json.loads((out / "sweep.json").read_text())
     assert summary["counts"] == {"skipped": 8, "failed": 4}
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing re-run
     assert "8 finished before" in capsys.readouterr().out
-    assert cell_results(out) == cell_results(out)  # sanity of the helper
+    assert cell_results(out) == cells  # every cell's status, circuit, scores and decision log as they were
     assert len(summary["cells"]) == 12  # one row per cell, nothing double-counted
 
 
