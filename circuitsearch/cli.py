@@ -227,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch(p)
     p.add_argument("--check", action="store_true", help="check the file and list the cells; run nothing")
 
+    p = sub.add_parser("baseline", help="is the run's circuit better than chance? random circuits of its exact "
+                       "sizes scored on its prompts: their faithfulness distribution, its percentile and z-score")
+    p.add_argument("run", metavar="RUN", help="the directory of a finished prune run (circuit.json and task.json)")
+    p.add_argument("--random", type=int, default=200, metavar="N", help="random circuits to draw (default 200)")
+    p.add_argument("--connected", action="store_true", help="only random circuits whose every node lies on a path "
+                   "from the embedding to the logits")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random circuits (default 0; the same seed "
+                   "draws the same circuits)")
+    _add_batch(p)
+
     p = sub.add_parser("render", help="draw a circuit (circuit.json or a run directory) as SVG, PNG or PDF")
     p.add_argument("circuit")
     p.add_argument("--out", help="output file (.svg, .png, .pdf); default beside the circuit")
@@ -238,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"prune": cmd_prune, "score": cmd_score, "tasks": cmd_tasks, "models": cmd_models,
                 "render": cmd_render, "attribute": cmd_attribute, "diff": cmd_diff,
-                "evaluate": cmd_evaluate, "compare-orders": cmd_compare, "sweep": cmd_sweep}[args.command](args)
+                "evaluate": cmd_evaluate, "compare-orders": cmd_compare, "sweep": cmd_sweep,
+                "baseline": cmd_baseline}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
@@ -582,6 +593,20 @@ def cmd_sweep(args) -> int:
         print(f"  ROC {curve['kind']} {curve['series']}: AUC {curve['auc']:.3f}")
     print(f"files in {args.out}/: sweep.json, report.md, plots/, cells/<name>/ (run directories), logs/")
     return 1 if c.get("failed") else 0
+
+
+def cmd_baseline(args) -> int:
+    from .runs.baseline import run_baseline, table
+
+    summary = run_baseline(args.run, args.random, args.connected, args.seed, args.batch,
+                           log=lambda m: print(m, file=sys.stderr))
+    print(table(summary), end="")
+    st = summary["stats"]
+    print(f"{st['forward_passes']} forward passes, {st['scoring_seconds']} s scoring")
+    run = Path(summary["run"])
+    files = [f for f in ("baseline.json", "baseline.png", "report.md") if (run / f).exists()]
+    print(f"files in {run}/: {', '.join(files)} (section 'Against random circuits of its size')")
+    return 0
 
 
 def cmd_render(args) -> int:

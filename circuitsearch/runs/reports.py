@@ -142,3 +142,41 @@ def comparison_report(cmp, diagram: str | None) -> str:
               "comparison.json holds per-node and per-edge counts, the Jaccard matrices, and the intersection "
               "and union circuits with their verified scores.", ""]
     return "\n".join(lines)
+
+
+def with_section(report: str, key: str, section: str) -> str:
+    """`report` with its section `key` (between <!-- circuitsearch:KEY --> markers) replaced by `section`, or
+    `section` appended where it has none: a command that adds to a run's report.md (baseline, stability)
+    replaces its own earlier section and leaves the rest."""
+    start, end = f"<!-- circuitsearch:{key} -->", f"<!-- /circuitsearch:{key} -->"
+    block = f"{start}\n{section.rstrip()}\n{end}\n"
+    if start in report and end in report.split(start, 1)[1]:
+        head, rest = report.split(start, 1)
+        return head + block + rest.split(end, 1)[1].lstrip("\n")
+    return report.rstrip("\n") + ("\n\n" if report.strip() else "") + block
+
+
+def baseline_section(summary: dict, image: str | None) -> str:
+    """report.md's section on a random-circuit baseline (runs/baseline.py's baseline.json content)."""
+    s, st, f, m = summary["settings"], summary["sizes"], summary["faithfulness"], summary["normalized"]
+    edges = "every edge among them" if st["edges"] is None else f"{st['edges']} edges"
+    how = ("every kept node on a path from the embedding to the logits; " if s["connected"] else "")
+    lines = ["## Against random circuits of its size", "",
+             f"{s['random']} random circuits of {st['heads']} heads, {st['mlps']} MLPs and {edges} ({how}heads and "
+             f"MLPs drawn uniformly, edges uniformly among those joining them; seed {s['seed']}), scored on this "
+             f"run's {summary['prompts']} prompts with its {summary['ablation']} ablation and {summary['metric']}.",
+             "", "| | faithfulness | normalized |", "|---|---:|---:|"]
+    q = lambda d, k: f"{d['quantiles'][k]:.4f}"
+    for label, key in (("mean", "mean"), ("std", "std")):
+        lines.append(f"| {label} | {f[key]:.4f} | {m[key]:.4f} |")
+    for label, key in (("min", "0"), ("5 %", "0.05"), ("median", "0.5"), ("95 %", "0.95"), ("max", "1")):
+        lines.append(f"| {label} | {q(f, key)} | {q(m, key)} |")
+    z = lambda d: "-" if d["z"] is None else f"{d['z']:.2f}"
+    lines += [f"| **this circuit** | **{f['run']:.4f}** | **{m['run']:.4f}** |",
+              f"| its percentile | {f['percentile']:.1f} | {m['percentile']:.1f} |",
+              f"| its z-score | {z(f)} | {z(m)} |", "",
+              f"Random circuits scoring at least this one: {f['at_or_above']} of {f['n']} (p = {f['p']:.3g}). "
+              "baseline.json holds every random circuit and its scores."]
+    if image:
+        lines += ["", f"![random circuits]({image})"]
+    return "\n".join(lines) + "\n"
