@@ -602,7 +602,8 @@ def cmd_baseline(args) -> int:
                            log=lambda m: print(m, file=sys.stderr))
     print(table(summary), end="")
     st = summary["stats"]
-    print(f"{st['forward_passes']} forward passes, {st['scoring_seconds']} s scoring")
+    print(f"{st['forward_passes']} circuits scored ({st['batched_passes']} batched passes), "
+          f"{st['scoring_seconds']} s scoring")
     run = Path(summary["run"])
     files = [f for f in ("baseline.json", "baseline.png", "report.md") if (run / f).exists()]
     print(f"files in {run}/: {', '.join(files)} (section 'Against random circuits of its size')")

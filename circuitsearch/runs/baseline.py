@@ -66,7 +66,7 @@ def run_baseline(run_dir: str | Path, n: int = 200, connected: bool = False, see
     model = model if model is not None else open_model(circuit.model, log)
     choose_threads(model, None)
     ev = own_evaluator(run, model, log)
-    before = ev.forward_passes
+    before = ev.forward_passes, ev.batched_passes
     t1 = time.time()
     own = ev.score_circuit(circuit)
     recorded = circuit.scores.get("faithfulness")
@@ -87,7 +87,8 @@ def run_baseline(run_dir: str | Path, n: int = 200, connected: bool = False, see
                        "on_paths": on_paths(graph, circuit.nodes, circuit.effective_edges()) == set(circuit.nodes)},
         "faithfulness": distribution(faith, own["faithfulness"]),
         "normalized": distribution(norm, own["normalized"]),
-        "stats": {"forward_passes": ev.forward_passes - before, "scoring_seconds": round(seconds, 2),
+        "stats": {"forward_passes": ev.forward_passes - before[0], "batched_passes": ev.batched_passes - before[1],
+                  "scoring_seconds": round(seconds, 2),
                   "drawing_seconds": round(drawn, 2), "engine": getattr(ev, "path", "fast")},
         "circuits": [{"nodes": list(d.nodes), "edges": None if d.edges is None else list(d.edges), "score": s,
                       "faithfulness": f, "normalized": m} for d, s, f, m in zip(draws, scores, faith, norm)],
