@@ -180,3 +180,40 @@ def baseline_section(summary: dict, image: str | None) -> str:
     if image:
         lines += ["", f"![random circuits]({image})"]
     return "\n".join(lines) + "\n"
+
+
+def stability_section(summary: dict, image: str | None, cells: str) -> str:
+    """report.md's section on prompt stability (sweeps/stability.py's stability.json content); `cells`: the path
+    from the report to the directory holding the cells' run directories."""
+    s, m = summary["split"], summary["mean"]
+    seen = (f" ({s['heldout_seen_in_train']} of them identical to a training prompt)"
+            if s["heldout_seen_in_train"] else "")
+    how = ("each drawing as many prompts from the training set with replacement"
+           if summary["resample"] == "bootstrap" else "each the task made anew with another seed")
+    lines = ["## Stability over resampled prompts", "",
+             f"The full-data circuit (on {s['train']} prompts) and {summary['bootstrap']} {summary['resample']} "
+             f"resamples, {how}, each pruned with the same settings; every circuit scored on {s['heldout']} held-out "
+             f"prompts none of them was pruned on{seen}. Jaccard to the full-data circuit: its heads and MLPs, "
+             "and its edges.", "",
+             "| circuit | prompts (distinct) | heads | MLPs | edges | faithfulness | held-out faithfulness | Jaccard nodes | "
+             "Jaccard edges |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["circuits"]:
+        lines.append(f"| [{r['name']}]({cells}{r['name']}/report.md) | {r['prompts']} ({r['distinct']}) | {r['heads']} | {r['mlps']} | "
+                     f"{r['edges']} | {r['faithfulness']:.3f} | {r['heldout_faithfulness']:.3f}"
+                     f"{' *' if r.get('meaningless') else ''} | {r['jaccard_nodes']:.3f} | {r['jaccard_edges']:.3f} |")
+    lines.append(f"| mean over the resamples | | | | | {m['faithfulness']:.3f} | {m['heldout_faithfulness']:.3f} | "
+                 f"{m['jaccard_nodes']:.3f} | {m['jaccard_edges']:.3f} |")
+    if any(r.get("meaningless") for r in summary["circuits"]):
+        lines += ["", "* the model fails the held-out prompts under these settings, so that score means nothing"]
+    k, full = summary["kept_in_every_resample"], summary["full_nodes_in_every_resample"]
+    n_full = sum(1 for r in summary["nodes"].values() if r["in_full"])
+    lines += ["", f"Kept in every resample: {len(k['nodes'])} heads and MLPs ({', '.join(k['nodes']) or 'none'}) and "
+              f"{len(k['edges'])} edges; of the full-data circuit's {n_full} heads and MLPs, {len(full)} are in every "
+              "resample.", "", "| node | kept by resamples | in the full-data circuit |", "|---|---:|---|"]
+    lines += [f"| {n} | {r['frequency']:.2f} | {'yes' if r['in_full'] else 'no'} |"
+              for n, r in list(summary["nodes"].items())[:30]]
+    if len(summary["nodes"]) > 30:
+        lines.append(f"| ({len(summary['nodes']) - 30} more in stability.json) | | |")
+    if image:
+        lines += ["", f"![node frequency]({image})"]
+    return "\n".join(lines) + "\n"
