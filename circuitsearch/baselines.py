@@ -164,9 +164,12 @@ def as_circuit(draw: Draw, like: Circuit, name: str = "random") -> Circuit:
                    method={**like.method, "order": name})
 
 
-def score_draws(ev, circuits: list[Circuit], batch: int = 16) -> list[float]:
+def score_draws(ev, circuits: list[Circuit], batch: int = 1) -> list[float]:
     """The metric of every circuit on `ev`'s task, `batch` circuits per forward pass (Evaluator.extend_many
-    from the full model's run: exactly how a saved circuit is scored, stacked)."""
+    from the full model's run: exactly how a saved circuit is scored, stacked). A stacked pass sums edge
+    changes over the union of its circuits' removed senders, which for unrelated circuits grows with the
+    batch, so on a CPU one circuit a pass is fastest (the search's speculation stacks circuits that differ
+    by a few candidates, where stacking pays)."""
     scores: list[float] = []
     for i in range(0, len(circuits), batch):
         runs = ev.extend_many(ev.clean_run, [ev.circuit_masks(c) for c in circuits[i:i + batch]])

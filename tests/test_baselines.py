@@ -108,7 +108,7 @@ def test_the_distribution_matches_numpy():
 def test_the_planted_circuit_beats_every_random_circuit_of_its_size(planted_run, connected):
     circuit = load_circuit(planted_run / "circuit.json")
     assert set(circuit.nodes) == set(PLANTED_NODES)
-    s = run_baseline(planted_run, 60, connected=connected, seed=0, **QUIET)
+    s = run_baseline(planted_run, 60, connected=connected, seed=0, batch=16, **QUIET)
     f = s["faithfulness"]
     assert s["sizes"] == {"heads": 2, "mlps": 1, "edges": circuit.n_edges, "embed": ["embed"]}
     assert f["run"] == pytest.approx(circuit.scores["faithfulness"], abs=1e-5)  # rescored as the run scored it
@@ -118,6 +118,7 @@ def test_the_planted_circuit_beats_every_random_circuit_of_its_size(planted_run,
     assert s["stats"]["batched_passes"] == 4   # the random ones 16 to a pass: 16, 16, 16, 12
     saved = json.loads((planted_run / "baseline.json").read_text())
     assert saved["settings"] == {"random": 60, "connected": connected, "seed": 0, "batch": 16}
+    assert run_baseline(planted_run, 3, **QUIET)["stats"]["batched_passes"] == 0  # default: one circuit a pass
     assert (planted_run / "baseline.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -40,10 +40,11 @@ def finished_run(path: str | Path) -> Path:
     return path
 
 
-def run_baseline(run_dir: str | Path, n: int = 200, connected: bool = False, seed: int = 0, batch: int = 16,
+def run_baseline(run_dir: str | Path, n: int = 200, connected: bool = False, seed: int = 0, batch: int = 1,
                  log=print, model=None) -> dict:
     """Score `n` random circuits of the run's sizes (connected: every node on a path from the embedding to the
-    logits) and the run's own circuit on its prompts; write baseline.json, baseline.png and the report
+    logits) and the run's own circuit on its prompts, `batch` random circuits per extend_many pass (1 by default:
+    stacking circuits that differ everywhere costs more than it saves on a CPU); write baseline.json, baseline.png and the report
     section; return baseline.json's content. Everything that can be refused is refused before the model loads."""
     from ..config import open_model
     from ..engine import choose_threads
@@ -83,7 +84,7 @@ def run_baseline(run_dir: str | Path, n: int = 200, connected: bool = False, see
         "prompts": len(run.task), "ablation": circuit.method.get("ablation"), "metric": circuit.method.get("metric"),
         "sizes": {"heads": sizes.heads, "mlps": sizes.mlps, "edges": sizes.edges, "embed": list(sizes.embed)},
         "settings": {"random": n, "connected": connected, "seed": seed, "batch": batch},
-        "run_scores": {**own, "recorded_faithfulness": recorded,
+        "run_scores": {**own, "recorded_faithfulness": recorded, "empty_faithfulness": ev.faithfulness(ev.empty),
                        "on_paths": on_paths(graph, circuit.nodes, circuit.effective_edges()) == set(circuit.nodes)},
         "faithfulness": distribution(faith, own["faithfulness"]),
         "normalized": distribution(norm, own["normalized"]),
@@ -133,7 +134,10 @@ def plot_baseline(summary: dict, path: Path) -> Path:
     ax.hist(values, bins=min(40, max(5, len(values) // 5)), color="#8aa9c8", edgecolor="#4a6f94")
     z = "" if d["z"] is None else f", z = {d['z']:.1f}"
     ax.axvline(d["run"], color="#c0392b", lw=2, label=f"the run: {d['run']:.3f} (percentile {d['percentile']:.1f}{z})")
-    lo, hi = min(values + [d["run"]]), max(values + [d["run"]])
+    empty = summary["run_scores"].get("empty_faithfulness")
+    if empty is not None:
+        ax.axvline(empty, color="#555555", lw=1, ls=":", label=f"the empty circuit: {empty:.3f}")
+    lo, hi = min(values + [d["run"]] + ([empty] if empty is not None else [])), max(values + [d["run"]])
     pad = 0.05 * (hi - lo or 1.0)
     ax.set_xlim(lo - pad, hi + pad)
     ax.set_xlabel("faithfulness (circuit / full)")

@@ -175,8 +175,9 @@ def baseline_section(summary: dict, image: str | None) -> str:
     lines += [f"| **this circuit** | **{f['run']:.4f}** | **{m['run']:.4f}** |",
               f"| its percentile | {f['percentile']:.1f} | {m['percentile']:.1f} |",
               f"| its z-score | {z(f)} | {z(m)} |", "",
-              f"Random circuits scoring at least this one: {f['at_or_above']} of {f['n']} (p = {f['p']:.3g}). "
-              "baseline.json holds every random circuit and its scores."]
+              f"Random circuits scoring at least this one: {f['at_or_above']} of {f['n']} (p = {f['p']:.3g}); the "
+              f"empty circuit's faithfulness is {summary['run_scores']['empty_faithfulness']:.4f}. baseline.json holds "
+              "every random circuit and its scores."]
     if image:
         lines += ["", f"![random circuits]({image})"]
     return "\n".join(lines) + "\n"
