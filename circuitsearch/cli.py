@@ -115,6 +115,10 @@ def _add_batch(p: argparse.ArgumentParser) -> None:
                         "time); the decisions and the circuit are the same for every K")
 
 
+BASELINE_BATCH = 1  # random circuits per extend_many pass: stacking unrelated circuits costs more than it saves
+                    # on a CPU (SmolLM2 digits: 0.22 s a circuit alone, 0.25 at 2 or 4, 0.42 at 8, 0.52 at 16)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="circuitsearch", description="Find, compare and draw the circuits "
                                  "transformer language models use for a task.")
@@ -238,6 +242,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batch(p)
     p.add_argument("--check", action="store_true", help="check the file and list the cells; run nothing")
 
+    p = sub.add_parser("baseline", help="is the run's circuit better than chance? random circuits of its exact "
+                       "sizes scored on its prompts: their faithfulness distribution, its percentile and z-score")
+    p.add_argument("run", metavar="RUN", help="the directory of a finished prune run (circuit.json and task.json)")
+    p.add_argument("--random", type=int, default=200, metavar="N", help="random circuits to draw (default 200)")
+    p.add_argument("--connected", action="store_true", help="only random circuits whose every node lies on a path "
+                   "from the embedding to the logits")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random circuits (default 0; the same seed "
+                   "draws the same circuits)")
+    p.add_argument("--batch", type=_batch, default=BASELINE_BATCH, metavar="K",
+                   help=f"random circuits per forward pass (Evaluator.extend_many; default {BASELINE_BATCH}: each "
+                   "differs everywhere, so a stacked pass sums edge changes over all of theirs and costs more than "
+                   "K passes on a CPU; the scores are the same for every K)")
+
+    p = sub.add_parser("stability", help="would other prompts give the same circuit? prunes on resampled prompt "
+                       "sets (on the sweep executors, resumable): node and edge frequencies, Jaccard to the "
+                       "full-data circuit, each circuit scored on held-out prompts")
+    _add_model_task(p)
+    p.add_argument("--bootstrap", type=int, default=10, metavar="B", help="resampled prompt sets to prune "
+                   "(default 10; run again with more to add resamples)")
+    p.add_argument("--resample", choices=("bootstrap", "seeds"), default="bootstrap",
+                   help="bootstrap (default): draw the training prompts again with replacement; seeds: make the "
+                   "task anew with seed + 1, seed + 2, ... (built-in and toy tasks)")
+    p.add_argument("--holdout", type=int, default=None, metavar="H", help="prompts held out for scoring, made with "
+                   "the training ones and never pruned on (default: as many as --n-prompts; a task file: its last "
+                   "third)")
+    p.add_argument("--level", default="both", metavar="LEVEL", help="as for prune (default both)")
+    p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
+    p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy", "l2", "logprob"), default="logit_diff")
+    p.add_argument("--absolute", type=_threshold, default=0.8, help="as for prune (default 0.8)")
+    p.add_argument("--relative", type=_threshold, default=None, help="as for prune (default off)")
+    p.add_argument("--order", default=None, help="as for prune (default attribution; alternate for accuracy)")
+    p.add_argument("--max-passes", type=int, default=10)
+    p.add_argument("--attribution", choices=("eap", "eap-ig"), default="eap-ig")
+    p.add_argument("--steps", type=int, default=5)
+    _add_batch(p)
+    p.add_argument("--out", default="runs/stability", help="directory: settings.json, tasks/, sweep/ (a run "
+                   "directory per prune), stability.json, report.md, plots/ (resumes)")
+    p.add_argument("--workers", type=int, help="local worker processes (as for sweep; 0: one after another in this "
+                   "process)")
+    p.add_argument("--ray", metavar="auto|local|ADDRESS", help="run the prunes as Ray tasks (see `sweep --ray`)")
+
     p = sub.add_parser("render", help="draw a circuit (circuit.json or a run directory) as SVG, PNG or PDF")
     p.add_argument("circuit")
     p.add_argument("--out", help="output file (.svg, .png, .pdf); default beside the circuit")
@@ -249,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"prune": cmd_prune, "score": cmd_score, "tasks": cmd_tasks, "models": cmd_models,
                 "render": cmd_render, "attribute": cmd_attribute, "diff": cmd_diff,
-                "evaluate": cmd_evaluate, "compare-orders": cmd_compare, "sweep": cmd_sweep}[args.command](args)
+                "evaluate": cmd_evaluate, "compare-orders": cmd_compare, "sweep": cmd_sweep,
+                "baseline": cmd_baseline, "stability": cmd_stability}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
@@ -591,8 +637,43 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _sweep_executor(args):
+    """sweep's and stability's --workers / --ray: local workers by default, 0 workers in this process, or Ray."""
+    from .sweeps import InlineExecutor, LocalExecutor, RayExecutor
+
+    if args.ray is not None:
+        if args.workers is not None:
+            raise ValueError("--workers sizes the local executor; with --ray, Ray places the cells (one CPU each)")
+        return RayExecutor(address=args.ray, batch=args.batch)
+    if args.workers is not None and args.workers < 0:
+        raise ValueError(f"--workers {args.workers} is negative: give a number of processes, or 0 to run the "
+                         "cells in this process")
+    if args.workers == 0:
+        return InlineExecutor(batch=args.batch)
+    return LocalExecutor(workers=args.workers, batch=args.batch)
+
+
+def cmd_stability(args) -> int:
+    from .config import PruneConfig
+    from .sweeps.stability import check_settings, format_stability, run_stability
+
+    cfg = PruneConfig(model=args.model, task=args.task, level=args.level, ablation=args.ablation,
+                      metric=args.metric, absolute=args.absolute, relative=args.relative, order=args.order,
+                      max_passes=args.max_passes, n_prompts=args.n_prompts, seed=args.seed,
+                      template=args.template, corruption=args.corruption, attribution=args.attribution,
+                      steps=args.steps, **_engine_args(args))
+    check_settings(args.bootstrap, args.holdout, args.resample, cfg)  # before an executor or a model starts
+    summary = run_stability(cfg, args.out, args.bootstrap, _sweep_executor(args), args.holdout, args.resample,
+                            log=lambda m: print(m, file=sys.stderr))
+    print()
+    print(format_stability(summary), end="")
+    print(f"files in {args.out}/: stability.json, report.md, plots/, tasks/, sweep/ (cells/full/ is the full-data "
+          "run; its report.md has the section too)")
+    return 0
+
+
 def cmd_sweep(args) -> int:
-    from .sweeps import InlineExecutor, LocalExecutor, RayExecutor, load_spec, run_sweep
+    from .sweeps import load_spec, run_sweep
 
     spec = load_spec(args.spec)  # every cell checked before anything runs
     if args.check:
@@ -600,18 +681,7 @@ def cmd_sweep(args) -> int:
             print(f"{c.kind:6s} {c.name}")
         print(f"{len(spec.cells)} cells; settings checked")
         return 0
-    if args.ray is not None:
-        if args.workers is not None:
-            raise ValueError("--workers sizes the local executor; with --ray, Ray places the cells (one CPU each)")
-        executor = RayExecutor(address=args.ray, batch=args.batch)
-    elif args.workers is not None and args.workers < 0:
-        raise ValueError(f"--workers {args.workers} is negative: give a number of processes, or 0 to run the "
-                         "cells in this process")
-    elif args.workers == 0:
-        executor = InlineExecutor(batch=args.batch)
-    else:
-        executor = LocalExecutor(workers=args.workers, batch=args.batch)
-    summary = run_sweep(spec, args.out, executor, truth=args.truth)
+    summary = run_sweep(spec, args.out, _sweep_executor(args), truth=args.truth)
     c = summary["counts"]
     print(f"\n{len(summary['cells'])} cells: {c.get('done', 0)} run, {c.get('skipped', 0)} finished before, "
           f"{c.get('failed', 0)} failed ({summary['wall_seconds']:.1f} s)")
@@ -622,6 +692,21 @@ def cmd_sweep(args) -> int:
         print(f"  ROC {curve['kind']} {curve['series']}: AUC {curve['auc']:.3f}")
     print(f"files in {args.out}/: sweep.json, report.md, plots/, cells/<name>/ (run directories), logs/")
     return 1 if c.get("failed") else 0
+
+
+def cmd_baseline(args) -> int:
+    from .runs.baseline import run_baseline, table
+
+    summary = run_baseline(args.run, args.random, args.connected, args.seed, args.batch,
+                           log=lambda m: print(m, file=sys.stderr))
+    print(table(summary), end="")
+    st = summary["stats"]
+    print(f"{st['forward_passes']} circuits scored ({st['batched_passes']} batched passes), "
+          f"{st['scoring_seconds']} s scoring")
+    run = Path(summary["run"])
+    files = [f for f in ("baseline.json", "baseline.png", "report.md") if (run / f).exists()]
+    print(f"files in {run}/: {', '.join(files)} (section 'Against random circuits of its size')")
+    return 0
 
 
 def cmd_render(args) -> int:

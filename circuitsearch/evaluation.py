@@ -105,6 +105,12 @@ def _config(run: SavedRun, task: str, model) -> PruneConfig:
                        reduce=m.get("reduce"))
 
 
+def own_evaluator(run: SavedRun, model, log=None):
+    """The evaluator of `run`'s own prompts (its task.json) with its ablation, metric, graph and readout:
+    scores its circuit as the run scored it."""
+    return evaluator(_config(run, run.task.name, model), model, run.task, log)
+
+
 def _task_for(name: str, runs: list[SavedRun], model, like: SavedRun):
     """Prompts of task `name`: a given run's task.json if one was found on it, else built with like's settings."""
     for r in runs:

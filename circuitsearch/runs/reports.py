@@ -166,3 +166,79 @@ def comparison_report(cmp, diagram: str | None) -> str:
               "comparison.json holds per-node and per-edge counts, the Jaccard matrices, and the intersection "
               "and union circuits with their verified scores.", ""]
     return "\n".join(lines)
+
+
+def with_section(report: str, key: str, section: str) -> str:
+    """`report` with its section `key` (between <!-- circuitsearch:KEY --> markers) replaced by `section`, or
+    `section` appended where it has none: a command that adds to a run's report.md (baseline, stability)
+    replaces its own earlier section and leaves the rest."""
+    start, end = f"<!-- circuitsearch:{key} -->", f"<!-- /circuitsearch:{key} -->"
+    block = f"{start}\n{section.rstrip()}\n{end}\n"
+    if start in report and end in report.split(start, 1)[1]:
+        head, rest = report.split(start, 1)
+        return head + block + rest.split(end, 1)[1].lstrip("\n")
+    return report.rstrip("\n") + ("\n\n" if report.strip() else "") + block
+
+
+def baseline_section(summary: dict, image: str | None) -> str:
+    """report.md's section on a random-circuit baseline (runs/baseline.py's baseline.json content)."""
+    s, st, f, m = summary["settings"], summary["sizes"], summary["faithfulness"], summary["normalized"]
+    edges = "every edge among them" if st["edges"] is None else f"{st['edges']} edges"
+    how = ("every kept node on a path from the embedding to the logits; " if s["connected"] else "")
+    lines = ["## Against random circuits of its size", "",
+             f"{s['random']} random circuits of {st['heads']} heads, {st['mlps']} MLPs and {edges} ({how}heads and "
+             f"MLPs drawn uniformly, edges uniformly among those joining them; seed {s['seed']}), scored on this "
+             f"run's {summary['prompts']} prompts with its {summary['ablation']} ablation and {summary['metric']}.",
+             "", "| | faithfulness | normalized |", "|---|---:|---:|"]
+    q = lambda d, k: f"{d['quantiles'][k]:.4f}"
+    for label, key in (("mean", "mean"), ("std", "std")):
+        lines.append(f"| {label} | {f[key]:.4f} | {m[key]:.4f} |")
+    for label, key in (("min", "0"), ("5 %", "0.05"), ("median", "0.5"), ("95 %", "0.95"), ("max", "1")):
+        lines.append(f"| {label} | {q(f, key)} | {q(m, key)} |")
+    z = lambda d: "-" if d["z"] is None else f"{d['z']:.2f}"
+    lines += [f"| **this circuit** | **{f['run']:.4f}** | **{m['run']:.4f}** |",
+              f"| its percentile | {f['percentile']:.1f} | {m['percentile']:.1f} |",
+              f"| its z-score | {z(f)} | {z(m)} |", "",
+              f"Random circuits scoring at least this one: {f['at_or_above']} of {f['n']} (p = {f['p']:.3g}); the "
+              f"empty circuit's faithfulness is {summary['run_scores']['empty_faithfulness']:.4f}. baseline.json holds "
+              "every random circuit and its scores."]
+    if image:
+        lines += ["", f"![random circuits]({image})"]
+    return "\n".join(lines) + "\n"
+
+
+def stability_section(summary: dict, image: str | None, cells: str) -> str:
+    """report.md's section on prompt stability (sweeps/stability.py's stability.json content); `cells`: the path
+    from the report to the directory holding the cells' run directories."""
+    s, m = summary["split"], summary["mean"]
+    seen = (f" ({s['heldout_seen_in_train']} of them identical to a training prompt)"
+            if s["heldout_seen_in_train"] else "")
+    how = ("each drawing as many prompts from the training set with replacement"
+           if summary["resample"] == "bootstrap" else "each the task made anew with another seed")
+    lines = ["## Stability over resampled prompts", "",
+             f"The full-data circuit (on {s['train']} prompts) and {summary['bootstrap']} {summary['resample']} "
+             f"resamples, {how}, each pruned with the same settings; every circuit scored on {s['heldout']} held-out "
+             f"prompts none of them was pruned on{seen}. Jaccard to the full-data circuit: its heads and MLPs, "
+             "and its edges.", "",
+             "| circuit | prompts (distinct) | heads | MLPs | edges | faithfulness | held-out faithfulness | Jaccard nodes | "
+             "Jaccard edges |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["circuits"]:
+        lines.append(f"| [{r['name']}]({cells}{r['name']}/report.md) | {r['prompts']} ({r['distinct']}) | {r['heads']} | {r['mlps']} | "
+                     f"{r['edges']} | {r['faithfulness']:.3f} | {r['heldout_faithfulness']:.3f}"
+                     f"{' *' if r.get('meaningless') else ''} | {r['jaccard_nodes']:.3f} | {r['jaccard_edges']:.3f} |")
+    lines.append(f"| mean over the resamples | | | | | {m['faithfulness']:.3f} | {m['heldout_faithfulness']:.3f} | "
+                 f"{m['jaccard_nodes']:.3f} | {m['jaccard_edges']:.3f} |")
+    if any(r.get("meaningless") for r in summary["circuits"]):
+        lines += ["", "* the model fails the held-out prompts under these settings, so that score means nothing"]
+    k, full = summary["kept_in_every_resample"], summary["full_nodes_in_every_resample"]
+    n_full = sum(1 for r in summary["nodes"].values() if r["in_full"])
+    lines += ["", f"Kept in every resample: {len(k['nodes'])} heads and MLPs ({', '.join(k['nodes']) or 'none'}) and "
+              f"{len(k['edges'])} edges; of the full-data circuit's {n_full} heads and MLPs, {len(full)} are in every "
+              "resample.", "", "| node | kept by resamples | in the full-data circuit |", "|---|---:|---|"]
+    lines += [f"| {n} | {r['frequency']:.2f} | {'yes' if r['in_full'] else 'no'} |"
+              for n, r in list(summary["nodes"].items())[:30]]
+    if len(summary["nodes"]) > 30:
+        lines.append(f"| ({len(summary['nodes']) - 30} more in stability.json) | | |")
+    if image:
+        lines += ["", f"![node frequency]({image})"]
+    return "\n".join(lines) + "\n"
