@@ -155,7 +155,10 @@
     $("curve-pct").textContent = p.pct;
     $("curve-r").textContent = fmt(p.r);
     $("curve-f").textContent = fmt(p.f);
-    $("curve-own").textContent = p.own ? "(this circuit)" : "(the top edges of the ranking)";
+    const own = view.curve.points.find((q) => q.own);
+    $("curve-own").textContent = p.own ? "(this circuit)" : own && p.k > own.k
+      ? `(the circuit's ${own.k} and ${p.k - own.k} more that the search removed: those are not drawn)`
+      : "(the top edges of the ranking)";
   }
 
   // ---- what is shown --------------------------------------------------------------------------------
