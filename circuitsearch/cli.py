@@ -283,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "process)")
     p.add_argument("--ray", metavar="auto|local|ADDRESS", help="run the prunes as Ray tasks (see `sweep --ray`)")
 
+    p = sub.add_parser("view", help="an interactive page (one HTML file that opens offline): hover for effects and "
+                       "decisions, click for paths, slide along the faithfulness curve")
+    p.add_argument("source", metavar="RUN|circuit.json|diff.json|comparison.json|SWEEP_DIR",
+                   help="a run directory (prune, targets, compare-orders, sweep) or one of its JSON files")
+    p.add_argument("--out", help="the page (.html); default: view.html in the directory viewed (beside the file)")
+
     p = sub.add_parser("render", help="draw a circuit (circuit.json or a run directory) as SVG, PNG or PDF")
     p.add_argument("circuit")
     p.add_argument("--out", help="output file (.svg, .png, .pdf); default beside the circuit")
@@ -295,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"prune": cmd_prune, "score": cmd_score, "tasks": cmd_tasks, "models": cmd_models,
                 "render": cmd_render, "attribute": cmd_attribute, "diff": cmd_diff,
                 "evaluate": cmd_evaluate, "compare-orders": cmd_compare, "sweep": cmd_sweep,
-                "baseline": cmd_baseline, "stability": cmd_stability}[args.command](args)
+                "baseline": cmd_baseline, "stability": cmd_stability,
+                "view": cmd_view}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
@@ -496,7 +503,8 @@ def cmd_compare(args) -> int:
                           batch=args.batch)
     print()
     print(format_comparison(cmp), end="")
-    print(f"\nfiles in {args.out}/: comparison.json, comparison.svg, report.md, one run directory per order")
+    print(f"\nfiles in {args.out}/: comparison.json, comparison.html (interactive), comparison.svg, report.md, one run "
+          "directory per order")
     return 0
 
 
@@ -572,6 +580,7 @@ def cmd_diff(args) -> int:
     from .graphs.diff import diff_circuits, format_table, render_overlay
     from .graphs.render import RenderError
     from .io import atomic_write_text
+    from .runs.view import write_diff_page
 
     if len(args.circuits) < 2:
         raise ValueError("diff needs at least two circuits (circuit.json files or run directories)")
@@ -588,6 +597,8 @@ def cmd_diff(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "diff.json", json.dumps(d.to_json(), indent=1))
     files = ["diff.json"]
+    write_diff_page(d, out / "overlay.html")
+    files.append("overlay.html")
     try:
         render_overlay(d, out / f"overlay.{args.format}")
         files += [f"overlay.{args.format}", "overlay.dot"]
@@ -706,6 +717,15 @@ def cmd_baseline(args) -> int:
     run = Path(summary["run"])
     files = [f for f in ("baseline.json", "baseline.png", "report.md") if (run / f).exists()]
     print(f"files in {run}/: {', '.join(files)} (section 'Against random circuits of its size')")
+    return 0
+
+
+def cmd_view(args) -> int:
+    from .runs.view import write_view
+
+    src = Path(args.source)
+    out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "view.html"
+    print(f"wrote {write_view(src, out)} (open it in a browser; it needs no network)")
     return 0
 
 

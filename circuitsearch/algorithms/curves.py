@@ -95,25 +95,10 @@ def faithfulness_curve(ev, ranking: list[str], name: str = "ranking",
 
 
 def removal_ranking(ev, decisions: list, circuit) -> list[str]:
-    """A run's edges, least important first: edges outside the circuit that no decision named, then
-    edges of ablated nodes in the order the nodes went, edges in the order they were removed, and
-    the circuit's edges by |effect|."""
-    ix = ev.index
-    by_node: dict[str, list[str]] = {}
-    for e, s, r in zip(ix.edges, ix.edge_src.tolist(), ix.edge_dst_node.tolist()):
-        by_node.setdefault(ix.nodes[s], []).append(e)
-        by_node.setdefault(ix.nodes[r], []).append(e)
-    removed: list[str] = []
-    for d in decisions:  # removals at single slots (positions, edge-positions) leave the edge in the graph
-        if d.removed and d.phase in ("nodes", "edges"):
-            removed += by_node.get(d.candidate, []) if d.phase == "nodes" else [d.candidate]
-    for n in circuit.method.get("dangling_removed") or []:
-        removed += by_node.get(n, [])
-    kept = circuit.effective_edges()
-    removed = [e for e in dict.fromkeys(removed) if e not in kept]
-    named = set(removed)
-    rest = [e for e in ev.graph.edges if e not in named and e not in kept]
-    return rest + removed + sorted(kept, key=lambda e: abs(kept[e]) if kept[e] is not None else 0.0)
+    """A run's edges, least important first (ranking.removal_ranking, from the decisions it kept)."""
+    from .ranking import removal_ranking as ranking
+
+    return ranking(ev.graph, [(d.phase, d.candidate) for d in decisions if d.removed], circuit)
 
 
 def curves_json(curves: list[Curve]) -> dict:

@@ -342,9 +342,7 @@ def overlay_dot(diff: Diff) -> str:
     full = len(diff.names)
     draw_edges = not any(c.node_level for c in diff.circuits)
     units = diff.level == "units"
-    union = Circuit(diff.model, diff.graph, " vs ".join(diff.names), {n: None for n in diff.node_sets},
-                    {e: None for e in diff.edge_sets} if draw_edges else {},
-                    positions=_union_positions(diff, draw_edges) if units else {})
+    union = union_circuit(diff)
     look = Look(title=f"overlay of {len(diff.names)} circuits on {diff.model}: {', '.join(diff.names)}",
                 sizes_prefix="all circuits together: ")
     notes = [] if units or not diff.note else [diff.note]
@@ -379,6 +377,15 @@ def overlay_dot(diff: Diff) -> str:
         legend.append((fill, f"{text}: " + ", ".join(plural(k[key], w) for key, w in words)))
     look.legend = legend
     return to_dot(union, look)
+
+
+def union_circuit(diff: Diff) -> Circuit:
+    """What the overlay draws: every node and edge of any circuit (unit by unit at level "units"), unscored;
+    no edges when a circuit is node-level (its edges are all those between its nodes)."""
+    draw_edges = not any(c.node_level for c in diff.circuits)
+    return Circuit(diff.model, diff.graph, " vs ".join(diff.names), {n: None for n in diff.node_sets},
+                   {e: None for e in diff.edge_sets} if draw_edges else {},
+                   positions=_union_positions(diff, draw_edges) if diff.level == "units" else {})
 
 
 def _union_positions(diff: Diff, edges: bool) -> dict:

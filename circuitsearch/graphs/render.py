@@ -31,6 +31,13 @@ SWATCH = "\u25ac\u25ac"  # two black rectangles, drawn in the legend colour
 _INPUT_RANK = {"q": 0, "k": 1, "v": 2, "": 3}
 LABEL_LIMIT = 80  # above this many drawn edges, edges carry no q/k/v text (colours and legend remain)
 ROUTE_LIMIT = 6000  # route edges around nodes while nodes × drawn edges stays below this (~1 s; grows fast)
+# above it every edge gets a fixed bowed curve (its `pos`), so Graphviz only draws: routing the compare-orders
+# union with splines=curved took over 5 minutes, these curves take well under a second
+HALF = {"head": (0.31, 0.15), "mlp": (0.31, 0.15), "embed": (0.4, 0.15), "logits": (0.4, 0.15)}  # node half sizes
+INPUT_HANG = {"q": -0.3, "k": 0.0, "v": 0.3}  # where a head's q, k or v input meets it (fraction of its width)
+BOW = 0.12  # the curve's bend: its control point sits this fraction of the edge's length off the straight line
+ARROW_PT = 4.5  # arrowsize 0.45 × Graphviz's 10 points
+FIXED_NOTE = "{} edges: drawn as fixed curves from sender to receiver, not routed around the nodes"
 SLOT_GAP = 0.55  # inches between the footprints of two slot columns
 KV_NOTE = "dashed: key/value input at a position, read by queries at that position and later ones"
 GHOST_NOTE = ("dashed outline, white: a head ablated at that position whose key/value input there is kept "
@@ -69,6 +76,23 @@ def _blend(a: str, b: str, t: float) -> str:
 
 def _fmt(x: float | None) -> str:
     return "unknown" if x is None else f"{x:.4g}"
+
+
+def edge_pos(a: tuple[float, float], b: tuple[float, float], kind_a: str, kind_b: str, inp: str | None) -> str:
+    """A DOT edge `pos` (points): a bowed cubic Bézier from the top of node a to the bottom of node b (at its
+    q, k or v input), ending in an arrow; with layout=nop2 Graphviz draws it as given, without routing."""
+    ha, (wb, hb) = HALF[kind_a][1], HALF[kind_b]
+    x0, y0 = 72 * a[0], 72 * (a[1] + ha)
+    tx, ty = 72 * (b[0] + 2 * wb * INPUT_HANG.get(inp or "", 0.0)), 72 * (b[1] - hb)
+    dx, dy = tx - x0, ty - y0
+    length = max((dx * dx + dy * dy) ** 0.5, 1e-6)
+    cx, cy = (x0 + tx) / 2 - dy / length * BOW * length, (y0 + ty) / 2 + dx / length * BOW * length
+    ux, uy = tx - cx, ty - cy  # the curve's direction where it meets the receiver
+    norm = max((ux * ux + uy * uy) ** 0.5, 1e-6)
+    ex, ey = tx - ux / norm * ARROW_PT, ty - uy / norm * ARROW_PT
+    pts = [(x0, y0), (x0 + 2 / 3 * (cx - x0), y0 + 2 / 3 * (cy - y0)), (ex + 2 / 3 * (cx - ex), ey + 2 / 3 * (cy - ey)),
+           (ex, ey)]
+    return f"e,{tx:.1f},{ty:.1f} " + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
 
 
 def positions(nodes: list[str], n_layers: int) -> dict[str, tuple[float, float]]:
@@ -163,11 +187,11 @@ def to_dot(circuit: Circuit, look: Look | None = None) -> str:
     node_effects = [abs(x) for x in circuit.nodes.values() if x is not None]
     top_node = max(node_effects) if node_effects else 0.0
     big = len(merged) > LABEL_LIMIT
+    fixed = len(merged) * len(pos) > ROUTE_LIMIT
     lines = ["digraph circuit {",
              "  // nodes are pinned (pos in points) to a grid: one row per layer, embed at the bottom, logits on top;",
-             "  // layout=nop2 (neato -n2) keeps them there and only routes the edges",
-             f"  layout=nop2; splines={'true' if len(merged) * len(pos) <= ROUTE_LIMIT else 'curved'}; overlap=true;"
-             " outputorder=edgesfirst; pad=0.3; bgcolor=white;",
+             "  // layout=nop2 (neato -n2) keeps them there and routes the edges, or draws the curves given as their pos",
+             "  layout=nop2; splines=true; overlap=true; outputorder=edgesfirst; pad=0.3; bgcolor=white;",
              '  fontname="Helvetica"; fontsize=12; labelloc=b; labeljust=l;',
              '  node [fontname="Helvetica", fontsize=11, width=0.62, height=0.3, fixedsize=true, style=filled,'
              ' penwidth=1];',
@@ -196,10 +220,13 @@ def to_dot(circuit: Circuit, look: Look | None = None) -> str:
             colour = ":".join(INPUT_COLOURS[i] + alpha for i in sorted({i for i, _, _ in items}, key=_INPUT_RANK.get))
         label = f", label={_q(inputs)}" if inputs and not big else ""
         tip = "; ".join(f"{e}: effect {_fmt(x)}" for _, e, x in items)
+        kinds = [parse_node(n, L).kind for n in (src, node)]
+        where = f", pos=\"{edge_pos(pos[src], pos[node], *kinds, inputs if len(inputs) == 1 else None)}\"" if fixed else ""
         drawn.append((width, f"  {_q(src)} -> {_q(node)} [color={_q(colour)}, penwidth={width:.2f}{label}, "
-                             f"tooltip={_q(tip)}];"))
+                             f"tooltip={_q(tip)}{where}];"))
     lines += [line for _, line in sorted(drawn, key=lambda d: d[0])]  # strongest edges drawn last, on top
-    return _close(lines, circuit, look, bool(merged), [], "faithfulness lost on removal")
+    return _close(lines, circuit, look, bool(merged), [FIXED_NOTE.format(len(merged))] if fixed else [],
+                  "faithfulness lost on removal")
 
 
 def _close(lines: list, circuit: Circuit, look: Look | None, edges: bool, notes: list, effect: str) -> str:
@@ -312,13 +339,12 @@ def positions_dot(circuit: Circuit, look: Look | None = None) -> str:
     node_eff = {u: _unit_effect(circuit, u, u.split("@")[0]) for u in pos if u not in ghosts}
     top_node = max((abs(x) for x in node_eff.values() if x is not None), default=0.0)
     big = len(merged) > LABEL_LIMIT
-    n_drawn = len(pos) + len(slots)
+    fixed = len(merged) * (len(pos) + len(slots)) > ROUTE_LIMIT
     lines = ["digraph circuit {",
              "  // a circuit over token positions: one column per slot (position order, left to right), one row per",
              "  // layer (embed at the bottom, logits on top); nodes are units node@slot, pinned (pos in points);",
-             "  // layout=nop2 (neato -n2) keeps them there and only routes the edges",
-             f"  layout=nop2; splines={'true' if len(merged) * n_drawn <= ROUTE_LIMIT else 'curved'}; overlap=true;"
-             " outputorder=edgesfirst; pad=0.3; bgcolor=white;",
+             "  // layout=nop2 (neato -n2) keeps them there and routes the edges, or draws the curves given as their pos",
+             "  layout=nop2; splines=true; overlap=true; outputorder=edgesfirst; pad=0.3; bgcolor=white;",
              '  fontname="Helvetica"; fontsize=12; labelloc=b; labeljust=l;',
              '  node [fontname="Helvetica", fontsize=11, width=0.62, height=0.3, fixedsize=true, style=filled,'
              ' penwidth=1];',
@@ -359,8 +385,11 @@ def positions_dot(circuit: Circuit, look: Look | None = None) -> str:
         style = ", style=dashed" if group == "kv" else ""
         label = f", label={_q(inputs)}" if inputs and not big else ""
         tip = "; ".join(f"{u}: effect {_fmt(x)}" for _, u, _, x in items)
+        kinds = [parse_node(u.split("@")[0], L).kind for u in (src, node)]
+        where = f", pos=\"{edge_pos(pos[src], pos[node], *kinds, inputs if len(inputs) == 1 else None)}\"" if fixed else ""
         drawn.append((width, f"  {_q(src)} -> {_q(node)} [color={_q(colour)}, penwidth={width:.2f}{style}{label}, "
-                             f"tooltip={_q(tip)}];"))
+                             f"tooltip={_q(tip)}{where}];"))
     lines += [line for _, line in sorted(drawn, key=lambda d: d[0])]
     notes = ([KV_NOTE] if any(g == "kv" for _, _, g, _ in merged) else []) + ([GHOST_NOTE] if ghosts else [])
+    notes += [FIXED_NOTE.format(len(merged))] if fixed else []
     return _close(lines, circuit, look, bool(merged), notes, "faithfulness lost on removal; the unit's own when recorded")

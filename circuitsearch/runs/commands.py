@@ -109,7 +109,9 @@ def write_outputs(circuit, out: Path, log=print, extras=None) -> None:
     (returns faithfulness curves, or None), circuit.dot and the diagram, and report.md again with
     them. An extra that cannot be written (no Graphviz, a full disk) is a note, never a lost result."""
     from ..graphs.export import save_circuit
+    from ..graphs.page import write_page
     from ..graphs.render import render
+    from .view import run_view
 
     save_circuit(circuit, out / "circuit.json")
     atomic_write_text(out / "report.md", prune_report(circuit, None))
@@ -121,10 +123,27 @@ def write_outputs(circuit, out: Path, log=print, extras=None) -> None:
     try:
         save_circuit(circuit, out / "circuit.dot")
         diagram = _render_or_note(render, circuit, out / "circuit.svg", log)
-        if curves or diagram:
-            atomic_write_text(out / "report.md", prune_report(circuit, diagram, curves))
     except OSError as e:
         log(f"note: diagram not written ({e.strerror or e}); the circuit is in {out / 'circuit.json'}")
+    page = _page_or_note(lambda path: write_page(path, [run_view(circuit, out)], f"circuit: {circuit.task} on "
+                                                 f"{circuit.model}", "circuit"), out / "circuit.html", log)
+    if curves or diagram or page:
+        try:
+            atomic_write_text(out / "report.md", prune_report(circuit, diagram, curves, page))
+        except OSError as e:
+            log(f"note: report.md not updated with the extras ({e.strerror or e})")
+
+
+def _page_or_note(write, path: Path, log) -> str | None:
+    """Write the interactive page to `path` and return its file name, or log why not and return None."""
+    from ..graphs.page import PageError
+
+    try:
+        write(path)
+        return path.name
+    except (OSError, PageError) as e:
+        log(f"note: {path.name} not written ({getattr(e, 'strerror', None) or e})")
+        return None
 
 
 def _replay(prepared: Prepared, dlog: DecisionLog, log, decisions: list | None = None, first: int = 0):
@@ -375,7 +394,7 @@ def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progres
                 model=None, force: bool = False, batch: int = MAX_K):
     """Prune with each order into out/<order>/ (each a resumable run directory, all on the same
     prompts), then compare: comparison.json, comparison.svg and report.md in `out`."""
-    from ..algorithms.compare import compare_circuits, order_dirname, render_comparison
+    from ..algorithms.compare import compare_circuits, order_dirname
     from ..algorithms.orders import check_order
     from ..config import check_fits, evaluator, open_model, resolve_task
 
@@ -400,7 +419,18 @@ def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progres
         log(f"  {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges, faithfulness "
             f"{c.scores['faithfulness']:.3f}, {c.stats.get('forward_passes')} forward passes")
     cmp = compare_circuits(evaluator(config, model, task), circuits, orders)
-    atomic_write_text(out / "comparison.json", json.dumps(cmp.to_json(), indent=1))
-    diagram = _render_or_note(render_comparison, cmp, out / "comparison.svg", log)
-    atomic_write_text(out / "report.md", comparison_report(cmp, diagram))
+    write_comparison(cmp, out, log)
     return cmp
+
+
+def write_comparison(cmp, out: Path, log=print) -> None:
+    """compare-orders' files: comparison.json and report.md first, then comparison.html (the page) and
+    comparison.svg (the diagram), and report.md again with them; an extra that cannot be made is a note."""
+    from ..algorithms.compare import render_comparison
+    from .view import write_view
+
+    atomic_write_text(out / "comparison.json", json.dumps(cmp.to_json(), indent=1))
+    atomic_write_text(out / "report.md", comparison_report(cmp, None))
+    page = _page_or_note(lambda path: write_view(out, path), out / "comparison.html", log)
+    diagram = _render_or_note(render_comparison, cmp, out / "comparison.svg", log)
+    atomic_write_text(out / "report.md", comparison_report(cmp, diagram, page))

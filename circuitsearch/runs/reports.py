@@ -57,7 +57,11 @@ def masks_text(method: dict, stats: dict) -> list[str]:
     return lines
 
 
-def prune_report(circuit, diagram: str | None, curves: list | None = None) -> str:
+PAGE_TEXT = ("Interactive page: [{0}]({0}) (opens offline in a browser: hover a unit for its effect and the "
+             "decision that kept it, click it for its paths, slide along the faithfulness curve).")
+
+
+def prune_report(circuit, diagram: str | None, curves: list | None = None, page: str | None = None) -> str:
     """report.md of a prune run: sizes, scores, cost, diagram, curves, the most important nodes."""
     s, m, st = circuit.scores, circuit.method, circuit.stats
     heads, mlps = circuit.heads(), circuit.mlps()
@@ -91,6 +95,8 @@ def prune_report(circuit, diagram: str | None, curves: list | None = None) -> st
                         f"full-forward equivalents), {round(a.get('seconds', 0), 1)} s."]
     if diagram:
         lines += [f"![circuit]({diagram})", ""]
+    if page:
+        lines += [PAGE_TEXT.format(page), ""]
     if curves:
         lines += ["## Faithfulness curves", "",
                   "Normalized faithfulness (MIB) when only the top k % of the model's "
@@ -112,6 +118,7 @@ def prune_report(circuit, diagram: str | None, curves: list | None = None) -> st
     lines += ["## Nodes", "", ", ".join(circuit.nodes), "",
               f"Files: task.json (prompts), circuit.json (the circuit, schema {circuit.to_json()['schema']}), "
               "decisions.jsonl (every candidate tried), circuit.dot / circuit.svg (diagram)"
+              + (f", {page} (interactive page)" if page else "")
               + (", curves.json / curves.png (faithfulness curves)" if curves else "") + ".", ""]
     return "\n".join(lines)
 
@@ -150,7 +157,7 @@ def targets_report(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def comparison_report(cmp, diagram: str | None) -> str:
+def comparison_report(cmp, diagram: str | None, page: str | None = None) -> str:
     """report.md of compare-orders: the terminal table, the shaded diagram, links to each order's run."""
     from ..algorithms.compare import format_comparison, order_dirname
 
@@ -162,6 +169,9 @@ def comparison_report(cmp, diagram: str | None) -> str:
         lines += [f"Above 1 ({', '.join(above)}): " + ABOVE_ONE, ""]
     if diagram:
         lines += [f"![orders]({diagram})", ""]
+    if page:
+        lines += [f"Interactive page: [{page}]({page}) (the union shaded by how many orders kept each unit; "
+                  "toggle orders, hover for which orders hold a unit, pick one order's run).", ""]
     lines += ["Each order's run: " + ", ".join(f"[{o}]({order_dirname(o)}/report.md)" for o in cmp.orders), "",
               "comparison.json holds per-node and per-edge counts, the Jaccard matrices, and the intersection "
               "and union circuits with their verified scores.", ""]

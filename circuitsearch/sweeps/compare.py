@@ -1,14 +1,12 @@
 """compare-orders on an executor: every order is a cell (its own run directory, out/<order>/, all
 on the same prompts), run on local workers or Ray, then compared exactly as `compare-orders`
-compares them in one process (comparison.json, comparison.svg, report.md).
+compares them in one process (comparison.json, comparison.html, comparison.svg, report.md).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..config import PruneConfig
-from ..io import atomic_write_text
 from .spec import Cell
 
 
@@ -22,12 +20,11 @@ def order_cells(config: PruneConfig, orders: list[str]) -> list[Cell]:
 
 def compare_orders(config: PruneConfig, orders: list[str], out: str | Path, executor, log=print, force: bool = False):
     """run_compare with the orders' prunes spread over `executor`; returns the Comparison."""
-    from ..algorithms.compare import compare_circuits, render_comparison
+    from ..algorithms.compare import compare_circuits
     from ..algorithms.orders import check_order
     from ..config import check_fits, evaluator, open_model, resolve_task
     from ..graphs.export import load_circuit
-    from ..graphs.render import RenderError
-    from ..runs.reports import comparison_report
+    from ..runs.commands import write_comparison
     from ..runs.store import saved_task, save_task
 
     config.check()
@@ -58,12 +55,5 @@ def compare_orders(config: PruneConfig, orders: list[str], out: str | Path, exec
                            "finished are kept: run the command again to retry the others")
     circuits = [load_circuit(out / c.dir / "circuit.json") for c in cells]
     cmp = compare_circuits(evaluator(config, model, task), circuits, orders)
-    atomic_write_text(out / "comparison.json", json.dumps(cmp.to_json(), indent=1))
-    try:
-        render_comparison(cmp, out / "comparison.svg")
-        diagram = "comparison.svg"
-    except RenderError as e:
-        log(f"note: {e}")
-        diagram = None
-    atomic_write_text(out / "report.md", comparison_report(cmp, diagram))
+    write_comparison(cmp, out, log)
     return cmp
