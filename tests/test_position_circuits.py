@@ -291,11 +291,15 @@ def test_diagram_lays_slots_out_as_columns_and_layers_as_rows(tmp_path):
     assert "over 4 position slots" in dot and "7 node units, 7 edge units" in dot
 
 
+def _svg_texts(path) -> list[str]:
+    return [t.text or "" for t in ET.parse(path).getroot().iter() if t.tag.endswith("text")]
+
+
 @pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
 def test_diagram_renders_with_graphviz(tmp_path):
     c = induction()
     svg = render(c, tmp_path / "c.svg")
-    texts = [t.text or "" for t in ET.parse(svg).getroot().iter() if t.tag.endswith("text")]
+    texts = _svg_texts(svg)
     assert set(SLOTS) <= set(texts) and {"a0.1", "a1.2", "embed", "logits"} <= set(texts)
     assert (tmp_path / "c.dot").read_text() == to_dot(c)
     assert save_circuit(c, tmp_path / "d.dot").read_text() == to_dot(c)
@@ -353,7 +357,9 @@ def test_diff_of_a_position_circuit_with_a_node_circuit_is_at_node_level(tmp_pat
     dot = overlay_dot(d)
     assert '"a0.1" [' in dot and "@" not in "".join(re.findall(r'^  "([^"]+)" \[', dot, re.M))
     assert "has positions, nodes-only has none" in dot
-    render_overlay(d, tmp_path / "overlay.svg")
+    texts = _svg_texts(render_overlay(d, tmp_path / "overlay.svg"))
+    assert {"embed", "a0.1", "a1.2", "a1.3", "logits"} <= set(texts) and not any("@" in t for t in texts)
+    assert "has positions, nodes-only has none" in " ".join(texts)
 
 
 def test_diff_of_position_circuits_with_other_slots_is_at_node_level():
@@ -400,7 +406,9 @@ def test_other_graphs_round_trip_and_draw(tmp_path, graph):
     dot = to_dot(c)
     assert '"a0.1@B" -> "a1.2@B"' in dot and '"a1.2@B" [' in dot  # drawn into the head's k/v input at B
     if shutil.which("dot"):
-        render(c, tmp_path / "c.svg")
+        texts = set(_svg_texts(render(c, tmp_path / "c.svg")))
+        assert set(SLOTS) <= texts and set(c.nodes) <= texts  # every slot column and node drawn
+        assert (tmp_path / "c.dot").read_text() == dot
     c.positions["edges"]["a1.2->m1"] = ["B", "end"]  # an MLP input at B, where a1.2 is ablated: nothing
     with pytest.raises(ValueError, match=r"'a1.2->m1' is kept at slot\(s\) 'B', where it carries nothing"):
         c.validate()
