@@ -36,6 +36,12 @@ def get_model(name: str, log=None):
     return _MODELS[name]
 
 
+def keep_model(name: str, model) -> None:
+    """Hand this process's cells a model loaded already (cells run in this process, --workers 0, then load
+    nothing again); a worker process never sees it."""
+    _MODELS.setdefault(name, model)
+
+
 @dataclass
 class CellResult:
     """What a sweep knows about one cell after running (or skipping) it: one row of sweep.json."""

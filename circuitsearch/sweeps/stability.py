@@ -158,6 +158,7 @@ def run_stability(config: PruneConfig, out: str | Path, bootstrap: int = 10, exe
     from ..config import open_model
     from ..engine import choose_threads
     from ..runs.store import open_dir
+    from .cells import keep_model
     from .executors import LocalExecutor
     from .run import run_sweep
 
@@ -174,6 +175,7 @@ def run_stability(config: PruneConfig, out: str | Path, bootstrap: int = 10, exe
         cells = stability_cells(config, names, resample)
         spec = SweepSpec({**settings, "bootstrap": bootstrap}, {}, [], cells,
                          source=f"stability of {config.task} on {config.model}")
+        keep_model(config.model, model)  # cells run in this process (--workers 0) use it
         sweep = run_sweep(spec, out / "sweep", executor or LocalExecutor(), log=log, ranking=False)
         failed = [r for r in sweep["cells"] if r["status"] == "failed"]
         if failed:
