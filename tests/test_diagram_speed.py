@@ -13,7 +13,7 @@ from circuitsearch.algorithms.compare import Comparison, comparison_dot
 from circuitsearch.graphs.circuit import Circuit
 from circuitsearch.graphs.diff import diff_circuits
 from circuitsearch.graphs.model_graph import ModelGraph, receiver_node, split_edge
-from circuitsearch.graphs.render import ROUTE_LIMIT, edge_pos, positions, to_dot
+from circuitsearch.graphs.render import FIXED_NOTE, ROUTE_LIMIT, edge_pos, positions, to_dot
 
 GRAPH = ModelGraph(30, 9)
 
@@ -56,13 +56,13 @@ def draw(dot: str) -> float:
 def test_a_small_circuit_is_routed_and_a_large_one_gets_fixed_curves():
     small = circuit(8, 12, 1)
     text = to_dot(small)
-    assert "splines=true" in text and 'pos="e,' not in text and "fixed curves" not in text
+    assert "splines=true" in text and 'pos="e,' not in text and FIXED_NOTE not in text
     big = circuit(60, 600, 2)
     text = to_dot(big)
     drawn = re.findall(r'^  "[^"]+" -> "[^"]+" \[.*\];$', text, re.M)
     assert len(drawn) * len(big.nodes) > ROUTE_LIMIT
     assert all('pos="e,' in line for line in drawn)
-    assert f"{len(drawn)} edges: drawn as fixed curves" in text
+    assert FIXED_NOTE in text
 
 
 def test_a_fixed_curve_runs_from_the_senders_top_to_the_receivers_input():

@@ -37,7 +37,8 @@ HALF = {"head": (0.31, 0.15), "mlp": (0.31, 0.15), "embed": (0.4, 0.15), "logits
 INPUT_HANG = {"q": -0.3, "k": 0.0, "v": 0.3}  # where a head's q, k or v input meets it (fraction of its width)
 BOW = 0.12  # the curve's bend: its control point sits this fraction of the edge's length off the straight line
 ARROW_PT = 4.5  # arrowsize 0.45 × Graphviz's 10 points
-FIXED_NOTE = "{} edges: drawn as fixed curves from sender to receiver, not routed around the nodes"
+FIXED_NOTE = ("edges drawn as fixed curves from sender to receiver, not routed around the nodes "
+              "(too many to route quickly)")
 SLOT_GAP = 0.55  # inches between the footprints of two slot columns
 KV_NOTE = "dashed: key/value input at a position, read by queries at that position and later ones"
 GHOST_NOTE = ("dashed outline, white: a head ablated at that position whose key/value input there is kept "
@@ -225,7 +226,7 @@ def to_dot(circuit: Circuit, look: Look | None = None) -> str:
         drawn.append((width, f"  {_q(src)} -> {_q(node)} [color={_q(colour)}, penwidth={width:.2f}{label}, "
                              f"tooltip={_q(tip)}{where}];"))
     lines += [line for _, line in sorted(drawn, key=lambda d: d[0])]  # strongest edges drawn last, on top
-    return _close(lines, circuit, look, bool(merged), [FIXED_NOTE.format(len(merged))] if fixed else [],
+    return _close(lines, circuit, look, bool(merged), [FIXED_NOTE] if fixed else [],
                   "faithfulness lost on removal")
 
 
@@ -391,5 +392,5 @@ def positions_dot(circuit: Circuit, look: Look | None = None) -> str:
                              f"tooltip={_q(tip)}{where}];"))
     lines += [line for _, line in sorted(drawn, key=lambda d: d[0])]
     notes = ([KV_NOTE] if any(g == "kv" for _, _, g, _ in merged) else []) + ([GHOST_NOTE] if ghosts else [])
-    notes += [FIXED_NOTE.format(len(merged))] if fixed else []
+    notes += [FIXED_NOTE] if fixed else []
     return _close(lines, circuit, look, bool(merged), notes, "faithfulness lost on removal; the unit's own when recorded")

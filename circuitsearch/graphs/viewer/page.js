@@ -51,8 +51,6 @@
     const g = $("graph");
     g.textContent = "";
     g.setAttribute("viewBox", `0 0 ${v.width} ${v.height}`);
-    g.setAttribute("width", v.width);
-    g.setAttribute("height", v.height);
     g.classList.remove("focus", "searching");
     const edges = svg("g", { id: "edges" }, g), nodes = svg("g", { id: "nodes" }, g);
     for (const [name, x, y] of v.slots) svg("text", { x: x, y: y, class: "slot" }, g).textContent = name;
@@ -82,7 +80,22 @@
     drawLegend(v);
     drawCircuitToggles(v);
     setUpCurve(v);
+    fit();
     update();
+  }
+
+  // "fit the window" shrinks a large view to the window, but never below MIN_SCALE (labels stay legible;
+  // the canvas scrolls past that); "100 %" draws it at its own size
+  const MIN_SCALE = 0.6;
+  function fit() {
+    const g = $("graph"), c = $("canvas");
+    let s = 1;
+    if ($("zoom").value === "fit") {
+      s = Math.min(1, (c.clientWidth - 4) / view.width, (window.innerHeight - 190) / view.height);
+      s = Math.max(s, MIN_SCALE);
+    }
+    g.setAttribute("width", (view.width * s).toFixed(1));
+    g.setAttribute("height", (view.height * s).toFixed(1));
   }
 
   function drawLegend(v) {
@@ -312,8 +325,8 @@
     $("slider").addEventListener("input", () => { state.point = +$("slider").value; showPoint(); update(); });
     $("search").addEventListener("input", () => { state.search = $("search").value.trim(); search(); });
     $("colour").addEventListener("change", () => { state.colour = $("colour").value; update(); });
-    $("zoom").addEventListener("change", () => { $("canvas").classList.toggle("fit", $("zoom").value === "fit"); });
-    $("canvas").classList.add("fit");
+    $("zoom").addEventListener("change", fit);
+    window.addEventListener("resize", fit);
     const pickView = $("view");
     if (DATA.views.length > 1) {
       $("view-pick").hidden = false;
