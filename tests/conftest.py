@@ -8,6 +8,34 @@ from circuitsearch.catalogue import load_model
 from circuitsearch.tasks.base import Task, build_task
 
 
+_RUNNING: list = [None]  # the test item being set up or run
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _RUNNING[0] = item
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _smollm2_only_in_slow_tests():
+    """A test that loads the embedded SmolLM2 in this process without the `slow` marker fails, naming the fix, so
+    `-m "not slow"` really leaves the model out (tests that load it only in a child process are not seen)."""
+    import circuitsearch.models as models
+
+    real = models._load_smollm2
+
+    def guarded():
+        item = _RUNNING[0]
+        if item is not None and item.get_closest_marker("slow") is None:
+            pytest.fail(f"{item.nodeid} loads SmolLM2 but is not marked slow: add @pytest.mark.slow (or a module "
+                        "pytestmark) so that -m 'not slow' skips it")
+        return real()
+
+    models._load_smollm2 = guarded
+    yield
+    models._load_smollm2 = real
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads_as_they_were():
     """Commands set torch's thread count for the model they load (engine.choose_threads); a test that

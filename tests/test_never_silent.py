@@ -275,3 +275,12 @@ def test_cuda_device_index_is_checked(monkeypatch):
     assert parse_device("cuda:0") == torch.device("cuda:0")
     with pytest.raises(ValueError, match="this machine has 1 CUDA device"):
         parse_device("cuda:3")
+
+
+def test_a_test_that_loads_smollm2_without_the_slow_marker_fails():
+    """conftest's guard: `-m "not slow"` must leave the embedded model out, so an unmarked test loading it fails
+    (this test is unmarked: the guard stops the load before it starts)."""
+    import circuitsearch.models as models
+
+    with pytest.raises(pytest.fail.Exception, match="not marked slow"):
+        models._load_smollm2()
