@@ -181,7 +181,7 @@ def test_the_slider_shows_the_curve_circuit_at_each_point(browser, planted_run):
     curve = json.loads((planted_run / "curves.json").read_text())["curves"][0]
     circuit = load_circuit(planted_run / "circuit.json")
     slider = browser.find_element("id", "slider")
-    assert browser.find_element("id", "curve-own").text == "(this circuit)"
+    assert slider.is_displayed() and browser.find_element("id", "curve-own").text == "(this circuit)"
     assert int(browser.find_element("id", "curve-k").text) == len(circuit.edges)
     slider.send_keys(Keys.HOME)
     seen = []
@@ -219,6 +219,7 @@ def test_toggling_a_circuit_of_a_diff_hides_its_units(browser, planted_run, tmp_
     open_page(browser, write_diff_page(d, tmp_path / "diff.html"))
     every = set(d.node_sets) | set(d.edge_sets)
     assert set(shown(browser)) == every
+    assert not browser.find_element("id", "curve").is_displayed()  # a diff has no curve to slide along
     browser.find_element("css selector", '#circuit-toggles input[data-circuit="A"]').click()
     assert set(shown(browser)) == d.members("B", "nodes") | d.members("B", "edges")
     assert "m0" not in shown(browser)
