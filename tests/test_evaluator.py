@@ -244,6 +244,7 @@ def test_repeated_prompts_run_once_and_score_as_the_plain_mean(test_model, ablat
         assert abs(ev.corrupted - plain_logit_diff(test_model, as_clean)) < TOL
 
 
+@pytest.mark.slow
 def test_smollm2_engine_reproduces_the_bridge_at_every_position(smollm2, smollm2_digits):
     """The load check's figure for the default model: measured 4.9e-6 of the logit scale (tolerance 1e-3)."""
     from circuitsearch.engine import Engine
