@@ -175,3 +175,15 @@ def test_a_circuit_over_positions_is_refused():
                 positions={"slots": ["0", "1"], "nodes": {"a0.1": ["1"]}})
     with pytest.raises(BaselineError, match="--level both"):
         sizes_of(c)
+
+
+def test_sampling_needs_no_torch():
+    """circuitsearch.baselines draws and summarises without importing torch (scoring is handed an evaluator)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, circuitsearch.baselines as b; from circuitsearch.graphs.model_graph import ModelGraph; "
+            "b.random_circuits(ModelGraph(4, 2), b.Sizes(2, 1, 4, ('embed',)), 3, connected=True); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -221,14 +221,15 @@ def stability_section(summary: dict, image: str | None, cells: str) -> str:
     """report.md's section on prompt stability (sweeps/stability.py's stability.json content); `cells`: the path
     from the report to the directory holding the cells' run directories."""
     s, m = summary["split"], summary["mean"]
-    seen = (f" ({s['heldout_seen_in_train']} of them identical to a training prompt)"
+    seen = (f" ({s['heldout_seen_in_train']} of them repeat a training prompt: the task has few distinct prompts, "
+            "so there the held-out score weighs the same prompts otherwise rather than trying new ones)"
             if s["heldout_seen_in_train"] else "")
     how = ("each drawing as many prompts from the training set with replacement"
            if summary["resample"] == "bootstrap" else "each the task made anew with another seed")
     lines = ["## Stability over resampled prompts", "",
              f"The full-data circuit (on {s['train']} prompts) and {summary['bootstrap']} {summary['resample']} "
              f"resamples, {how}, each pruned with the same settings; every circuit scored on {s['heldout']} held-out "
-             f"prompts none of them was pruned on{seen}. Jaccard to the full-data circuit: its heads and MLPs, "
+             f"prompts made with the training ones and left out of every prune{seen}. Jaccard to the full-data circuit: its heads and MLPs, "
              "and its edges.", "",
              "| circuit | prompts (distinct) | heads | MLPs | edges | faithfulness | held-out faithfulness | Jaccard nodes | "
              "Jaccard edges |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

@@ -242,7 +242,7 @@ def format_stability(summary: dict) -> str:
     s = summary["split"]
     out = [f"stability of {summary['task']} on {summary['model']}: the full prompt set ({s['train']} prompts) and "
            f"{summary['bootstrap']} {summary['resample']} resamples; held out: {s['heldout']} prompts"
-           + (f" ({s['heldout_seen_in_train']} of them also among the training prompts)" if s["heldout_seen_in_train"]
+           + (f" ({s['heldout_seen_in_train']} of them repeat a training prompt)" if s["heldout_seen_in_train"]
               else ""),
            f"{'circuit':>8} {'heads':>5} {'MLPs':>4} {'edges':>5} {'faithfulness':>12} {'held-out':>8} "
            f"{'Jaccard nodes':>13} {'Jaccard edges':>13}"]
