@@ -88,16 +88,32 @@ def test_local_hf_directory_scores_through_the_cli(hf_dirs, ids_task, capsys):
         assert out["full"] != out["empty"]
 
 
-def test_prune_a_local_model_then_rescore_its_task_json(hf_dirs, ids_task, tmp_path, capsys):
+def test_prune_a_local_model_then_rescore_its_task_json(hf_dirs, tmp_path, capsys):
+    """A node circuit of a local Llama directory on a task it does (its own top choices), re-scored from the
+    run's files alone by the plain forward and the hooked reference."""
+    from circuitsearch.reference import hooked_score
+    from circuitsearch.tasks.base import Task
+
+    model = load_model(str(hf_dirs / "llama"))
+    task_path = own_answers_task(model, tmp_path / "own.jsonl")
     out = tmp_path / "run"
-    assert main(["prune", "--model", str(hf_dirs / "llama"), "--task", str(ids_task), "--level", "nodes",
+    assert main(["prune", "--model", str(hf_dirs / "llama"), "--task", str(task_path), "--level", "nodes",
                  "--out", str(out), "--quiet"]) == 0
     circuit = json.loads((out / "circuit.json").read_text())
-    assert "logits" in circuit["nodes"]
-    full = circuit["scores"]["full"]
+    scores = circuit["scores"]
+    task = Task.from_json(json.loads((out / "task.json").read_text()))
+    rows = [json.loads(x) for x in open(task_path)]
+    assert task.clean.tolist() == [r["clean"] for r in rows] and task.answers.tolist() == [r["answer"] for r in rows]
+    assert abs(scores["full"] - bridge_logit_diff(model, task_path)) < 1e-4
+    senders = ["embed", *(f"a{l}.{h}" for l in range(2) for h in range(4)), "m0", "m1"]
+    ablated = [n for n in senders if n not in circuit["nodes"]]
+    assert ablated and "logits" in circuit["nodes"]  # something was pruned
+    assert abs(scores["circuit"] - hooked_score(model, task, "mean", nodes=ablated)) < 1e-4
+    assert scores["faithfulness"] == pytest.approx(scores["circuit"] / scores["full"], abs=1e-6)
+    assert scores["faithfulness"] >= 0.8 - 1e-6
     capsys.readouterr()
     again = score_json(capsys, "--model", str(hf_dirs / "llama"), "--task", str(out / "task.json"))
-    assert abs(again["full"] - full) < 1e-6
+    assert abs(again["full"] - scores["full"]) < 1e-6
 
 
 def test_gguf_file_scores_through_the_cli(tmp_path, ids_task, capsys):
