@@ -1,7 +1,7 @@
 """The full-forward-equivalent cost model against measured time.
 
 Every run reports "full-forward equivalents": each forward pass counted as the fraction of the model it
-recomputes (Evaluator._cost), a fixed model in which a change at layer l costs the layers from l on, a
+recomputes (Layout.cost), a fixed model in which a change at layer l costs the layers from l on, a
 layer's attention (q/k/v, softmax, W_O) being 0.35 of it and W_O alone 0.05. This script measures
 what a pass from each kind of start really costs on this machine, relative to a full pass, and prints
 the model's fraction beside it: it says how far the count can be read as time.
@@ -74,7 +74,7 @@ def main() -> None:
             with torch.inference_mode():
                 t = median_seconds(lambda: ev._forward(ev.clean_run, start, masks, ev._embed_clean, count=False),
                                    args.reps)
-            rows.append((what, start, ev._cost(start), t))
+            rows.append((what, start, ev.layout.cost(start), t))
     print("\n| pass | start stage | cost model (fraction of a full pass) | measured fraction | measured ms |")
     print("|---|---|---|---|---|")
     for what, start, model_frac, t in rows:

@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                                  "transformer language models use for a task.")
     sub = ap.add_subparsers(dest="command", required=True)
 
+    _add_prune(sub)
+    _add_compare_orders(sub)
+    _add_analysis(sub)
+    _add_runs_of_runs(sub)
+    return ap
+
+
+def _add_prune(sub) -> None:
+    """`prune`: the main job."""
     p = sub.add_parser("prune", help="prune the model's graph to the circuit for a task (the main job)")
     _add_model_task(p)
     p.add_argument("--level", default="both", metavar="LEVEL",
@@ -167,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/latest", help="run directory (resumes if it holds the same run)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _add_compare_orders(sub) -> None:
+    """`compare-orders`: one prune per removal order, compared."""
     p = sub.add_parser("compare-orders", help="prune with several removal orders and compare the circuits: "
                        "how often each node is kept, Jaccard, intersection and union")
     _add_model_task(p)
@@ -190,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "processes (as `sweep` does; the circuits are the same)")
     p.add_argument("--ray", metavar="auto|local|ADDRESS", help="prune the orders as Ray tasks (see `sweep --ray`)")
 
+
+def _add_analysis(sub) -> None:
+    """attribute, score, tasks, models, diff, evaluate: reading models, tasks and circuits."""
     p = sub.add_parser("attribute", help="attribution patching: estimated effect of every node and edge, "
                        "from a few forward and backward passes")
     _add_model_task(p)
@@ -227,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "with .columns/")
     p.add_argument("--ray", metavar="auto|local|ADDRESS", help="score the tasks (columns) as Ray tasks (see `sweep --ray`)")
 
+
+def _add_runs_of_runs(sub) -> None:
+    """sweep, baseline, stability, view, render: many runs, chance, stability and pictures."""
     p = sub.add_parser("sweep", help="run many prunes over settings (models x tasks x orders x thresholds ...) "
                        "from a TOML file, on this machine's cores or a Ray cluster; summary, plots, ROC")
     p.add_argument("spec", metavar="SWEEP.toml", help="the sweep file: [fixed] settings, [axes] (crossed), "
@@ -292,7 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("render", help="draw a circuit (circuit.json or a run directory) as SVG, PNG or PDF")
     p.add_argument("circuit")
     p.add_argument("--out", help="output file (.svg, .png, .pdf); default beside the circuit")
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -441,7 +458,7 @@ def cmd_prune(args) -> int:
     cfg = _config(args)
     if args.target is not None:
         return _prune_targets(args, cfg)
-    c = run_prune(cfg, args.out, progress=not args.quiet, force=args.no_memory_check, batch=args.batch)
+    c = run_prune(cfg, args.out, progress=not args.quiet, force=args.no_memory_check)
     s, st = c.scores, c.stats
     print(f"\ncircuit for {c.task} on {c.model}: {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges "
           f"(order {c.method['order']})")
@@ -655,13 +672,13 @@ def _sweep_executor(args):
     if args.ray is not None:
         if args.workers is not None:
             raise ValueError("--workers sizes the local executor; with --ray, Ray places the cells (one CPU each)")
-        return RayExecutor(address=args.ray, batch=args.batch)
+        return RayExecutor(address=args.ray)
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers {args.workers} is negative: give a number of processes, or 0 to run the "
                          "cells in this process")
     if args.workers == 0:
         return InlineExecutor(batch=args.batch)
-    return LocalExecutor(workers=args.workers, batch=args.batch)
+    return LocalExecutor(workers=args.workers)
 
 
 def cmd_stability(args) -> int:

@@ -28,6 +28,7 @@ from .graphs.model_graph import ModelGraph
 from .metrics import get_metric
 from .models import Model, ModelError
 from .readout import make_readout
+from .evaluation.layout import Layout
 from .patching import (ABLATIONS, Batch, Evaluator, Masks, Run, Source, check_context, check_token_ids,
                        distinct_rows)
 from .tasks.base import Task
@@ -258,7 +259,7 @@ class HookedEvaluator(Evaluator):
         kinds = set(self.index.node_kind[: self.S])
         if not kinds <= {EMBED, HEAD, MLP}:  # never score a sender this path does not know as another one
             raise ModelError(f"the hook-based path knows embed, head and MLP senders; this graph has kinds {kinds}")
-        self._layout()
+        self.layout = Layout.of(self.graph, self.index, self.L, self.H, self.attn_only)
         self.batched_passes = self.forward_passes = self.backward_passes = 0
         self.forward_equivalents = 0.0
         self.rows_inverse = inverse
@@ -314,7 +315,7 @@ class HookedEvaluator(Evaluator):
                     x = x.detach().clone().requires_grad_()
                     x = live["embed"] = torch.where(ablated[0], src.embed, mix(x, src.embed))
                 live["pre", l] = x
-                rows = self._attn_rows[l].view(3, H).tolist()
+                rows = self.layout.attn_rows[l].view(3, H).tolist()
                 ds = [[delta(rows[i][h]) for h in range(H)] for i in range(3)]
                 inp = x[:, :, None, None, :].expand(*x.shape[:2], 3, H, x.shape[-1])
                 if any(d is not None for row in ds for d in row):
@@ -338,7 +339,7 @@ class HookedEvaluator(Evaluator):
             return fn
 
         def z_hook(l):
-            off = ablated[self._heads[l]][None, None, :, None]
+            off = ablated[self.layout.heads[l]][None, None, :, None]
 
             def fn(t, hook):
                 z = t[:B] if V == 1 else torch.stack([t[(h % rep) * B:(h % rep + 1) * B, :, h] for h in range(H)], 2)
@@ -348,13 +349,13 @@ class HookedEvaluator(Evaluator):
 
         def mlp_in(l):
             def fn(t, hook):
-                d = delta(self._mlp_row[l])
+                d = delta(self.layout.mlp_row[l])
                 x = inputs["mlp"][l] = t[:B].clone() if d is None else t[:B] - d
                 return tile(x)
             return fn
 
         def mlp_out(l):
-            off = bool(ablated[self._mlp[l]])
+            off = bool(ablated[self.layout.mlp[l]])
 
             def fn(t, hook):
                 m = t[:B]
@@ -363,7 +364,7 @@ class HookedEvaluator(Evaluator):
             return fn
 
         def final(t, hook):
-            d = delta(self._logits_row)
+            d = delta(self.layout.logits_row)
             x = inputs["logits"] = t[:B].clone() if d is None else t[:B] - d
             return tile(x)
 
@@ -449,7 +450,7 @@ class HookedEvaluator(Evaluator):
         senders = lambda row: tuple(removed[row].nonzero()[:, 0].tolist())
         layers, copies = [], 1
         for l in range(self.L):
-            rows = self._attn_rows[l].view(3, H).tolist()
+            rows = self.layout.attn_rows[l].view(3, H).tolist()
             q = [senders(rows[0][h]) for h in range(H)]
             kv = [(senders(rows[1][h]), senders(rows[2][h])) for h in range(H)]
             classes, which = [], []
@@ -459,8 +460,8 @@ class HookedEvaluator(Evaluator):
                 which += [distinct.index(kv[h]) for h in range(g * rep, (g + 1) * rep)]
                 copies = max(copies, len(distinct))
             layers.append((q, classes, which))
-        mlp = [None if self.attn_only else senders(self._mlp_row[l]) for l in range(self.L)]
-        return layers, mlp, senders(self._logits_row), copies
+        mlp = [None if self.attn_only else senders(self.layout.mlp_row[l]) for l in range(self.L)]
+        return layers, mlp, senders(self.layout.logits_row), copies
 
     def _differ(self, live: dict, src: Source, diffs: dict, B: int):
         """diff(s): sender s's live − ablated output [B, P, d] from the outputs a hooked forward has

@@ -53,34 +53,11 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
     if task.mixed or bool(task.groups.any()):
         raise ValueError(f"task {task.name!r} has several lengths or groups; the reference oracle reads the last "
                          "position and takes one mean over all prompts, so score each group alone with it")
-    b, L = model.bridge, model.n_layers
-    H, n_kv = model.n_heads, model.n_kv_heads
-    nodes, edges = set(nodes), list(edges)
-    at = defaultdict(list)  # node -> positions where it alone is ablated
-    for n in [n for n in nodes if "@" in n]:
-        node, _, pos = n.partition("@")
-        at[node].append(int(pos))
-        nodes.discard(n)
+    b, L, H, n_kv = model.bridge, model.n_layers, model.n_heads, model.n_kv_heads
+    nodes, at, removed = _removals(nodes, edges := list(edges))
     src = source if source is not None else ablation_source(model, task, ablation)
     has_pos = "hook_pos_embed" in src
     live: dict = {}
-    removed = defaultdict(list)  # receiver -> senders
-    for e in edges:
-        pos = None
-        if "@" in e:  # an edge at one position: sender@p->receiver@p
-            (s, _, p1), (r, _, p2) = (x.partition("@") for x in e.split("->"))
-            assert p1 == p2, e
-            pos = int(p1)
-        else:
-            s, r = split_edge(e)
-        node, inp = receiver_node(r)
-        for recv in ([f"{node}.{x}" for x in "qkv"] if inp is None and parse_node(node).kind == "head"
-                     else [r]):  # one receiver per head: q, k and v together
-            if (s, pos) not in removed[recv]:
-                removed[recv].append((s, pos))
-    for recv, senders in removed.items():  # an edge removed whole is removed at every position
-        whole = {s for s, p in senders if p is None}
-        removed[recv] = [(s, p) for s, p in senders if p is None or s not in whole]
 
     n, rep = task.clean.shape[0], H // n_kv
     # grouped k/v read differently by the query heads of a group: one copy of the prompts per query head
@@ -155,34 +132,6 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
             return t
         return fn
 
-    def projection_hook(layer, inp):
-        """Recompute the q/k/v projection of heads whose input edges are removed."""
-        blk = b.blocks[layer]
-        W = {"q": blk.attn.W_Q, "k": blk.attn.W_K, "v": blk.attn.W_V}[inp]
-        bias = {"q": blk.attn.b_Q, "k": blk.attn.b_K, "v": blk.attn.b_V}[inp]
-        ln1 = getattr(blk.ln1, "original_component", blk.ln1) if hasattr(blk, "ln1") else (lambda x: x)
-        dh = W.shape[-1]
-
-        def fn(t, hook):
-            groups = W.shape[0]
-            shared = groups < H  # one key/value head per group of `rep` query heads
-            for g in range(groups):
-                for c in range(copies if shared else 1):
-                    head = g * rep + c if shared else g  # copy c: the group's k/v as its c-th query head reads them
-                    senders = removed.get(f"a{layer}.{head}.{inp}", [])
-                    if not senders:
-                        continue
-                    rows = slice(c * n, (c + 1) * n) if shared else slice(None)
-                    x = live[f"blocks.{layer}.hook_resid_pre"][rows] - sum(diff(s)[rows] for s in senders)
-                    y = ln1(x) @ W[g] + (0 if bias is None else bias[g])
-                    t = t.clone()
-                    if t.dim() == 4:  # [batch, pos, head, d_head]
-                        t[rows, :, g] = y
-                    else:  # [batch, pos, head * d_head]
-                        t[rows, :, g * dh:(g + 1) * dh] = y
-            return t
-        return fn
-
     def capture(key):
         def fn(t, hook):
             live[key] = t
@@ -208,12 +157,72 @@ def hooked_logits(model: Model, task: Task, ablation: str = "mean", nodes: Itera
         if edges:
             hooks.append((f"blocks.{l}.hook_resid_pre", capture(f"blocks.{l}.hook_resid_pre")))
             for inp in "qkv":
-                hooks.append((f"blocks.{l}.attn.{inp}.hook_out", projection_hook(l, inp)))
+                hooks.append((f"blocks.{l}.attn.{inp}.hook_out", _projection_hook(b, l, inp, removed, live, diff, copies, n, H)))
     hooks.append(("ln_final.hook_in" if model.bridge.cfg.normalization_type else "unembed.hook_in",
                   single_receiver_hook("logits")))
     with torch.no_grad():
         logits = b.run_with_hooks(task.clean.repeat(copies, 1), fwd_hooks=hooks)
     return logits[:n, -1].detach().float()
+
+
+def _projection_hook(b, layer: int, inp: str, removed: dict, live: dict, diff, copies: int, n: int, H: int):
+    """A hook recomputing the q/k/v projection of layer's heads whose `inp` input edges are removed (on
+    grouped-query models copy c of the prompts holds the group's k/v as its c-th query head reads them)."""
+    blk = b.blocks[layer]
+    W = {"q": blk.attn.W_Q, "k": blk.attn.W_K, "v": blk.attn.W_V}[inp]
+    bias = {"q": blk.attn.b_Q, "k": blk.attn.b_K, "v": blk.attn.b_V}[inp]
+    ln1 = getattr(blk.ln1, "original_component", blk.ln1) if hasattr(blk, "ln1") else (lambda x: x)
+    dh = W.shape[-1]
+
+    def fn(t, hook):
+        groups = W.shape[0]
+        shared = groups < H  # one key/value head per group of `rep` query heads
+        rep = H // groups
+        for g in range(groups):
+            for c in range(copies if shared else 1):
+                head = g * rep + c if shared else g
+                senders = removed.get(f"a{layer}.{head}.{inp}", [])
+                if not senders:
+                    continue
+                rows = slice(c * n, (c + 1) * n) if shared else slice(None)
+                x = live[f"blocks.{layer}.hook_resid_pre"][rows] - sum(diff(s)[rows] for s in senders)
+                y = ln1(x) @ W[g] + (0 if bias is None else bias[g])
+                t = t.clone()
+                if t.dim() == 4:  # [batch, pos, head, d_head]
+                    t[rows, :, g] = y
+                else:  # [batch, pos, head * d_head]
+                    t[rows, :, g * dh:(g + 1) * dh] = y
+        return t
+    return fn
+
+
+def _removals(nodes, edges: list) -> tuple[set, dict, dict]:
+    """(nodes ablated whole, node -> positions where it alone is ablated, receiver -> [(sender, position or
+    None)] removed edges); a head's receiver without an input is its q, k and v together, and an edge
+    removed whole is removed at every position."""
+    nodes = set(nodes)
+    at = defaultdict(list)
+    for n in [n for n in nodes if "@" in n]:
+        node, _, pos = n.partition("@")
+        at[node].append(int(pos))
+        nodes.discard(n)
+    removed = defaultdict(list)
+    for e in edges:
+        pos = None
+        if "@" in e:  # an edge at one position: sender@p->receiver@p
+            (s, _, p1), (r, _, p2) = (x.partition("@") for x in e.split("->"))
+            assert p1 == p2, e
+            pos = int(p1)
+        else:
+            s, r = split_edge(e)
+        node, inp = receiver_node(r)
+        for recv in ([f"{node}.{x}" for x in "qkv"] if inp is None and parse_node(node).kind == "head" else [r]):
+            if (s, pos) not in removed[recv]:
+                removed[recv].append((s, pos))
+    for recv, senders in removed.items():
+        whole = {s for s, p in senders if p is None}
+        removed[recv] = [(s, p) for s, p in senders if p is None or s not in whole]
+    return nodes, at, removed
 
 
 def hooked_score(model: Model, task: Task, ablation: str = "mean", metric: str = "logit_diff",

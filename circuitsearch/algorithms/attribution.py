@@ -169,15 +169,15 @@ def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int =
             n = ix.n_embed + l * (H + (0 if ev.attn_only else 1))  # senders before layer l's heads
             G = grads["attn"][l].flatten(2, 3)  # [B, P, 3H, d], q of every head, then k, then v
             E = contract("bprd,bpsd->rs", G, D[:, :, :n]) * scale
-            est[:, :n].index_add_(0, ev._attn_rows[l], E)  # one receiver per head: q, k and v summed
+            est[:, :n].index_add_(0, ev.layout.attn_rows[l], E)  # one receiver per head: q, k and v summed
             if not ev.attn_only:
-                est[ev._mlp_row[l], : n + H] = contract("bpd,bpsd->s", grads["mlp"][l], D[:, :, : n + H]) * scale
+                est[ev.layout.mlp_row[l], : n + H] = contract("bpd,bpsd->s", grads["mlp"][l], D[:, :, : n + H]) * scale
         g = grads["logits"]  # [B, d] at the last position, or [B, P, d] when the metric reads several
         if g.dim() == 2:  # the last position of every row
-            est[ev._logits_row] = (torch.einsum("bd,bsd,bq->s" + sq, g, D[:, -1], onehot[:, -1]) if by_slot
+            est[ev.layout.logits_row] = (torch.einsum("bd,bsd,bq->s" + sq, g, D[:, -1], onehot[:, -1]) if by_slot
                                    else torch.einsum("bd,bsd->s", g, D[:, -1])) * scale
         else:
-            est[ev._logits_row] = contract("bpd,bpsd->s", g, D) * scale
+            est[ev.layout.logits_row] = contract("bpd,bpsd->s", g, D) * scale
     return est[ix.edge_recv, ix.edge_src]
 
 

@@ -463,47 +463,52 @@ class Circuit:
     @classmethod
     def from_networkx(cls, g: nx.Graph, source: str = "<networkx graph>") -> "Circuit":
         """Rebuild (and validate) a Circuit from to_networkx()'s graph; names are authoritative."""
-        missing = [k for k in FIELDS if k not in g.graph and k not in ("nodes", "edges")]
-        if missing:
-            raise CircuitFormatError(f"{source}: graph attribute(s) {', '.join(map(repr, missing))} missing; "
-                                     "not a circuit made by Circuit.to_networkx")
-        schema = g.graph.get("schema", SCHEMA)
-        if schema not in SCHEMAS:
-            raise CircuitFormatError(f"{source} has schema {g.graph['schema']!r}; this version reads {SCHEMA!r} "
-                                     f"and {SCHEMA_2!r}")
-        slots = g.graph.get("slots")
-        if slots is not None and not isinstance(slots, list):
-            raise CircuitFormatError(f"{source}: graph attribute 'slots' must be a list, got {slots!r}")
-        part: dict[str, dict] = {"nodes": {}, "edges": {}}
+        return cls.from_json(_json_of_networkx(g, source), source)
 
-        def kept(what: str, name: str, d: dict) -> None:
-            if slots is None:
-                return
-            where = d.get("slots")
-            if not isinstance(where, list):
-                raise CircuitFormatError(f"{source}: {what} {name!r} has no 'slots' list (got {where!r}); in a "
-                                         "circuit with positions every node and edge has one")
-            if sorted(where) != sorted(slots):
-                part[what + "s"][name] = list(where)
 
-        nodes = {}
-        for n, d in g.nodes(data=True):
-            nodes[n] = d.get("effect")
-            kept("node", n, d)
-        edges: dict[str, Effect] = {}
-        for src, dst, d in g.edges(data=True):
-            inp = d.get("input", "")
-            name = f"{src}->{dst}.{inp}" if inp else f"{src}->{dst}"
-            if name in edges:
-                raise CircuitFormatError(f"{source}: edge {name!r} appears twice")
-            edges[name] = d.get("effect")
-            kept("edge", name, d)
-        data = {k: copy.deepcopy(g.graph[k]) for k in FIELDS if k not in ("nodes", "edges")}
-        data |= {"schema": schema, "nodes": nodes, "edges": edges}
-        if slots is not None:
-            data |= {"schema": SCHEMA_2, "positions": {"slots": list(slots), **part,
-                                                       "effects": copy.deepcopy(g.graph.get("unit_effects", {}))}}
-        return cls.from_json(data, source)
+def _json_of_networkx(g: nx.Graph, source: str) -> dict:
+    """circuit.json's data from Circuit.to_networkx()'s graph (a CircuitFormatError naming what is wrong)."""
+    missing = [k for k in FIELDS if k not in g.graph and k not in ("nodes", "edges")]
+    if missing:
+        raise CircuitFormatError(f"{source}: graph attribute(s) {', '.join(map(repr, missing))} missing; "
+                                 "not a circuit made by Circuit.to_networkx")
+    schema = g.graph.get("schema", SCHEMA)
+    if schema not in SCHEMAS:
+        raise CircuitFormatError(f"{source} has schema {g.graph['schema']!r}; this version reads {SCHEMA!r} "
+                                 f"and {SCHEMA_2!r}")
+    slots = g.graph.get("slots")
+    if slots is not None and not isinstance(slots, list):
+        raise CircuitFormatError(f"{source}: graph attribute 'slots' must be a list, got {slots!r}")
+    part: dict[str, dict] = {"nodes": {}, "edges": {}}
+
+    def kept(what: str, name: str, d: dict) -> None:
+        if slots is None:
+            return
+        where = d.get("slots")
+        if not isinstance(where, list):
+            raise CircuitFormatError(f"{source}: {what} {name!r} has no 'slots' list (got {where!r}); in a "
+                                     "circuit with positions every node and edge has one")
+        if sorted(where) != sorted(slots):
+            part[what + "s"][name] = list(where)
+
+    nodes = {}
+    for n, d in g.nodes(data=True):
+        nodes[n] = d.get("effect")
+        kept("node", n, d)
+    edges: dict[str, Effect] = {}
+    for src, dst, d in g.edges(data=True):
+        inp = d.get("input", "")
+        name = f"{src}->{dst}.{inp}" if inp else f"{src}->{dst}"
+        if name in edges:
+            raise CircuitFormatError(f"{source}: edge {name!r} appears twice")
+        edges[name] = d.get("effect")
+        kept("edge", name, d)
+    data = {k: copy.deepcopy(g.graph[k]) for k in FIELDS if k not in ("nodes", "edges")}
+    data |= {"schema": schema, "nodes": nodes, "edges": edges}
+    if slots is not None:
+        data |= {"schema": SCHEMA_2, "positions": {"slots": list(slots), **part,
+                                                   "effects": copy.deepcopy(g.graph.get("unit_effects", {}))}}
+    return data
 
 
 def group_units(units, slots: list[str]) -> dict[str, list[str]]:
