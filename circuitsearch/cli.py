@@ -415,7 +415,6 @@ TARGET_REFUSES = {
     "order": "it ranks the candidates by their estimated gain (recorded as order gain); --attribution and "
              "--steps choose that ranking",
     "max_passes": "it has no passes: it bisects, then refines once (--patience bounds the refinement)",
-    "batch": "it scores one circuit at a time",
 }
 
 
@@ -458,7 +457,7 @@ def cmd_prune(args) -> int:
     cfg = _config(args)
     if args.target is not None:
         return _prune_targets(args, cfg)
-    c = run_prune(cfg, args.out, progress=not args.quiet, force=args.no_memory_check)
+    c = run_prune(cfg, args.out, progress=not args.quiet, force=args.no_memory_check, batch=args.batch)
     s, st = c.scores, c.stats
     print(f"\ncircuit for {c.task} on {c.model}: {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges "
           f"(order {c.method['order']})")
@@ -484,7 +483,7 @@ def _prune_targets(args, cfg) -> int:
         raise ValueError(f"--patience {args.patience} is negative: give the number of candidates kept in a row "
                          "after which refinement stops, or 0 to try every candidate")
     rows = run_targets(cfg, targets, args.out, progress=not args.quiet, patience=args.patience or None,
-                       force=args.no_memory_check)
+                       force=args.no_memory_check, batch=args.batch)
     print(f"\n{'target':>7} {'heads':>5} {'MLPs':>4} {'edges':>6} {'faithfulness':>12} {'fwd passes':>10}")
     for r in rows:
         print(f"{r.get('target'):>7} {r.get('heads'):>5} {r.get('mlps'):>4} {r.get('edges'):>6} "
@@ -672,13 +671,13 @@ def _sweep_executor(args):
     if args.ray is not None:
         if args.workers is not None:
             raise ValueError("--workers sizes the local executor; with --ray, Ray places the cells (one CPU each)")
-        return RayExecutor(address=args.ray)
+        return RayExecutor(address=args.ray, batch=args.batch)
     if args.workers is not None and args.workers < 0:
         raise ValueError(f"--workers {args.workers} is negative: give a number of processes, or 0 to run the "
                          "cells in this process")
     if args.workers == 0:
         return InlineExecutor(batch=args.batch)
-    return LocalExecutor(workers=args.workers)
+    return LocalExecutor(workers=args.workers, batch=args.batch)
 
 
 def cmd_stability(args) -> int:

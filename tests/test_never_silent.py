@@ -23,7 +23,7 @@ def refused(capsys, *args) -> str:
 # ----------------------------------------------------------------- prune --target: every flag honoured or refused
 
 @pytest.mark.parametrize("flag, value", [("--relative", "0.05"), ("--max-passes", "3"), ("--order", "forward"),
-                                         ("--batch", "4"), ("--absolute", "0.7")])
+                                         ("--absolute", "0.7")])
 def test_target_refuses_flags_it_cannot_honour(capsys, tmp_path, flag, value):
     err = refused(capsys, "prune", *PLANTED, "--target", "0.9", flag, value, "--out", str(tmp_path / "t"))
     assert f"{flag} does not apply to --target" in err

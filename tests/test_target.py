@@ -127,7 +127,54 @@ def test_galloping_refinement_finds_the_planted_circuit_in_any_order(seed):
     # patience: with the planted nodes first, one kept in a row already ends the pass
     first = sorted(order, key=lambda n: n not in PLANTED_NODES)
     _, short = gallop_remove(ev, ev.run(), first, "nodes", 0.8, patience=1)
-    assert short == {"candidates": len(order), "removed": 0, "scores": 1, "tried": 1}
+    assert short == {"candidates": len(order), "removed": 0, "scores": 1, "tried": 1, "wasted_rows": 0}
+
+
+def decisions_of(result):
+    return [(d.phase, d.pass_, d.candidate, d.chunk, d.removed) for d in result.decisions]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_batched_refinement_makes_the_decisions_of_one_at_a_time(seed):
+    """Speculation along the failure path: the same tries, verdicts, circuit and effects as batch 1, in fewer
+    forward passes of the evaluator (stacked ones)."""
+    import random
+    from circuitsearch.algorithms.search import PruneResult
+    out = {}
+    for batch in (1, 4, 16):
+        ev = Evaluator(load_model("test:planted"), planted_task(n=16), "mean")
+        order = list(ev.senders)
+        random.Random(seed).shuffle(order)
+        result = PruneResult(ev.run())
+        run, info = gallop_remove(ev, ev.run(), order, "nodes", 0.8, patience=None, result=result, batch=batch)
+        scores = [d.score for d in result.decisions]
+        out[batch] = (decisions_of(result), run.nodes, info, scores, dict(result.effects), ev.batched_passes)
+    one = out[1]
+    assert one[5] == 0 and "wasted_rows" not in one[2]
+    for batch in (4, 16):
+        got = out[batch]
+        assert got[0] == one[0] and got[1] == one[1]
+        assert {k: v for k, v in got[2].items() if k != "wasted_rows"} == one[2]
+        assert got[3] == pytest.approx(one[3], abs=1e-5)
+        assert got[4].keys() == one[4].keys()
+        assert got[5] > 0, "no stacked pass: the refinement did not speculate"
+
+
+def test_target_search_at_batch_1_and_16_logs_the_same_decisions(tmp_path):
+    """prune --target through the run directory: decisions.jsonl equal for --batch 1 and the default."""
+    import json
+    from circuitsearch.cli import main
+    logs = {}
+    for batch in ("1", "16"):
+        out = tmp_path / f"b{batch}"
+        assert main(["prune", "--model", "induction-2l", "--task", "induction", "--n-prompts", "24",
+                     "--target", "0.9,0.8", "--batch", batch, "--quiet", "--out", str(out)]) == 0
+        rows = [json.loads(line) for line in (out / "decisions.jsonl").read_text().splitlines()]
+        logs[batch] = rows
+    key = lambda r: (r["phase"], r["pass"], r["candidate"], r.get("chunk"), r["removed"], r.get("target"))
+    assert [key(r) for r in logs["1"]] == [key(r) for r in logs["16"]]
+    assert len(logs["1"]) > 10
+    assert [r["score"] for r in logs["1"]] == pytest.approx([r["score"] for r in logs["16"]], abs=1e-5)
 
 
 def test_bisection_removes_the_longest_passing_prefix():

@@ -33,6 +33,7 @@ from .attribution import attribute_for
 from .iterative import edge_candidates
 from .levels import level_of
 from .search import Decision, PruneResult, Replay, Thresholds, check_scores, phases, run_phases
+from .speculation import MAX_K
 
 MAX_ROUNDS = 8
 PATIENCE = 30
@@ -116,15 +117,17 @@ class _Scorer:
         self.table = level_of(ev, level)
         self.names = self.table.names
 
-    def try_remove(self, run: Run, ids: list[int], pass_: str, first: int) -> tuple[bool, Run | None, Decision]:
-        """Whether removing `ids` from `run` keeps the target; the new run if scored (None if replayed)."""
+    def try_remove(self, run: Run, ids: list[int], pass_: str, first: int,
+                   cand: Run | None = None) -> tuple[bool, Run | None, Decision]:
+        """Whether removing `ids` from `run` keeps the target; the new run if scored (None if replayed).
+        `cand`: that removal already scored (a speculative block's row), taken as it is."""
         ev = self.ev
         name = self.names[ids[first]]
         logged = self.replay.take(self.level, pass_, name, len(ids), self.target)
         if logged is not None:
             self.result.decisions.append(logged)
             return logged.removed, None, logged
-        cand = self.table.extend(ev, run, ids)
+        cand = cand if cand is not None else self.table.extend(ev, run, ids)
         ok = ev.faithfulness(cand.score) >= self.target
         d = Decision(self.level, pass_, name, run.score, cand.score, ev.faithfulness(cand.score), ok, len(ids),
                      self.target)
@@ -160,51 +163,78 @@ def bisect_remove(ev: Evaluator, run: Run, order: list[int], level: str, target:
 
 def gallop_remove(ev: Evaluator, run: Run, order: list[int], level: str, target: float,
                   patience: int | None = PATIENCE, result: PruneResult | None = None,
-                  scorer: _Scorer | None = None) -> tuple[Run, dict]:
+                  scorer: _Scorer | None = None, batch: int = MAX_K) -> tuple[Run, dict]:
     """One pass over `order` (index ids) removing chunks that keep the verified score >= target.
 
     A chunk that passes doubles the next chunk; one that fails halves it; a single candidate
     that fails is kept. Stops after `patience` candidates kept in a row (None: never).
     Decisions and measured effects go to `result`.
+
+    Speculation: every try after a failure extends the same circuit, so the next tries along the
+    failure path (halved chunks, then the following single candidates) are scored together in one
+    extend_many, up to `batch` of them (a block doubles after a block without a removal and starts
+    again at 1 after one); verdicts are taken in order up to the first removal, the rest dropped.
+    The decisions are those of trying one at a time (batch 1).
     """
+    if batch < 1:
+        raise ValueError(f"the speculative batch holds at least 1 candidate, not {batch}")
     result = result if result is not None else PruneResult(run)
     scorer = scorer or _Scorer(ev, level, target, Replay(), None, result)
-    names = scorer.names
+    names, table = scorer.names, scorer.table
     order = _ids(ev, order, level)
-    i, size, streak, scored, removed = 0, 1, 0, 0, 0
+    i, size, streak, scored, removed, block, wasted = 0, 1, 0, 0, 0, 1, 0
     pending: list[int] = []  # replayed removals not applied yet
-    while i < len(order) and (patience is None or streak < patience):
-        chunk = order[i:i + size]
-        logged_only = len(scorer.replay) > 0
-        if pending and not logged_only:
-            run, pending = level_of(ev, level).extend(ev, run, pending), []
-        ok, cand, d = scorer.try_remove(run, chunk, "refine", 0)
-        scored += cand is not None
-        if len(chunk) == 1:
-            result.effects[names[chunk[0]]] = ev.faithfulness(d.before) - ev.faithfulness(d.score)
-        if ok:
-            if cand is None:
-                pending += chunk
+    going = lambda i, streak: i < len(order) and (patience is None or streak < patience)
+    while going(i, streak):
+        tries, cands = [(i, size, streak)], [None]
+        if not len(scorer.replay):  # nothing left to replay: score the failure path ahead as one block
+            if pending:
+                run, pending = table.extend(ev, run, pending), []
+            while len(tries) < block:
+                j, sz, st = tries[-1]
+                nxt = (j, sz // 2, st) if sz > 1 else (j + 1, 1, st + 1)
+                if not going(nxt[0], nxt[2]):
+                    break
+                tries.append(nxt)
+            cands = ev.extend_many(run, [table.variant(order[j:j + sz]) for j, sz, _ in tries])
+        for n, ((j, sz, st), pre) in enumerate(zip(tries, cands)):
+            chunk = order[j:j + sz]
+            i, size, streak = j, sz, st
+            ok, cand, d = scorer.try_remove(run, chunk, "refine", 0, pre)
+            scored += cand is not None
+            if len(chunk) == 1:
+                result.effects[names[chunk[0]]] = ev.faithfulness(d.before) - ev.faithfulness(d.score)
+            if ok:
+                if cand is None:
+                    pending += chunk
+                else:
+                    run = cand
+                i, removed, streak, size = i + len(chunk), removed + len(chunk), 0, size * 2
+                wasted += len(tries) - n - 1
+                block = 1
+                break
+            elif size > 1:
+                size //= 2
             else:
-                run = cand
-            i, removed, streak, size = i + len(chunk), removed + len(chunk), 0, size * 2
-        elif size > 1:
-            size //= 2
+                i, streak = i + 1, streak + 1
         else:
-            i, streak = i + 1, streak + 1
+            if cands[0] is not None:
+                block = min(2 * block, batch)
     if pending:
-        run = level_of(ev, level).extend(ev, run, pending)
-    return run, {"candidates": len(order), "removed": removed, "scores": scored, "tried": i}
+        run = table.extend(ev, run, pending)
+    info = {"candidates": len(order), "removed": removed, "scores": scored, "tried": i}
+    return run, info | ({"wasted_rows": wasted} if batch > 1 else {})
 
 
 def prune_to_targets(ev: Evaluator, targets: list[float], level: str = "both", method: str = "eap-ig",
                      steps: int = 5, refine: bool = True, progress: bool = True,
                      start: Run | None = None, patience: int | None = PATIENCE, max_rounds: int = MAX_ROUNDS,
                      on_target: Callable[[TargetStep], None] | None = None, replay=(),
-                     on_decision: Callable[[Decision], None] | None = None) -> list[TargetStep]:
+                     on_decision: Callable[[Decision], None] | None = None, batch: int = MAX_K) -> list[TargetStep]:
     """Nested circuits for `targets` (highest first), each verified >= its target.
 
-    replay: decisions of an interrupted session (see module docstring); on_decision gets every new one.
+    replay: decisions of an interrupted session (see module docstring); on_decision gets every new one;
+    batch: the most refinement tries scored together (gallop_remove; the same decisions for any).
     """
     phases(level)
     check_scores(ev)
@@ -242,7 +272,7 @@ def prune_to_targets(ev: Evaluator, targets: list[float], level: str = "both", m
                 if rounds[-1]["removed"]:  # the circuit changed since it was last attributed
                     order, drops = gain_order(ev, run, p, method, steps)
                     result.estimates.update(drops)
-                run, step.refined[p] = gallop_remove(ev, run, order, p, t, patience, result, scorer)
+                run, step.refined[p] = gallop_remove(ev, run, order, p, t, patience, result, scorer, batch)
                 bar.update()
             bar.close()
             result.run = run

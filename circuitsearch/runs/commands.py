@@ -289,12 +289,13 @@ def check_target_config(config: PruneConfig) -> None:
 
 
 def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = True, log=print,
-                patience: int | None = 30, model=None, force: bool = False) -> list:
+                patience: int | None = 30, model=None, force: bool = False, batch: int = MAX_K) -> list:
     """Nested circuits for each target into out/target-T/ (a run directory each) plus targets.json.
 
     Every scored circuit is logged to out/decisions.jsonl: a killed run loads the targets whose
     circuit.json was written and replays the logged decisions of the rest (resumes mid-target).
-    The ranking is config.attribution with config.steps.
+    The ranking is config.attribution with config.steps; `batch`: the most refinement tries scored per
+    forward pass (speculation along the failure path; the decisions are the same for any).
     """
     from ..algorithms.target import parse_targets, prune_to_targets
     from ..graphs.export import load_circuit
@@ -365,7 +366,7 @@ def run_targets(config: PruneConfig, targets, out: str | Path, progress: bool = 
                 replay = _replay(prepared, dlog, log, decisions[first:], first)
                 prune_to_targets(ev, todo, config.level, config.attribution, config.steps, progress=progress,
                                  start=start, patience=patience, on_target=write, replay=replay,
-                                 on_decision=dlog.record)
+                                 on_decision=dlog.record, batch=batch)
         summary = {"schema": "circuitsearch.targets/1", "config": cfg, "targets": rows,
                    "stats": {**ev.stats(), "seconds": round(time.time() - t0, 2)}}
         if prepared.notes:
