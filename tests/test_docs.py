@@ -114,8 +114,9 @@ def shown_commands() -> list[tuple[str, int, str, list[str]]]:
                     prog = words[0]
                     if Path(prog).name == "circuitsearch":
                         found.append((rel(page), n, "circuitsearch", words[1:]))
-                    elif Path(prog).name.startswith("python") and words[1:3] == ["-m", "circuitsearch"]:
-                        found.append((rel(page), n, "circuitsearch", words[3:]))
+                    elif Path(prog).name.startswith("python") and words[1:2] == ["-m"] and len(words) > 2 \
+                            and words[2].split(".")[0] == "circuitsearch":
+                        found.append((rel(page), n, f"python -m {words[2]}", words[3:]))
                     elif prog == "make":
                         found.append((rel(page), n, "make", words[1:]))
     return found
@@ -142,7 +143,7 @@ def shown_make_targets() -> list[tuple[str, int, str]]:
     return out
 
 
-CIRCUITSEARCH = [c for c in shown_commands() if c[2] == "circuitsearch"]
+CIRCUITSEARCH = [c for c in shown_commands() if c[2] != "make"]
 
 
 def test_the_pages_show_commands():
@@ -154,11 +155,16 @@ def test_the_pages_show_commands():
     assert {"prune", "view", "diff", "compare-orders", "sweep"} <= shown, shown
 
 
-@pytest.mark.parametrize("page,line,prog,args", CIRCUITSEARCH, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("page,line,prog,args", CIRCUITSEARCH, ids=[f"{c[0]}:{c[1]}" for c in CIRCUITSEARCH])
 def test_shown_command_parses(page, line, prog, args):
     key = (page, shlex.join(args))
     if key in NOT_RUNNABLE:
         pytest.skip(NOT_RUNNABLE[key])
+    if prog.startswith("python -m "):  # runnable only if that module runs the command line
+        module = prog.split()[-1]
+        path = ROOT.joinpath(*module.split("."))
+        main = path / "__main__.py" if path.is_dir() else path.with_suffix(".py")
+        assert main.exists() and "main(" in main.read_text(), f"{page}:{line}: `{prog}` has no {rel(main)} to run"
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
