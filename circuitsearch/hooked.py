@@ -28,7 +28,7 @@ from .graphs.model_graph import ModelGraph
 from .metrics import get_metric
 from .models import Model, ModelError
 from .readout import make_readout
-from .evaluation.layout import Layout
+from .evaluator.layout import Layout
 from .patching import (ABLATIONS, Batch, Evaluator, Masks, Run, Source, check_context, check_token_ids,
                        distinct_rows)
 from .tasks.base import Task

@@ -5,7 +5,7 @@ l..L-1 from the cached residual stream of the circuit it extends, every head can
 q, k and v input (path patching), and logit difference reads just two unembedding columns.
 `circuitsearch.reference` checks it against a plain TransformerLens hooked forward.
 
-This module is the facade; the rooms are in circuitsearch/evaluation: state (masks, runs, batches),
+This module is the facade; the rooms are in circuitsearch/evaluator: state (masks, runs, batches),
 layout (ids by layer, stage costs), sources (ablation values), stacked (the stacked forward pass),
 edge_sums (what removed edges take from receivers), readout_scores (logits to score) and relaxed (the
 differentiable forward behind learned masks and attribution gradients).
@@ -26,13 +26,13 @@ from typing import Iterable
 import torch
 
 from .engine import Engine, Weights
-from .evaluation.edge_sums import REFRESH, sender_diff
-from .evaluation.layout import Layout
-from .evaluation.readout_scores import finish
-from .evaluation.relaxed import keep_tensors, relaxed_score
-from .evaluation.sources import ablation_source, ordinary
-from .evaluation.stacked import StackedForward
-from .evaluation.state import (Batch, Masks, Run, Source, check_context, check_token_ids, distinct_rows, ids_of,
+from .evaluator.edge_sums import REFRESH, sender_diff
+from .evaluator.layout import Layout
+from .evaluator.readout_scores import finish
+from .evaluator.relaxed import keep_tensors, relaxed_score
+from .evaluator.sources import ablation_source, ordinary
+from .evaluator.stacked import StackedForward
+from .evaluator.state import (Batch, Masks, Run, Source, check_context, check_token_ids, distinct_rows, ids_of,
                                read_slots)
 from .graphs.index import index_of
 from .graphs.model_graph import ModelGraph, edge_unit_name, split_edge_unit, split_unit, unit_name
@@ -344,7 +344,7 @@ class Evaluator:
 
         Every live sender's output is mixed `alpha` of the way from its ablation value to its
         live value (alpha = 1: the circuit itself; alpha = 0: everything ablated), which is
-        the path integrated gradients walk: the relaxed forward (evaluation.relaxed) with the
+        the path integrated gradients walk: the relaxed forward (evaluator.relaxed) with the
         circuit's keep masks scaled by alpha, one forward and one backward pass. Returns
         {"attn": [L] x [B, P, 3, H, d], "mlp": [L] x [B, P, d], "logits": [B, d]} for the
         distinct prompt rows, each row's gradient weighted by its share of the task ("logits":
@@ -366,7 +366,7 @@ class Evaluator:
         return {"attn": g_attn, "mlp": g_mlp, "logits": rest[-1]}
 
     def count_relaxed(self, backward: bool = True) -> None:
-        """Count one relaxed forward (evaluation.relaxed) and its backward in the stats: a backward costs
+        """Count one relaxed forward (evaluator.relaxed) and its backward in the stats: a backward costs
         about two forwards (a gradient for every activation and weight product), so 3 forward-equivalents."""
         self.forward_passes += 1
         self.forward_equivalents += 3.0 if backward else 1.0
@@ -382,7 +382,7 @@ class Evaluator:
             self._grad_src = ordinary(self.source)
         return self._grad_src
 
-    # ------------------------------------------------------------------ forward (evaluation.stacked)
+    # ------------------------------------------------------------------ forward (evaluator.stacked)
 
     def _empty_masks(self) -> Masks:
         ix = self.index

@@ -91,3 +91,10 @@ def test_imports_point_down():
         if name.startswith("circuitsearch.algorithms"):
             assert not deps & {"circuitsearch.evaluation", "circuitsearch.config"}, f"{name} imports upwards"
     assert not g["circuitsearch.models"] & {"circuitsearch.toys", "circuitsearch.catalogue"}
+    rooms = [n for n in g if n.startswith("circuitsearch.evaluator.")]
+    assert len(rooms) >= 7
+    for name in rooms:  # the evaluator's rooms sit below its facade (patching) and the hooked path
+        above = {d for d in g[name] if not d.startswith("circuitsearch.evaluator")} - {
+            "circuitsearch.engine", "circuitsearch.metrics", "circuitsearch.readout", "circuitsearch.graphs.index",
+            "circuitsearch.graphs.model_graph", "circuitsearch.tasks.base", "circuitsearch.tasks.slots"}
+        assert not above, f"{name} imports {above}: the evaluator's rooms import only the engine, metrics and data"

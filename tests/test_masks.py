@@ -19,7 +19,7 @@ from circuitsearch.algorithms.search import Thresholds
 from circuitsearch.cli import main
 from circuitsearch.config import PruneConfig
 from circuitsearch.patching import ABLATIONS, Evaluator
-from circuitsearch.evaluation.relaxed import keep_tensors, relaxed_score
+from circuitsearch.evaluator.relaxed import keep_tensors, relaxed_score
 from circuitsearch.toys import PLANTED_NODES, induction_task, load_induction_model, planted_model, planted_task
 
 PLANTED = ["--model", "test:planted", "--task", "planted", "--n-prompts", "12", "--quiet"]

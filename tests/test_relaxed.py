@@ -10,7 +10,7 @@ import torch
 
 from circuitsearch.catalogue import load_model
 from circuitsearch.patching import ABLATIONS, Evaluator
-from circuitsearch.evaluation.relaxed import faithfulness_map, keep_tensors, relaxed_score
+from circuitsearch.evaluator.relaxed import faithfulness_map, keep_tensors, relaxed_score
 from circuitsearch.tasks import concat_tasks
 from conftest import random_task, self_task
 from test_mixed_tasks import mixed_parts

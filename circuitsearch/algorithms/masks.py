@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..patching import Evaluator, Run
-from ..evaluation.relaxed import faithfulness_map, keep_tensors, relaxed_score
+from ..evaluator.relaxed import faithfulness_map, keep_tensors, relaxed_score
 from .iterative import prune
 from .levels import EDGE_POSITIONS, level_of
 from .mask_settings import MASKS_REFUSED, MaskSettings

@@ -9,14 +9,11 @@ and attribution (Evaluator.receiver_gradients) differentiates it with respect to
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from .readout_scores import per_prompt, readout_logits, weighted_mean
 
-if TYPE_CHECKING:  # the evaluator imports this module
-    from ..patching import Evaluator
+# `ev` below is a patching.Evaluator; not imported, as the evaluator imports this module (imports point down)
 
 
 def faithfulness_map(ev: "Evaluator") -> tuple[float, float]:
