@@ -96,7 +96,7 @@ def test_a_circuit_over_positions_lists_what_it_cannot_draw(tmp_path):
     run_prune(PruneConfig(model="induction-2l", task="induction", level="nodes,positions,edges"), tmp_path,
               progress=False, log=lambda *a: None)
     c = load_circuit(tmp_path / "circuit.json")
-    extra = next(n for n in ("m0", "m1", "a0.0") if n not in c.nodes)
+    extra = next(n for n in c.model_graph.nodes if n not in c.nodes and n not in OUTER)  # attention-only model
     s = {"schema": "circuitsearch.stability/1", "bootstrap": 2, "model": c.model, "resample": "bootstrap",
          "nodes": {"a0.2": {"frequency": 1.0, "in_full": True}, "a1.1": {"frequency": 0.5, "in_full": True},
                    extra: {"frequency": 0.5, "in_full": False}}, "edges": {}}
