@@ -21,6 +21,7 @@ from .store import read_decisions
 
 KINDS = "a run directory, circuit.json, diff.json, comparison.json, a sweep or a stability directory"
 REMOVAL_CURVE = "removal order"  # curves.json names the run's own curve "removal order (ORDER)"
+MAX_CELL_VIEWS = 21  # a stability page holds each prune's own circuit too, up to the full one and 20 resamples
 
 
 def _read_json(path: Path) -> dict:
@@ -268,6 +269,10 @@ def stability_views(out: Path) -> tuple[list[dict], str]:
     shaded = frequency_view(circuit, stability, run_decisions(full, circuit)[0],
                             name=f"full-data circuit, shaded by frequency over {b} resamples", source=str(source))
     views = [shaded]
-    if (out / "sweep" / "sweep.json").exists():
+    if len(stability.get("circuits") or ()) > MAX_CELL_VIEWS:
+        shaded["notes"].append(f"each prune's own circuit is not in this page (over {MAX_CELL_VIEWS} "
+                               "circuits): "
+                               f"`circuitsearch view {out}/sweep` gives them")
+    elif (out / "sweep" / "sweep.json").exists():
         views += sweep_views(out / "sweep")[0]
     return views, f"stability: {circuit.task} on {circuit.model}, {b} {kind} resamples"
