@@ -296,15 +296,18 @@ def _add_runs_of_runs(sub) -> None:
     p.add_argument("--steps", type=int, default=5)
     _add_batch(p)
     p.add_argument("--out", default="runs/stability", help="directory: settings.json, tasks/, sweep/ (a run "
-                   "directory per prune), stability.json, report.md, plots/ (resumes)")
+                   "directory per prune), stability.json, report.md, stability.html, plots/ (resumes)")
     p.add_argument("--workers", type=int, help="local worker processes (as for sweep; 0: one after another in this "
                    "process)")
     p.add_argument("--ray", metavar="auto|local|ADDRESS", help="run the prunes as Ray tasks (see `sweep --ray`)")
 
     p = sub.add_parser("view", help="an interactive page (one HTML file that opens offline): hover for effects and "
                        "decisions, click for paths, slide along the faithfulness curve")
-    p.add_argument("source", metavar="RUN|circuit.json|diff.json|comparison.json|SWEEP_DIR",
-                   help="a run directory (prune, targets, compare-orders, sweep) or one of its JSON files")
+    p.add_argument("source", metavar="RUN|circuit.json|diff.json|comparison.json|SWEEP_DIR|STABILITY_DIR",
+                   help="a run directory (prune, targets, compare-orders, sweep, stability) or one of its JSON files; "
+                   "a stability directory gives its full-data circuit shaded by resample frequency")
+    p.add_argument("--frequency", metavar="STABILITY_DIR", help="shade the run's circuit by the node and edge "
+                   "frequencies of a stability run (its directory or stability.json) of the same model")
     p.add_argument("--out", help="the page (.html); default: view.html in the directory viewed (beside the file)")
 
     p = sub.add_parser("render", help="draw a circuit (circuit.json or a run directory) as SVG, PNG or PDF")
@@ -694,8 +697,9 @@ def cmd_stability(args) -> int:
                             log=lambda m: print(m, file=sys.stderr))
     print()
     print(format_stability(summary), end="")
-    print(f"files in {args.out}/: stability.json, report.md, plots/, tasks/, sweep/ (cells/full/ is the full-data "
-          "run; its report.md has the section too)")
+    print(f"files in {args.out}/: stability.json, report.md, stability.html (the full-data circuit shaded by "
+          "frequency; open it in a browser), plots/, tasks/, sweep/ (cells/full/ is the full-data run; its report.md "
+          "has the section too)")
     return 0
 
 
@@ -741,7 +745,7 @@ def cmd_view(args) -> int:
 
     src = Path(args.source)
     out = Path(args.out) if args.out else (src if src.is_dir() else src.parent) / "view.html"
-    print(f"wrote {write_view(src, out)} (open it in a browser; it needs no network)")
+    print(f"wrote {write_view(src, out, args.frequency)} (open it in a browser; it needs no network)")
     return 0
 
 

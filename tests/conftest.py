@@ -93,3 +93,41 @@ def digits_prompts(n: int = 24, seed: int = 0):
 @pytest.fixture(scope="session")
 def smollm2_digits(smollm2):
     return build_task("digits", smollm2.tokenizer, *digits_prompts())
+
+
+# ---- stability pages (tests/test_stability_page.py, tests/test_page_browser.py) ----------------------
+# The toy models' circuits are the same in every resample (every frequency 1), so the shading tests also
+# use a copy of a real stability run whose stability.json is given varied frequencies, including units
+# the full-data circuit does not hold (a0.0, m1 and their edges); the page is rebuilt from it.
+VARIED_NODES = {"a1.2": 1.0, "m0": 0.75, "a0.1": 0.5, "a0.0": 0.25, "m1": 0.5}
+VARIED_EDGES = {"a1.2->logits": 1.0, "m0->logits": 0.75, "a0.1->a1.2.v": 0.5, "embed->a0.1.v": 0.25,
+                "embed->m0": 0.0, "a0.0->m1": 0.25, "m1->logits": 0.5}
+
+
+def planted_stability(out, bootstrap: int = 4) -> dict:
+    """A real stability run of the planted model (about 2 s): B bootstrap prunes, held-out scores, stability.html."""
+    from circuitsearch.config import PruneConfig
+    from circuitsearch.sweeps import InlineExecutor
+    from circuitsearch.sweeps.stability import run_stability
+
+    cfg = PruneConfig(model="test:planted", task="planted", n_prompts=12)
+    return run_stability(cfg, out, bootstrap, InlineExecutor(), holdout=6, log=lambda *a: None)
+
+
+def vary_stability(src, dst):
+    """A copy of the stability directory `src` at `dst` with VARIED_* frequencies in stability.json (in_full kept
+    true to the full-data circuit), and its stability.html rebuilt; returns dst."""
+    import json
+    import shutil
+
+    from circuitsearch.runs.view import write_view
+
+    shutil.copytree(src, dst)
+    s = json.loads((dst / "stability.json").read_text())
+    full_nodes = {n for n, r in s["nodes"].items() if r["in_full"]}
+    full_edges = {e for e, r in s["edges"].items() if r["in_full"]}
+    s["nodes"] = {n: {"frequency": f, "in_full": n in full_nodes} for n, f in VARIED_NODES.items()}
+    s["edges"] = {e: {"frequency": f, "in_full": e in full_edges} for e, f in VARIED_EDGES.items()}
+    (dst / "stability.json").write_text(json.dumps(s))
+    write_view(dst, dst / "stability.html")
+    return dst

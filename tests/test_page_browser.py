@@ -273,3 +273,59 @@ def test_the_page_stays_responsive_with_300_nodes_and_2000_edges(browser, tmp_pa
         return [click, performance.now() - t2];""")
     assert load < 10 and max(ms) < 1000, f"load {load:.1f} s, click {ms[0]:.0f} ms, toggle {ms[1]:.0f} ms"
     assert browser.find_elements("css selector", ".on")
+
+
+# ---- the stability page: shading by resample frequency (issue 28) ------------------------------------
+SHAPE_STYLE = """return [...document.querySelectorAll('.node[data-unit]')].map(g => {
+    const s = getComputedStyle(g.querySelector('ellipse, rect'));
+    return [g.dataset.unit, s.fill, s.strokeDasharray, g.classList.contains('extra')]; });"""
+
+
+def lightness(rgb: str) -> float:
+    r, g, b = (int(x) for x in rgb[rgb.index("(") + 1:rgb.index(")")].split(",")[:3])
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
+@pytest.fixture(scope="module")
+def varied_stability(tmp_path_factory) -> Path:
+    from conftest import planted_stability, vary_stability
+
+    out = tmp_path_factory.mktemp("stability") / "planted"
+    planted_stability(out, 4)
+    return vary_stability(out, tmp_path_factory.mktemp("varied") / "planted")
+
+
+def test_stability_page_shades_nodes_and_edges_by_frequency(browser, varied_stability):
+    from conftest import VARIED_EDGES, VARIED_NODES
+
+    open_page(browser, varied_stability / "stability.html")
+    style = {u: (fill, dash, extra) for u, fill, dash, extra in browser.execute_script(SHAPE_STYLE)}
+    assert set(VARIED_NODES) <= set(style)
+    light = {u: lightness(style[u][0]) for u in VARIED_NODES}
+    for a, fa in VARIED_NODES.items():  # darker fill exactly when more resamples kept it
+        for b, fb in VARIED_NODES.items():
+            assert (light[a] < light[b]) == (fa > fb) and (light[a] == light[b]) == (fa == fb), (a, b, light)
+    # resample-only nodes are drawn apart: dashed outline; the full circuit's are solid
+    for u, (fill, dash, extra) in style.items():
+        assert extra == (u in ("a0.0", "m1")) and (dash not in ("none", "")) == extra, (u, dash)
+    opacity = dict(browser.execute_script("return [...document.querySelectorAll('.edge')].map(e => "
+                                          "[e.dataset.unit, +getComputedStyle(e).strokeOpacity]);"))
+    for a, fa in VARIED_EDGES.items():
+        for b, fb in VARIED_EDGES.items():
+            assert (opacity[a] < opacity[b]) == (fa < fb), (a, b, opacity)
+    legend = browser.find_element("id", "legend").text
+    assert "kept in 4 of 4 resamples" in legend and "kept in 0 of 4 resamples" in legend
+
+
+def test_stability_page_hover_says_k_of_b_and_the_toggle_hides_resample_only_units(browser, varied_stability):
+    open_page(browser, varied_stability / "stability.html")
+    assert hover(browser, "a0.1").splitlines()[:2] == ["a0.1", "kept in 2 of 4 resamples (0.50)"]
+    assert hover(browser, "m0").splitlines()[1] == "kept in 3 of 4 resamples (0.75)"
+    text = hover(browser, "a0.0").splitlines()
+    assert text[1] == "kept in 1 of 4 resamples (0.25)" and "only resamples keep it" in text[2]
+    assert hover(browser, "m0->logits").splitlines()[1] == "kept in 3 of 4 resamples (0.75)"
+    assert {"a0.0", "m1", "a0.0->m1"} <= set(shown(browser))
+    browser.find_element("css selector", '#circuit-toggles input[data-circuit="kept only by resamples"]').click()
+    left = set(shown(browser))
+    assert not left & {"a0.0", "m1", "a0.0->m1", "m1->logits"} and {"a0.1", "m0", "a1.2", "embed", "logits"} <= left
+    assert not browser.find_element("id", "colour-pick").is_displayed()  # no "by circuits" colour to offer

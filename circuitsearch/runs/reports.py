@@ -217,9 +217,9 @@ def baseline_section(summary: dict, image: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def stability_section(summary: dict, image: str | None, cells: str) -> str:
+def stability_section(summary: dict, image: str | None, cells: str, page: str | None = None) -> str:
     """report.md's section on prompt stability (sweeps/stability.py's stability.json content); `cells`: the path
-    from the report to the directory holding the cells' run directories."""
+    from the report to the directory holding the cells' run directories; `page`: to stability.html."""
     s, m = summary["split"], summary["mean"]
     seen = (f" ({s['heldout_seen_in_train']} of them repeat a training prompt: the task has few distinct prompts, "
             "so there the held-out score weighs the same prompts otherwise rather than trying new ones)"
@@ -252,4 +252,8 @@ def stability_section(summary: dict, image: str | None, cells: str) -> str:
         lines.append(f"| ({len(summary['nodes']) - 30} more in stability.json) | | |")
     if image:
         lines += ["", f"![node frequency]({image})"]
+    if page:
+        lines += ["", f"Interactive page: [stability.html]({page}), the full-data circuit with each node and edge "
+                  "shaded by how many resamples kept it (hover: kept in k of B); units only resamples keep are drawn "
+                  "dashed."]
     return "\n".join(lines) + "\n"

@@ -1,6 +1,7 @@
 """`circuitsearch view`: the interactive page of a run directory, a circuit.json, a diff.json, a
-comparison.json (with its orders' run directories beside it) or a sweep directory; and the pages
-prune, diff and compare-orders write beside their diagrams.
+comparison.json (with its orders' run directories beside it), a sweep directory or a stability directory
+(the full-data circuit shaded by resample frequency; `--frequency` shades any run's circuit so); and the
+pages prune, diff, compare-orders and stability write beside their diagrams.
 
 What a page shows comes from the files alone, without the model: effects from circuit.json, the
 decision that kept each unit from decisions.jsonl, and the nested circuits of the faithfulness curve
@@ -14,11 +15,13 @@ from pathlib import Path
 from ..graphs.circuit import Circuit
 from ..graphs.diff import Diff, diff_circuits
 from ..graphs.export import load_circuit
+from ..graphs.frequency import frequency_view
 from ..graphs.page import PageError, circuit_view, diff_view, write_page
 from .store import read_decisions
 
-KINDS = "a run directory, circuit.json, diff.json, comparison.json or a sweep directory"
+KINDS = "a run directory, circuit.json, diff.json, comparison.json, a sweep or a stability directory"
 REMOVAL_CURVE = "removal order"  # curves.json names the run's own curve "removal order (ORDER)"
+MAX_CELL_VIEWS = 21  # a stability page holds each prune's own circuit too, up to the full one and 20 resamples
 
 
 def _read_json(path: Path) -> dict:
@@ -161,16 +164,18 @@ def views_of(path: str | Path) -> tuple[list[dict], str, str]:
     if not path.exists():
         raise PageError(f"{path}: no such file or directory (view takes {KINDS})")
     if path.is_dir():
-        for name, kind in (("comparison.json", "comparison"), ("sweep.json", "sweep"), ("targets.json", "targets"),
+        for name, kind in (("stability.json", "stability"), ("comparison.json", "comparison"), ("sweep.json", "sweep"), ("targets.json", "targets"),
                            ("diff.json", "diff"), ("circuit.json", "circuit")):
             if (path / name).exists():
                 return _views(path / name, kind)
-        raise PageError(f"{path} holds none of circuit.json, diff.json, comparison.json, sweep.json or targets.json "
-                        f"(view takes {KINDS})")
+        if _stability_settings(path) is not None:
+            raise PageError(_no_stability(path))
+        raise PageError(f"{path} holds none of circuit.json, diff.json, comparison.json, sweep.json, targets.json or "
+                        f"stability.json (view takes {KINDS})")
     schema = str(_read_json(path).get("schema", ""))
     for prefix, kind in (("circuitsearch.circuit/", "circuit"), ("circuitsearch.diff/", "diff"),
                          ("circuitsearch.comparison/", "comparison"), ("circuitsearch.sweep", "sweep"),
-                         ("circuitsearch.targets/", "targets")):
+                         ("circuitsearch.targets/", "targets"), ("circuitsearch.stability/", "stability")):
         if schema.startswith(prefix):
             return _views(path, kind)
     raise PageError(f"{path} is not a file view can show (schema {schema or 'missing'!r}; view takes {KINDS})")
@@ -186,17 +191,88 @@ def _views(path: Path, kind: str) -> tuple[list[dict], str, str]:
         view = diff_view(diff, notes=["from diff.json: which circuits hold each unit; their effects are in the "
                                       "circuits (the page `diff` writes shows them)"])
         return [view], f"diff: {' vs '.join(diff.names)}", kind
-    views, title = {"comparison": comparison_views, "sweep": sweep_views,
-                    "targets": targets_views}[kind](path.parent)
+    views, title = {"comparison": comparison_views, "sweep": sweep_views, "targets": targets_views,
+                    "stability": stability_views}[kind](path.parent)
     return views, title, kind
 
 
-def write_view(path: str | Path, out: str | Path) -> Path:
-    """The page of `path` (see views_of) written to `out` (.html)."""
+def write_view(path: str | Path, out: str | Path, frequency: str | Path | None = None) -> Path:
+    """The page of `path` (see views_of) written to `out` (.html); with `frequency` (a stability directory or its
+    stability.json), the circuit of `path` shaded by its resample frequencies, then the plain view."""
+    if frequency is None:
+        views, title, kind = views_of(path)
+        return write_page(out, views, title, kind)
     views, title, kind = views_of(path)
-    return write_page(out, views, title, kind)
+    if kind != "circuit":
+        raise PageError(f"--frequency shades one circuit: give a run directory or a circuit.json, not a {kind}")
+    p = Path(path)
+    circuit = load_circuit(p / "circuit.json" if p.is_dir() else p)
+    stability, source = load_stability(frequency)
+    run = p if p.is_dir() else (p.parent if p.name == "circuit.json" else None)
+    decisions = run_decisions(run, circuit)[0] if run is not None else None
+    note = ([f"the frequencies are of {stability.get('task')!r}, this circuit's task is {circuit.task!r}"]
+            if stability.get("task") != circuit.task else [])
+    shaded = frequency_view(circuit, stability, decisions, name="shaded by resample frequency", notes=note,
+                            label="this circuit", source=str(source))
+    views[0]["name"] = views[0].get("name") or "effects"
+    return write_page(out, [shaded] + views, f"{title}, shaded by {source.parent.name}'s resample frequency", kind)
 
 
 def write_diff_page(diff: Diff, out: str | Path) -> Path:
     """The page `diff` writes beside its overlay: the union with each circuit's effects."""
     return write_page(out, [diff_view(diff)], f"diff: {' vs '.join(diff.names)}", "diff")
+
+
+# ---- stability directories --------------------------------------------------------------------------
+def _stability_settings(out: Path) -> dict | None:
+    """settings.json of a stability directory (its resample key marks it), else None."""
+    path = out / "settings.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) and "resample" in data else None
+
+
+def _no_stability(out: Path) -> str:
+    s = _stability_settings(out) or {}
+    how = (f"circuitsearch stability --model {s['model']} --task {s['task']} --bootstrap B --out {out}"
+           if s.get("model") and s.get("task") else f"circuitsearch stability --task T --bootstrap B --out {out}")
+    return (f"{out} has no stability.json (the stability run there has not finished): make it with `{how}` "
+            "(finished prunes are kept; it resumes)")
+
+
+def load_stability(path: str | Path) -> tuple[dict, Path]:
+    """stability.json of a stability directory (or the file itself) and its path; PageError saying how to make it."""
+    path = Path(path)
+    file = path / "stability.json" if path.is_dir() else path
+    if not file.exists():
+        raise PageError(_no_stability(path) if path.is_dir() else
+                        f"{path}: no such file (give a stability directory, made by `circuitsearch stability --out DIR`)")
+    return _read_json(file), file
+
+
+def stability_views(out: Path) -> tuple[list[dict], str]:
+    """A stability directory: the full-data circuit shaded by stability.json's frequencies, then each cell's circuit."""
+    stability, source = load_stability(out)
+    full = out / "sweep" / "cells" / "full"
+    if not (full / "circuit.json").exists():
+        raise PageError(f"{out}/stability.json is there but not its full-data circuit {full}/circuit.json: "
+                        "run the stability command again")
+    circuit = load_circuit(full / "circuit.json")
+    in_full = {n for n, r in (stability.get("nodes") or {}).items() if isinstance(r, dict) and r.get("in_full")}
+    inner = set(circuit.heads() + circuit.mlps())
+    if stability.get("nodes") is not None and in_full != inner:
+        raise PageError(f"{source} is not of {full}/circuit.json: they differ on {', '.join(sorted(in_full ^ inner))}; "
+                        "run the stability command again")
+    b, kind = stability.get("bootstrap"), stability.get("resample", "bootstrap")
+    shaded = frequency_view(circuit, stability, run_decisions(full, circuit)[0],
+                            name=f"full-data circuit, shaded by frequency over {b} resamples", source=str(source))
+    views = [shaded]
+    if len(stability.get("circuits") or ()) > MAX_CELL_VIEWS:
+        shaded["notes"].append(f"each prune's own circuit is not in this page (over {MAX_CELL_VIEWS} "
+                               "circuits): "
+                               f"`circuitsearch view {out}/sweep` gives them")
+    elif (out / "sweep" / "sweep.json").exists():
+        views += sweep_views(out / "sweep")[0]
+    return views, f"stability: {circuit.task} on {circuit.model}, {b} {kind} resamples"

@@ -7,6 +7,7 @@ OUT/settings.json    what the directory holds (a run of other settings is refuse
 OUT/tasks/           pool.json (the prompts made once), train.json, heldout.json, one file per resample
 OUT/sweep/           the sweep: cells/full/ (train.json) and cells/boot-I/ (or seed-I/), sweep.json, logs/
 OUT/stability.json   frequencies, Jaccard and held-out scores; OUT/report.md and plots/ the same for people
+OUT/stability.html   the interactive page: the full-data circuit shaded by node and edge frequency
 
 Resamples: `bootstrap` draws len(train) prompts from train with replacement (draw I seeded by the
 task seed and I); `seeds` makes the task anew with seed + I (built-in and toy tasks). Run again, the
@@ -276,9 +277,25 @@ def write_reports(out: Path, summary: dict, log=print) -> None:
             image = "plots/frequency.png"
     except (ImportError, OSError) as e:
         log(f"note: plots/frequency.png not drawn ({e})")
+    page = write_stability_page(out, log)
     atomic_write_text(out / "report.md", f"# Stability: {summary['task']} on {summary['model']}\n\n"
-                      + stability_section(summary, image, "sweep/cells/"))
+                      + stability_section(summary, image, "sweep/cells/", page))
     full = out / "sweep" / "cells" / "full" / "report.md"
     if full.exists():
-        section = stability_section(summary, f"../../../{image}" if image else None, "../")
+        section = stability_section(summary, f"../../../{image}" if image else None, "../",
+                                    f"../../../{page}" if page else None)
         atomic_write_text(full, with_section(full.read_text(), "stability", section))
+
+
+def write_stability_page(out: Path, log=print) -> str | None:
+    """OUT/stability.html (the full-data circuit shaded by frequency, then every cell's circuit); its name relative
+    to OUT, or None, said, where it cannot be made."""
+    from ..graphs.page import PageError
+    from ..runs.view import write_view
+
+    try:
+        write_view(out, out / "stability.html")
+    except (PageError, OSError) as e:
+        log(f"note: stability.html not written ({e})")
+        return None
+    return "stability.html"

@@ -59,17 +59,17 @@
     edgeEls = new Array(v.edges.length);
     for (const i of order) {
       const e = v.edges[i];
-      edgeEls[i] = svg("path", { d: edgePath(e), class: "edge", "data-unit": e.u, "data-i": i, "data-input": e.i,
+      edgeEls[i] = svg("path", { d: edgePath(e), class: "edge" + (e.extra ? " extra" : ""), "data-unit": e.u, "data-i": i, "data-input": e.i,
                                  stroke: edgeColour(e), "stroke-width": e.w, "stroke-opacity": e.o }, edges);
     }
     nodeEls = v.nodes.map((n, i) => {
-      const attrs = { class: "node" + (n.ghost ? " ghost" : ""), "data-i": i, transform: `translate(${n.x},${n.y})` };
+      const attrs = { class: "node" + (n.ghost ? " ghost" : "") + (n.extra ? " extra" : ""), "data-i": i, transform: `translate(${n.x},${n.y})` };
       attrs[n.ghost ? "data-ghost" : "data-unit"] = n.u;
       const el = svg("g", attrs, nodes);
       const shape = { fill: n.fill, stroke: "#444", "stroke-width": n.pen };
       if (n.k === "head") svg("ellipse", { rx: n.w / 2, ry: n.h / 2, ...shape }, el);
       else svg("rect", { x: -n.w / 2, y: -n.h / 2, width: n.w, height: n.h, rx: n.k === "mlp" ? 0 : 6, ...shape }, el);
-      svg("text", {}, el).textContent = n.label;
+      svg("text", n.tc ? { fill: n.tc } : {}, el).textContent = n.label;
       return el;
     });
     buildAdjacency();
@@ -123,6 +123,9 @@
         box);
     if (v.nodes.some((n) => n.ghost)) div("dashed outline: a head ablated at that position whose key/value input " +
                                           "there is kept (read by its queries at later positions)", box);
+    if (v.nodes.some((n) => n.extra) || v.edges.some((e) => e.extra)) {
+      div("dashed orange outline, dashed edge: kept by resamples but not by the circuit shown", box);
+    }
   }
 
   function drawCircuitToggles(v) {
@@ -130,9 +133,9 @@
     box.textContent = "";
     state.circuits = v.circuits.map(() => true);
     box.hidden = !v.circuits.length;
-    $("colour-pick").hidden = !v.circuits.length || !v.edges.length;
+    $("colour-pick").hidden = !v.circuits.length || !v.edges.some((e) => e.c);
     if (!v.circuits.length) return;
-    box.appendChild(document.createTextNode("circuits"));
+    box.appendChild(document.createTextNode(v.toggle_label || "circuits"));
     v.circuits.forEach((name, i) => {
       const l = document.createElement("label");
       const c = document.createElement("input");
