@@ -248,7 +248,7 @@ def _add_runs_of_runs(sub) -> None:
     p = sub.add_parser("sweep", help="run many prunes over settings (models x tasks x orders x thresholds ...) "
                        "from a TOML file, on this machine's cores or a Ray cluster; summary, plots, ROC")
     p.add_argument("spec", metavar="SWEEP.toml", help="the sweep file: [fixed] settings, [axes] (crossed), "
-                   "[[cases]] (bundles, e.g. model with its task); see README, Sweeps")
+                   "[[cases]] (bundles, e.g. model with its task); see docs/sweeps.md")
     p.add_argument("--out", default="runs/sweep", help="sweep directory: cells/<name>/ (a run directory per "
                    "cell), sweep.json, report.md, plots/ (resumes: finished cells are skipped)")
     p.add_argument("--ray", metavar="auto|local|ADDRESS", help="run the cells on Ray: the running cluster (auto), "

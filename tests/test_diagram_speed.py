@@ -1,5 +1,5 @@
 """Diagrams in seconds (issue 24): past ROUTE_LIMIT every edge carries a fixed curve (its DOT `pos`), so
-Graphviz draws without routing. The compare-orders union of the README's digits run (70 nodes, 542 edges)
+Graphviz draws without routing. The compare-orders union of the digits run in docs/speed.md (70 nodes, 542 edges)
 took over 5 minutes with splines=curved; these circuits are of that size and larger, on SmolLM2's graph."""
 import random
 import re

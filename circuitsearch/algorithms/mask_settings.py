@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 class MaskSettings:
     """steps: Adam steps per phase; lr: its learning rate; init: every mask logit's start (sigmoid(3) = 0.95
     kept); temperature: m = sigmoid(logit / temperature), fixed (annealing it made larger circuits in the
-    README's study); margin: the optimisation aims at faithfulness A + margin, so the discretised circuit
+    study in docs/searches.md); margin: the optimisation aims at faithfulness A + margin, so the discretised circuit
     needs less repair; dual_lr, mu0: the Lagrange multiplier of the faithfulness constraint starts at mu0 and
     its log grows by dual_lr * (A + margin - F) each step, within [0, 9]; checkpoint_every: steps between
     saves of the optimiser state."""

@@ -124,7 +124,7 @@ class ByMagnitude(Order):
 
 def default_order(metric: str) -> str:
     """The removal order of a prune that names none: attribution (EAP-IG ranking, least |estimate| first;
-    smaller circuits than alternate on every task compared in the README's study), or alternate for a metric
+    smaller circuits than alternate on every task compared in the study of docs/searches.md), or alternate for a metric
     without a gradient (accuracy), which attribution cannot rank."""
     from ..metrics import get_metric
 
