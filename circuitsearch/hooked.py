@@ -280,13 +280,19 @@ class HookedEvaluator(Evaluator):
         check_context(task, getattr(cfg, "n_ctx", None))
         check_token_ids(task, self.readout, cfg.d_vocab, getattr(cfg, "d_vocab_out", None) or cfg.d_vocab)
 
-    def receiver_gradients(self, run: Run | None = None, alpha: float = 1.0) -> dict:
+    def receiver_gradients(self, run: Run | None = None, alpha=1.0) -> dict:
         """Evaluator.receiver_gradients through the bridge: one hooked forward (every live sender's output
         mixed `alpha` of the way from its ablation value, every receiver's input a tensor of its own: each
         head's q/k/v input recomputed through the projection, on grouped-query models one copy of the
-        prompts per query head of a group) and one backward pass."""
+        prompts per query head of a group) and one backward pass; several alphas: one each, summed."""
         if not self.metric.gradient:
             raise ValueError(f"{self.metric.name} has no gradient: attribute with logit_diff, prob or kl instead")
+        if not isinstance(alpha, (int, float)):
+            gs = [self.receiver_gradients(run, a) for a in alpha]
+            add = lambda xs: None if xs[0] is None else sum(xs[1:], xs[0])
+            return {"attn": [add(x) for x in zip(*(g["attn"] for g in gs))],
+                    "mlp": [add(x) for x in zip(*(g["mlp"] for g in gs))],
+                    "logits": add([g["logits"] for g in gs])}
         run = run or self.clean_run
         if bool(run.masks.at.any()) or run.masks.removed_at is not None:
             raise ValueError(POSITIONS_REFUSED)

@@ -21,7 +21,7 @@ place of its live output in the current (pruned) run.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -339,38 +339,49 @@ class Evaluator:
         return self.index.node_stage[self.index.node(name)]
 
 
-    def receiver_gradients(self, run: Run | None = None, alpha: float = 1.0) -> dict:
+    def receiver_gradients(self, run: Run | None = None, alpha: float | Sequence[float] = 1.0) -> dict:
         """Gradient of the score with respect to every receiver's input, in `run`'s circuit.
 
         Every live sender's output is mixed `alpha` of the way from its ablation value to its
         live value (alpha = 1: the circuit itself; alpha = 0: everything ablated), which is
         the path integrated gradients walk: the relaxed forward (evaluator.relaxed) with the
-        circuit's keep masks scaled by alpha, one forward and one backward pass. Returns
-        {"attn": [L] x [B, P, 3, H, d], "mlp": [L] x [B, P, d], "logits": [B, d]} for the
+        circuit's keep masks scaled by alpha, one forward and one backward pass. Several alphas:
+        the sum of their gradients, from one pass over the prompt rows stacked once per alpha.
+        Returns {"attn": [L] x [B, P, 3, H, d], "mlp": [L] x [B, P, d], "logits": [B, d]} for the
         distinct prompt rows, each row's gradient weighted by its share of the task ("logits":
         [B, P, d] when the metric reads other positions than the last of full-length prompts).
         """
         if not self.metric.gradient:
             raise ValueError(f"{self.metric.name} has no gradient: attribute with logit_diff, prob or kl instead")
+        alphas = [float(alpha)] if isinstance(alpha, (int, float)) else [float(a) for a in alpha]
+        if not alphas:
+            raise ValueError("receiver_gradients needs at least one alpha")
         nodes, edges, edges_at = keep_tensors(self, run)
-        inputs: dict = {}
+        K, inputs = len(alphas), {}
         with torch.enable_grad():
             # the masks require grad so that every receiver input is in the graph, even with all ablated
-            score = relaxed_score(self, (nodes * alpha).requires_grad_(), edges, edges_at, inputs)
+            if K == 1:
+                score = relaxed_score(self, (nodes * alphas[0]).requires_grad_(), edges, edges_at, inputs)
+            else:
+                score = relaxed_score(self, nodes.requires_grad_(), edges, edges_at, inputs, torch.tensor(alphas))
             flat = inputs["attn"] + [t for t in inputs["mlp"] if t is not None] + [inputs["logits"]]
             grads = torch.autograd.grad(score, flat, allow_unused=True, materialize_grads=True)
-        self.count_relaxed()
+        if K > 1:  # copy k's rows are the k-th block of B: the sum over copies
+            grads = [g.unflatten(0, (K, -1)).sum(0) for g in grads]
+        self.count_relaxed(copies=K)
         L = self.L
         g_attn, rest = list(grads[:L]), list(grads[L:])
         g_mlp = [None] * L if self.attn_only else rest[:L]
         return {"attn": g_attn, "mlp": g_mlp, "logits": rest[-1]}
 
-    def count_relaxed(self, backward: bool = True) -> None:
+    def count_relaxed(self, backward: bool = True, copies: int = 1) -> None:
         """Count one relaxed forward (evaluator.relaxed) and its backward in the stats: a backward costs
-        about two forwards (a gradient for every activation and weight product), so 3 forward-equivalents."""
-        self.forward_passes += 1
-        self.forward_equivalents += 3.0 if backward else 1.0
-        self.backward_passes += int(backward)
+        about two forwards (a gradient for every activation and weight product), so 3 forward-equivalents;
+        a pass over the rows stacked `copies` times counts as that many (and as one batched pass)."""
+        self.forward_passes += copies
+        self.forward_equivalents += copies * (3.0 if backward else 1.0)
+        self.backward_passes += copies * int(backward)
+        self.batched_passes += copies > 1
 
     def sender_diffs(self, run: Run) -> torch.Tensor:
         """live − ablated output of every sender in `run`, stacked [B, P, S, d]."""

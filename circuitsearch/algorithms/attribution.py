@@ -141,15 +141,8 @@ def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int =
     by_slot, the change when it is removed at each slot of positions only [E, Q] (summing to [E])."""
     steps = 1 if method == "eap" else steps
     L, H, S = ev.L, ev.H, ev.S
-    grads = None
-    for k in range(1, steps + 1):
-        g = ev.receiver_gradients(run, alpha=k / steps)
-        if grads is None:
-            grads = g
-        else:
-            grads = {"attn": [a + b for a, b in zip(grads["attn"], g["attn"])],
-                     "mlp": [None if a is None else a + b for a, b in zip(grads["mlp"], g["mlp"])],
-                     "logits": grads["logits"] + g["logits"]}
+    alphas = [k / steps for k in range(1, steps + 1)]
+    grads = ev.receiver_gradients(run, alpha=alphas if len(alphas) > 1 else alphas[0])  # Σ over the steps, one pass
     ix = ev.index
     with torch.inference_mode():
         D = ev.sender_diffs(run)  # [B, P, S, d] live - ablated

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .readout_scores import per_prompt, readout_logits, weighted_mean
+from .state import Batch, Source
 
 # `ev` below is a patching.Evaluator; not imported, as the evaluator imports this module (imports point down)
 
@@ -34,7 +35,8 @@ def keep_tensors(ev: "Evaluator", run=None) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | None = None,
-                  edges_at: torch.Tensor | None = None, inputs: dict | None = None) -> torch.Tensor:
+                  edges_at: torch.Tensor | None = None, inputs: dict | None = None,
+                  copies: torch.Tensor | None = None) -> torch.Tensor:
     """The task score (a 0-d tensor, differentiable in the masks) of the circuit whose senders are kept by
     `nodes` [S, Q] (or [S]), edges by `edges` [R, S] and edges at single slots by `edges_at` [R, S, Q]
     (None: all kept). One forward pass; counts are the caller's (Evaluator.count_relaxed).
@@ -42,25 +44,32 @@ def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | No
     With `inputs` (a dict) every receiver's input is also recorded there as a tensor of its own, for its
     gradient: "attn" [L] x [B, P, 3, H, d] (each head's q, k and v input), "mlp" [L] x [B, P, d] (None in
     attention-only models), "logits" [B, d] at the last position or [B, P, d] when the metric reads others.
+    With `copies` [K] the prompt rows run K times stacked, copy k with every sender keep scaled by
+    copies[k] (the steps of integrated gradients in one pass): the score is the sum of the K copies' scores
+    and the recorded inputs have K*B rows, copy by copy.
     """
     eng, L, H, lay = ev.engine, ev.L, ev.H, ev.layout
-    src = ev._grad_source()
-    slot = ev._slot_rows                                    # [B, P]
+    K = 1 if copies is None else len(copies)
+    src, b, slot = _stacked(ev, K)                          # slot: [K*B, P]
     if nodes.dim() == 1:
         nodes = nodes[:, None].expand(-1, ev.Q)
-    keep = nodes[:, slot]                                   # [S, B, P]
+    keep = nodes[:, slot]                                   # [S, K*B, P]
+    if copies is not None:
+        keep = keep * copies.to(keep.dtype).repeat_interleave(len(ev.batch.tokens))[None, :, None]
     if edges_at is not None and edges is None:
         edges = torch.ones(ev.index.R, ev.S, dtype=nodes.dtype)
     cut = None if edges is None else 1.0 - edges            # [R, S]
     if cut is not None and edges_at is None and not bool((cut.detach() != 0).any()):
         cut = None
     on = (nodes.detach() != 0).any(1)                       # [S] senders live at some slot
+    if copies is not None:
+        on = on & bool((copies != 0).any())
     chunks: list = []                                       # (first sender id, [B, P, n, d] output − ablated)
     delta = _cut_sum(cut, edges, edges_at, on, slot, chunks)
     record = inputs is not None
     if record:
         inputs.update(attn=[None] * L, mlp=[None] * L, logits=None)
-    resid = _embedding(ev, keep, src, chunks)
+    resid = _embedding(ev, b.tokens, keep, src, chunks)
     for l in range(L):
         lw = eng.layer(l)
         hs = lay.heads[l]
@@ -104,7 +113,6 @@ def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | No
             resid = resid + m
     d = delta(torch.tensor([lay.logits_row]))
     x = resid if d is None else resid - d[:, :, 0]
-    b = ev.batch
     if record and b.pos is None:  # the logits receiver's input is the last position's [B, d]
         x = inputs["logits"] = x[:, -1].clone()
         logits = eng.unembed(x, b.cols if ev.metric.two_columns else None)
@@ -112,12 +120,30 @@ def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | No
         if record:
             x = inputs["logits"] = x.clone()
         logits = readout_logits(eng, ev.metric, x, b)
-    return weighted_mean(per_prompt(ev.metric, logits, b), b)
+    per = per_prompt(ev.metric, logits, b)
+    if K == 1:
+        return weighted_mean(per, b)
+    w = ev.batch.weight
+    return (per.view(K, -1) * w).sum() / w.sum()  # Σ over copies of each copy's weighted mean
 
 
-def _embedding(ev: "Evaluator", keep: torch.Tensor, src, chunks: list) -> torch.Tensor:
+def _stacked(ev: "Evaluator", K: int):
+    """(ablation source, batch, slot of each row's positions) for the prompt rows stacked K times."""
+    src, b, slot = ev._grad_source(), ev.batch, ev._slot_rows
+    if K == 1:
+        return src, b, slot
+    rep = lambda t: None if t is None else t.repeat(K, *[1] * (t.dim() - 1))
+    per_row = lambda t: t if t is None or t.shape[0] == 1 else rep(t)  # a shared ablation value broadcasts
+    src = Source(src.kind, per_row(src.embed), [per_row(t) for t in src.z], [per_row(t) for t in src.mlp_out],
+                 None if src.parts is None else [per_row(t) for t in src.parts])
+    b = Batch(rep(b.tokens), rep(b.answers), rep(b.wrong), rep(b.weight), rep(b.ref), rep(b.pos), rep(b.valid),
+              b.reduce)
+    return src, b, rep(slot)
+
+
+def _embedding(ev: "Evaluator", tokens: torch.Tensor, keep: torch.Tensor, src, chunks: list) -> torch.Tensor:
     """The relaxed embedding (the residual stream's start); its senders' output − ablated joins `chunks`."""
-    eng, tokens = ev.engine, ev.batch.tokens
+    eng = ev.engine
     if ev.split_embed:
         parts = [torch.lerp(a, t, keep[s][..., None].to(t.dtype))
                  for s, (t, a) in enumerate(zip(eng.embed_parts(tokens), src.parts))]
