@@ -23,6 +23,7 @@ arguments. --out writes the table as Markdown (atomically) for benchmarks/RESULT
 
     python benchmarks/gpu_check.py [--quick] [--device auto|cpu|cuda|cuda:N] [--out table.md]
                                    [--model smollm2-135m] [--task digits] [--batch 16]
+                                   [--checks logits,search]
 """
 from __future__ import annotations
 
@@ -203,8 +204,8 @@ def search_rows(model, task, config: PruneConfig, device: torch.device, batch: i
     return rows, many
 
 
-def not_run(check: str, dtype: str = "float32") -> Row:
-    return Row(check, "cuda", dtype, None, "no CUDA device")
+def not_run(check: str, dtype: str, why: str) -> Row:
+    return Row(check, "cuda", dtype, None, why)
 
 
 def table(rows: list[Row]) -> str:
@@ -256,19 +257,30 @@ def run(args, log=print) -> list[Row]:
     log(f"{model.name}, task {task.name}: {len(task)} prompts x {task.seq_len} tokens; logits over "
         f"{tuple(tokens.shape)} tokens; search: level {config.level}, order {config.order}, A = {config.absolute}; "
         f"torch threads {torch.get_num_threads()}")
-    rows = []
+    rows, checks = [], args.checks.split(",")
     for d in devs:
-        rows += logit_rows(model, tokens, d)
-        log(table(rows[-2:]))
+        if "logits" in checks:
+            log(f"[{time.strftime('%H:%M:%S')}] logits on {d}")
+            rows += logit_rows(model, tokens, d)
+            log(table(rows[-2:]))
+        else:
+            rows += [Row("logits vs bridge", str(d), t, None, "not asked (--checks)") for t in ("float32", "bfloat16")]
     reference = None
     for d in devs:
+        if "search" not in checks:
+            rows += [Row(c, str(d), "float32", None, "not asked (--checks)")
+                     for c in (f"batch 1 vs {args.batch}", f"search (batch {args.batch})")]
+            continue
+        log(f"[{time.strftime('%H:%M:%S')}] searches on {d} (batch 1, then {args.batch})")
         got, res = search_rows(model, task, config, d, args.batch, reference if d.type == "cuda" else None)
         reference = res if d.type == "cpu" else reference
         rows += got
         log(table(got))
     if len(devs) == 1:
-        rows += [not_run("logits vs bridge"), not_run("logits vs bridge", "bfloat16"),
-                 not_run(f"batch 1 vs {args.batch}"), not_run(f"search (batch {args.batch})")]
+        why = "--device cpu" if args.device == "cpu" else "no CUDA device"
+        rows += [not_run(c, t, why) for c, t in (("logits vs bridge", "float32"), ("logits vs bridge", "bfloat16"),
+                                                 (f"batch 1 vs {args.batch}", "float32"),
+                                                 (f"search (batch {args.batch})", "float32"))]
     order = ["logits vs bridge", f"batch 1 vs {args.batch}", f"search (batch {args.batch})"]
     return sorted(rows, key=lambda r: order.index(r.check))  # stable: cpu before cuda, float32 before bf16
 
@@ -281,8 +293,12 @@ def main(argv=None) -> int:
     ap.add_argument("--task", default="digits")
     ap.add_argument("--prompts", type=int, default=None, help="prompts (default 24, --quick 8)")
     ap.add_argument("--batch", type=int, default=16, help="the speculation batch compared with batch 1")
+    ap.add_argument("--checks", default="logits,search",
+                    help="which checks run: logits, search (batch 1 vs --batch and the timed search), or both")
     ap.add_argument("--out", default=None, help="also write the table here as Markdown")
     args = ap.parse_args(argv)
+    if not args.checks or set(args.checks.split(",")) - {"logits", "search"}:
+        ap.error(f"--checks {args.checks!r}: give logits, search or logits,search")
     if args.batch < 2:
         ap.error(f"--batch {args.batch}: compare batch 1 with a batch of at least 2")
     try:
