@@ -5,6 +5,7 @@ be (kill -9 of a child process, a second process on the same directory) and inje
 cannot (a full disk).
 """
 import json
+import multiprocessing
 import os
 import random
 import shutil
@@ -18,21 +19,22 @@ import time
 import pytest
 
 from circuitsearch.cli import main
-from circuitsearch.runs import PruneConfig, RunDirError, run_prune
+from circuitsearch.runs import PruneConfig, RunDirError, run_prune, store
 from circuitsearch.runs.store import RunLock
 from circuitsearch.toys import PLANTED_NODES
 
 QUIET = dict(progress=False, log=lambda *a: None)
 PLANTED = ["--model", "test:planted", "--task", "planted", "--n-prompts", "12", "--quiet"]
 
-# Runs the command line in a child process whose decision log kills the process (SIGKILL, as
-# `kill -9` would) after K decisions, or, given a HOLD file, waits after each decision while that file
-# exists (the test deletes it to let the run finish at full speed: an event, not a timer).
-CHILD = textwrap.dedent("""
-    import os, signal, sys, time
-    from circuitsearch.runs import store
-    kill_at, hold = int(sys.argv[1]), sys.argv[2]
+FORK = multiprocessing.get_context("fork")
+
+
+def _faulty_prune(out, kill_at, hold, extra):
+    """The prune command line, in the child: its decision log kills the process (SIGKILL, as `kill -9`
+    would) after `kill_at` decisions, or, given a `hold` file, waits after each decision while that file
+    exists (the test deletes it to let the run finish at full speed: an event, not a timer)."""
     record, n = store.DecisionLog.record, [0]
+
     def faulty(self, decision):
         record(self, decision)
         n[0] += 1
@@ -40,15 +42,17 @@ CHILD = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         while hold and os.path.exists(hold):
             time.sleep(0.01)
+
     store.DecisionLog.record = faulty
-    from circuitsearch.cli import main
-    sys.exit(main(sys.argv[3:]))
-""")
+    sys.exit(main(["prune", *PLANTED, *extra, "--out", str(out)]))
 
 
-def child(out, kill_at=0, hold="", extra=(), **kw):
-    args = [sys.executable, "-c", CHILD, str(kill_at), str(hold), "prune", *PLANTED, *extra, "--out", str(out)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+def child(out, kill_at=0, hold="", extra=()):
+    """A process of its own running _faulty_prune, forked from this one: a real process, killed for real, that
+    starts in milliseconds instead of the ~10 s a fresh interpreter spends importing torch and TransformerLens."""
+    p = FORK.Process(target=_faulty_prune, args=(out, kill_at, str(hold), tuple(extra)), daemon=True)
+    p.start()
+    return p
 
 
 def same_run(a, b):
@@ -73,8 +77,8 @@ def test_kill_9_at_random_decision_counts_resumes_to_the_identical_circuit(whole
     children = {k: child(tmp_path / f"k{k}", kill_at=k) for k in ks}  # side by side: each one its own process
     for k, p in children.items():
         out = tmp_path / f"k{k}"
-        p.communicate(timeout=120)
-        assert p.returncode == -signal.SIGKILL
+        p.join(120)
+        assert p.exitcode == -signal.SIGKILL
         assert len((out / "decisions.jsonl").read_text().splitlines()) == k
         assert not (out / "circuit.json").exists()
         assert main(["prune", *PLANTED, "--out", str(out)]) == 0
@@ -99,8 +103,8 @@ def killed_at_30(tmp_path_factory):
     """A run directory whose process was killed (SIGKILL) after its 30th decision; read-only, see _killed."""
     out = tmp_path_factory.mktemp("killed") / "k30"
     p = child(out, kill_at=30)
-    p.communicate(timeout=120)
-    assert p.returncode == -signal.SIGKILL
+    p.join(120)
+    assert p.exitcode == -signal.SIGKILL
     assert len((out / "decisions.jsonl").read_text().splitlines()) == 30 and (out / "checkpoint.json").exists()
     assert not (out / "circuit.json").exists()
     return out
@@ -167,14 +171,14 @@ def test_second_run_on_a_live_directory_is_refused_with_the_pid(tmp_path, capsys
     try:
         deadline = time.time() + 60
         while not ((out / "decisions.jsonl").exists() and (out / "decisions.jsonl").read_text()):
-            assert time.time() < deadline and p.poll() is None, p.communicate()
+            assert time.time() < deadline and p.is_alive(), p.exitcode
             time.sleep(0.02)
         assert main(["prune", *PLANTED, "--out", str(out)]) == 2
         assert f"is in use by pid {p.pid}" in capsys.readouterr().err
     finally:
         hold.unlink()
-        _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
+        p.join(300)
+    assert p.exitcode == 0
     data = json.loads((out / "circuit.json").read_text())
     assert len((out / "decisions.jsonl").read_text().splitlines()) == data["stats"]["decisions"]
     assert main(["prune", *PLANTED, "--out", str(out)]) == 0  # released on exit
