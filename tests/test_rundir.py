@@ -29,8 +29,8 @@ PLANTED = ["--model", "test:planted", "--task", "planted", "--n-prompts", "12", 
 FORK = multiprocessing.get_context("fork")
 
 
-def _faulty_prune(out, kill_at, hold, extra):
-    """The prune command line, in the child: its decision log kills the process (SIGKILL, as `kill -9`
+def _faulty_main(argv, kill_at, hold):
+    """The command line, in the child: its decision log kills the process (SIGKILL, as `kill -9`
     would) after `kill_at` decisions, or, given a `hold` file, waits after each decision while that file
     exists (the test deletes it to let the run finish at full speed: an event, not a timer)."""
     record, n = store.DecisionLog.record, [0]
@@ -44,15 +44,20 @@ def _faulty_prune(out, kill_at, hold, extra):
             time.sleep(0.01)
 
     store.DecisionLog.record = faulty
-    sys.exit(main(["prune", *PLANTED, *extra, "--out", str(out)]))
+    sys.exit(main(argv))
+
+
+def forked_main(argv, kill_at=0, hold=""):
+    """A process of its own running _faulty_main, forked from this one: a real process, killed for real, that
+    starts in milliseconds instead of the ~10 s a fresh interpreter spends importing torch and TransformerLens."""
+    p = FORK.Process(target=_faulty_main, args=(list(argv), kill_at, str(hold)), daemon=True)
+    p.start()
+    return p
 
 
 def child(out, kill_at=0, hold="", extra=()):
-    """A process of its own running _faulty_prune, forked from this one: a real process, killed for real, that
-    starts in milliseconds instead of the ~10 s a fresh interpreter spends importing torch and TransformerLens."""
-    p = FORK.Process(target=_faulty_prune, args=(out, kill_at, str(hold), tuple(extra)), daemon=True)
-    p.start()
-    return p
+    """The planted prune into `out` in a forked child (forked_main)."""
+    return forked_main(["prune", *PLANTED, *extra, "--out", str(out)], kill_at, hold)
 
 
 def same_run(a, b):
