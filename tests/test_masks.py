@@ -1,12 +1,12 @@
 """Learned-mask search (algorithms/masks.py, `prune --search masks`): known circuits recovered, every circuit
 verified and held to A and R, repair when the masks overshoot, a run directory that resumes after kill -9."""
 import json
+import multiprocessing
 import os
 import random
+import shutil
 import signal
-import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -128,9 +128,16 @@ def run_masks(out, *extra):
     return main(["prune", *PLANTED, "--search", "masks", "--mask-steps", "30", *extra, "--out", str(out)])
 
 
-def test_prune_search_masks_writes_a_verified_run_directory(tmp_path, capsys):
-    out = tmp_path / "m"
+@pytest.fixture(scope="module")
+def masks_run(tmp_path_factory):
+    """One finished `prune --search masks` run directory, read (or copied) by the tests below."""
+    out = tmp_path_factory.mktemp("masks") / "whole"
     assert run_masks(out) == 0
+    return out
+
+
+def test_prune_search_masks_writes_a_verified_run_directory(masks_run):
+    out = masks_run
     c = json.loads((out / "circuit.json").read_text())
     m = c["method"]
     assert m["search"] == "masks" and m["order"] == "masks"
@@ -151,31 +158,34 @@ def test_prune_search_masks_writes_a_verified_run_directory(tmp_path, capsys):
     assert c["scores"]["faithfulness"] >= 0.8
 
 
-KILLER = textwrap.dedent("""
-    import os, signal, sys
+def _killed_after_checkpoint(kill_at, argv):
+    """In a forked child (a real process of its own, started without a fresh interpreter's imports): the
+    command line, its masks file killing the process (SIGKILL) right after its `kill_at`-th save."""
     from circuitsearch.runs import store
-    kill_at, n = int(sys.argv[1]), [0]
-    save = store.MaskFile.save
+
+    save, n = store.MaskFile.save, [0]
+
     def faulty(self, phase, state):
         save(self, phase, state)
         n[0] += 1
         if n[0] >= kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+
     store.MaskFile.save = faulty
-    from circuitsearch.cli import main
-    sys.exit(main(sys.argv[2:]))
-""")
+    sys.exit(main(argv))
 
 
-def test_kill_9_mid_optimisation_resumes_to_the_same_circuit(tmp_path, capsys):
-    whole = tmp_path / "whole"
-    assert run_masks(whole) == 0
+def test_kill_9_mid_optimisation_resumes_to_the_same_circuit(masks_run, tmp_path, capsys):
+    whole = masks_run
+    children = {}
     for k in (2, 5):  # killed after the 2nd checkpoint (nodes phase, step 20 of 30) or the 5th (edges, step 20)
+        args = ["prune", *PLANTED, "--search", "masks", "--mask-steps", "30", "--out", str(tmp_path / f"k{k}")]
+        children[k] = multiprocessing.get_context("fork").Process(target=_killed_after_checkpoint, args=(k, args))
+        children[k].start()
+    for k, p in children.items():  # the two ran side by side, each its own process
         out = tmp_path / f"k{k}"
-        args = ["prune", *PLANTED, "--search", "masks", "--mask-steps", "30", "--out", str(out)]
-        p = subprocess.run([sys.executable, "-c", KILLER, str(k), *args], capture_output=True, text=True,
-                           timeout=300, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-        assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+        p.join(300)
+        assert p.exitcode == -signal.SIGKILL
         assert not (out / "circuit.json").exists() and (out / "masks.pt").exists()
         assert run_masks(out) == 0
         a, b = (json.loads((d / "circuit.json").read_text()) for d in (whole, out))
@@ -185,11 +195,10 @@ def test_kill_9_mid_optimisation_resumes_to_the_same_circuit(tmp_path, capsys):
         assert b["stats"]["backward_passes"] == 60 - 10 * k  # the resumed session ran only the steps left
 
 
-def test_damaged_masks_file_is_said_and_recomputed(tmp_path, capsys):
-    whole = tmp_path / "whole"
-    assert run_masks(whole) == 0
+def test_damaged_masks_file_is_said_and_recomputed(masks_run, tmp_path, capsys):
+    whole = masks_run
     out = tmp_path / "dmg"
-    assert run_masks(out) == 0
+    shutil.copytree(whole, out)  # a finished run of the same settings, to damage
     (out / "circuit.json").unlink()
     (out / "masks.pt").write_bytes(b"not a torch file")
     capsys.readouterr()
@@ -212,7 +221,8 @@ def test_compare_orders_and_sweeps_take_masks(tmp_path, capsys):
     assert main(["sweep", str(spec), "--out", str(tmp_path / "bad"), "--workers", "1"]) == 2
     assert "cell order=reverse: --mask-steps does not apply" in capsys.readouterr().err  # not silently dropped
     spec.write_text(fixed + '[[cases]]\norder = "masks"\nmask_steps = 20\n[[cases]]\norder = "reverse"\n')
-    assert main(["sweep", str(spec), "--out", str(tmp_path / "sw"), "--workers", "1"]) == 0
+    # in this process (--workers 0): the cells' settings are what is checked; test_sweep covers the executors
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "sw"), "--workers", "0"]) == 0
     cells = list((tmp_path / "sw" / "cells").iterdir())
     configs = [json.loads((c / "checkpoint.json").read_text())["config"] for c in cells]
     assert sorted(c["order"] for c in configs) == ["masks", "reverse"]

@@ -313,12 +313,10 @@ def test_induction_edges_at_positions(induction):
 
 import json  # noqa: E402
 import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 from circuitsearch.cli import main  # noqa: E402
 from circuitsearch.graphs.export import load_circuit  # noqa: E402
-from test_rundir import CHILD  # noqa: E402
+from test_rundir import forked_main  # noqa: E402
 
 INDUCTION = ["--model", "induction-2l", "--task", "induction", "--level", "nodes,positions,edges", "--quiet",
              "--order", "alternate"]
@@ -335,10 +333,9 @@ def test_position_run_killed_in_each_phase_resumes_to_the_same_circuit(tmp_path)
     for name in ("positions", "edge-positions"):
         k = phase.index(name) + 3  # killed three decisions into the phase
         out = tmp_path / name
-        p = subprocess.Popen([sys.executable, "-c", CHILD, str(k), "0", "prune", *INDUCTION, "--out", str(out)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        p.communicate(timeout=300)
-        assert p.returncode == -signal.SIGKILL
+        p = forked_main(["prune", *INDUCTION, "--out", str(out)], kill_at=k)
+        p.join(300)
+        assert p.exitcode == -signal.SIGKILL
         assert main(["prune", *INDUCTION, "--out", str(out)]) == 0
         assert (out / "decisions.jsonl").read_text() == (whole / "decisions.jsonl").read_text()
         a, b = (json.loads((d / "circuit.json").read_text()) for d in (whole, out))

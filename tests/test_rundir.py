@@ -5,8 +5,10 @@ be (kill -9 of a child process, a second process on the same directory) and inje
 cannot (a full disk).
 """
 import json
+import multiprocessing
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,35 +19,45 @@ import time
 import pytest
 
 from circuitsearch.cli import main
-from circuitsearch.runs import PruneConfig, RunDirError, run_prune
+from circuitsearch.runs import PruneConfig, RunDirError, run_prune, store
 from circuitsearch.runs.store import RunLock
 from circuitsearch.toys import PLANTED_NODES
 
 QUIET = dict(progress=False, log=lambda *a: None)
 PLANTED = ["--model", "test:planted", "--task", "planted", "--n-prompts", "12", "--quiet"]
 
-# Runs the command line in a child process whose decision log kills the process (SIGKILL, as
-# `kill -9` would) after K decisions, or sleeps after each one (SLEEP seconds) to keep it running.
-CHILD = textwrap.dedent("""
-    import os, signal, sys, time
-    from circuitsearch.runs import store
-    kill_at, sleep = int(sys.argv[1]), float(sys.argv[2])
+FORK = multiprocessing.get_context("fork")
+
+
+def _faulty_main(argv, kill_at, hold):
+    """The command line, in the child: its decision log kills the process (SIGKILL, as `kill -9`
+    would) after `kill_at` decisions, or, given a `hold` file, waits after each decision while that file
+    exists (the test deletes it to let the run finish at full speed: an event, not a timer)."""
     record, n = store.DecisionLog.record, [0]
+
     def faulty(self, decision):
         record(self, decision)
         n[0] += 1
         if kill_at and n[0] >= kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(sleep)
+        while hold and os.path.exists(hold):
+            time.sleep(0.01)
+
     store.DecisionLog.record = faulty
-    from circuitsearch.cli import main
-    sys.exit(main(sys.argv[3:]))
-""")
+    sys.exit(main(argv))
 
 
-def child(out, kill_at=0, sleep=0.0, extra=(), **kw):
-    args = [sys.executable, "-c", CHILD, str(kill_at), str(sleep), "prune", *PLANTED, *extra, "--out", str(out)]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+def forked_main(argv, kill_at=0, hold=""):
+    """A process of its own running _faulty_main, forked from this one: a real process, killed for real, that
+    starts in milliseconds instead of the ~10 s a fresh interpreter spends importing torch and TransformerLens."""
+    p = FORK.Process(target=_faulty_main, args=(list(argv), kill_at, str(hold)), daemon=True)
+    p.start()
+    return p
+
+
+def child(out, kill_at=0, hold="", extra=()):
+    """The planted prune into `out` in a forked child (forked_main)."""
+    return forked_main(["prune", *PLANTED, *extra, "--out", str(out)], kill_at, hold)
 
 
 def same_run(a, b):
@@ -66,11 +78,12 @@ def whole(tmp_path_factory):
 
 def test_kill_9_at_random_decision_counts_resumes_to_the_identical_circuit(whole, tmp_path, capsys):
     n = len((whole / "decisions.jsonl").read_text().splitlines())
-    for k in [1, 2] + random.Random(0).sample(range(3, n), 2):  # 1 and 2: before any checkpoint
+    ks = [1, 2] + random.Random(0).sample(range(3, n), 2)  # 1 and 2: before any checkpoint
+    children = {k: child(tmp_path / f"k{k}", kill_at=k) for k in ks}  # side by side: each one its own process
+    for k, p in children.items():
         out = tmp_path / f"k{k}"
-        p = child(out, kill_at=k)
-        p.communicate(timeout=120)
-        assert p.returncode == -signal.SIGKILL
+        p.join(120)
+        assert p.exitcode == -signal.SIGKILL
         assert len((out / "decisions.jsonl").read_text().splitlines()) == k
         assert not (out / "circuit.json").exists()
         assert main(["prune", *PLANTED, "--out", str(out)]) == 0
@@ -90,16 +103,27 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_next(tmp_path, capsys):
 
 # ---------------------------------------------------------------- damaged files
 
-def _killed(tmp_path, name, k=20):
-    out = tmp_path / name
-    p = child(out, kill_at=k)
-    p.communicate(timeout=120)
-    assert p.returncode == -signal.SIGKILL
+@pytest.fixture(scope="module")
+def killed_at_30(tmp_path_factory):
+    """A run directory whose process was killed (SIGKILL) after its 30th decision; read-only, see _killed."""
+    out = tmp_path_factory.mktemp("killed") / "k30"
+    p = child(out, kill_at=30)
+    p.join(120)
+    assert p.exitcode == -signal.SIGKILL
+    assert len((out / "decisions.jsonl").read_text().splitlines()) == 30 and (out / "checkpoint.json").exists()
+    assert not (out / "circuit.json").exists()
     return out
 
 
-def test_truncated_checkpoint_is_rebuilt_from_the_log(whole, tmp_path, capsys):
-    out = _killed(tmp_path, "ck")
+def _killed(killed_at_30, tmp_path, name):
+    """A copy of the killed run directory for this test to damage (one kill serves every such test)."""
+    out = tmp_path / name
+    shutil.copytree(killed_at_30, out)
+    return out
+
+
+def test_truncated_checkpoint_is_rebuilt_from_the_log(whole, killed_at_30, tmp_path, capsys):
+    out = _killed(killed_at_30, tmp_path, "ck")
     text = (out / "checkpoint.json").read_text()
     (out / "checkpoint.json").write_text(text[: len(text) // 2])
     assert main(["prune", *PLANTED, "--out", str(out)]) == 0
@@ -110,15 +134,15 @@ def test_truncated_checkpoint_is_rebuilt_from_the_log(whole, tmp_path, capsys):
     assert json.loads((out / "checkpoint.json").read_text())["status"] == "done"
 
 
-def test_lost_checkpoint_and_other_settings_is_refused_by_the_log(tmp_path, capsys):
-    out = _killed(tmp_path, "ck2")
+def test_lost_checkpoint_and_other_settings_is_refused_by_the_log(killed_at_30, tmp_path, capsys):
+    out = _killed(killed_at_30, tmp_path, "ck2")
     (out / "checkpoint.json").unlink()
     assert main(["prune", *PLANTED, "--order", "forward", "--out", str(out)]) == 2
     assert "does not belong to these settings" in capsys.readouterr().err
 
 
-def test_garbage_in_the_middle_of_the_log_is_reported_and_recomputed(whole, tmp_path, capsys):
-    out = _killed(tmp_path, "garbage", k=30)
+def test_garbage_in_the_middle_of_the_log_is_reported_and_recomputed(whole, killed_at_30, tmp_path, capsys):
+    out = _killed(killed_at_30, tmp_path, "garbage")
     lines = (out / "decisions.jsonl").read_text().splitlines(keepends=True)
     lines[10] = "#@!garbage\n"
     (out / "decisions.jsonl").write_text("".join(lines))
@@ -130,8 +154,8 @@ def test_garbage_in_the_middle_of_the_log_is_reported_and_recomputed(whole, tmp_
     assert json.loads((out / "circuit.json").read_text())["stats"]["replayed"] == 10
 
 
-def test_a_foreign_line_under_matching_settings_is_a_damaged_log(whole, tmp_path, capsys):
-    out = _killed(tmp_path, "foreign", k=30)
+def test_a_foreign_line_under_matching_settings_is_a_damaged_log(whole, killed_at_30, tmp_path, capsys):
+    out = _killed(killed_at_30, tmp_path, "foreign")
     lines = (out / "decisions.jsonl").read_text().splitlines(keepends=True)
     d = json.loads(lines[12])
     d["candidate"] = "a1.0" if d["candidate"] != "a1.0" else "a0.0"  # valid JSON, a decision, but not this run's
@@ -146,18 +170,20 @@ def test_a_foreign_line_under_matching_settings_is_a_damaged_log(whole, tmp_path
 # ---------------------------------------------------------------- two runs, one directory
 
 def test_second_run_on_a_live_directory_is_refused_with_the_pid(tmp_path, capsys):
-    out = tmp_path / "busy"
-    p = child(out, sleep=0.05)
+    out, hold = tmp_path / "busy", tmp_path / "hold"
+    hold.write_text("")  # the child waits after its first decision until this file goes
+    p = child(out, hold=hold)
     try:
         deadline = time.time() + 60
         while not ((out / "decisions.jsonl").exists() and (out / "decisions.jsonl").read_text()):
-            assert time.time() < deadline and p.poll() is None, p.communicate()
-            time.sleep(0.05)
+            assert time.time() < deadline and p.is_alive(), p.exitcode
+            time.sleep(0.02)
         assert main(["prune", *PLANTED, "--out", str(out)]) == 2
         assert f"is in use by pid {p.pid}" in capsys.readouterr().err
     finally:
-        _, err = p.communicate(timeout=300)
-    assert p.returncode == 0, err
+        hold.unlink()
+        p.join(300)
+    assert p.exitcode == 0
     data = json.loads((out / "circuit.json").read_text())
     assert len((out / "decisions.jsonl").read_text().splitlines()) == data["stats"]["decisions"]
     assert main(["prune", *PLANTED, "--out", str(out)]) == 0  # released on exit
@@ -198,15 +224,28 @@ def test_a_directory_of_the_old_default_order_resumes_on_the_command_line_withou
 
 # ---------------------------------------------------------------- bad input, before any model loads
 
-NO_LOAD = ("import sys; from circuitsearch.cli import main; code = main(sys.argv[1:]); "
-           "assert 'transformer_lens' not in sys.modules, 'a model was loaded'; sys.exit(code)")
+# One fresh interpreter runs every command line below in turn (its own output captured per command) and
+# says, after each, whether a model library was imported: one start of Python for all of them, not one each.
+# A command that loads a model fails its own case and every later one (the library stays imported).
+NO_LOAD = textwrap.dedent("""
+    import contextlib, io, json, sys, traceback
+    from circuitsearch.cli import main
+    said = {}
+    for key, argv in json.loads(sys.argv[1]).items():
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main(argv)
+            except SystemExit as e:
+                code = e.code
+            except BaseException:
+                code = None
+                traceback.print_exc()
+        said[key] = {"code": code, "stderr": err.getvalue(), "loaded": "transformer_lens" in sys.modules}
+    print(json.dumps(said))
+""")
 
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-c", NO_LOAD, *args], capture_output=True, text=True)
-
-
-@pytest.mark.parametrize("args, message", [
+BAD_FLAGS = [
     (["--n-prompts", "0"], "--n-prompts 0 must be a whole number of at least 1"),
     (["--n-prompts", "-3"], "--n-prompts -3 must be"),
     (["--max-passes", "0"], "--max-passes 0 must be"),
@@ -220,34 +259,57 @@ def run_cli(*args):
      "the accuracy metric has none: leave --order out (the default for accuracy is alternate)"),
     (["--target", "0.8", "--metric", "accuracy"], "the target search ranks candidates by attribution gradients"),
     (["--level", "nodes,edges,positions"], "nodes,positions,edges in that order"),
-])
-def test_bad_flags_fail_before_the_default_model_loads(args, message, tmp_path):
-    r = run_cli("prune", *args, "--out", str(tmp_path / "o"))  # the default model is the 135M one
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "o").exists()
-
-
-def test_compare_orders_with_attribution_and_accuracy_fails_before_loading(tmp_path):
-    r = run_cli("compare-orders", "--orders", "alternate,attribution", "--metric", "accuracy",
-                "--out", str(tmp_path / "o"))
-    assert r.returncode == 2 and "the accuracy metric has none" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "o").exists()
-
-
-@pytest.mark.parametrize("content, message", [
+]
+BAD_TASKS = [
     (b"5\n", "1: a line must be a JSON object"),
     (b'{"clean": "a b", "corrupted": "c d", "answer": 7, "wrong_answer": "x"}\n', "1: field 'answer' must be a"),
     (b'{"clean": "a", "corrupted": "b", "answer": "c", "wrong_answer": "d"}\n\xff\xfe\n', "2: not UTF-8 text"),
     (b'{"clean": "a"}\n', "missing corrupted, answer, wrong_answer"),
     (b"\n\n", "holds no prompts"),
-])
-def test_bad_task_files_are_named_by_file_and_line(content, message, tmp_path):
-    path = tmp_path / "task.jsonl"
-    path.write_bytes(content)
-    r = run_cli("prune", "--task", str(path), "--out", str(tmp_path / "o"))
-    assert r.returncode == 2, r.stderr
-    assert message in r.stderr and "Traceback" not in r.stderr
+]
+
+
+@pytest.fixture(scope="module")
+def no_load(tmp_path_factory):
+    """Every bad command line of this section, run in one child process: key -> (its out dir, what it said)."""
+    base = tmp_path_factory.mktemp("noload")
+    runs = {"compare": ["compare-orders", "--orders", "alternate,attribution", "--metric", "accuracy",
+                        "--out", str(base / "compare" / "o")]}
+    for i, (args, _) in enumerate(BAD_FLAGS):  # the default model is the 135M one
+        runs[f"flags{i}"] = ["prune", *args, "--out", str(base / f"flags{i}" / "o")]
+    for i, (content, _) in enumerate(BAD_TASKS):
+        (base / f"task{i}").mkdir()
+        (base / f"task{i}" / "task.jsonl").write_bytes(content)
+        runs[f"task{i}"] = ["prune", "--task", str(base / f"task{i}" / "task.jsonl"),
+                            "--out", str(base / f"task{i}" / "o")]
+    r = subprocess.run([sys.executable, "-c", NO_LOAD, json.dumps(runs)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    said = json.loads(r.stdout.strip().splitlines()[-1])
+    return {key: (base / key / "o", said[key]) for key in runs}
+
+
+def refused_before_loading(case):
+    out, said = case
+    assert said["code"] == 2, said["stderr"]
+    assert not said["loaded"], "a model was loaded"
+    assert "Traceback" not in said["stderr"]
+    return said["stderr"]
+
+
+@pytest.mark.parametrize("i", range(len(BAD_FLAGS)), ids=[m for _, m in BAD_FLAGS])
+def test_bad_flags_fail_before_the_default_model_loads(i, no_load):
+    assert BAD_FLAGS[i][1] in refused_before_loading(no_load[f"flags{i}"])
+    assert not no_load[f"flags{i}"][0].exists()
+
+
+def test_compare_orders_with_attribution_and_accuracy_fails_before_loading(no_load):
+    assert "the accuracy metric has none" in refused_before_loading(no_load["compare"])
+    assert not no_load["compare"][0].exists()
+
+
+@pytest.mark.parametrize("i", range(len(BAD_TASKS)), ids=[m for _, m in BAD_TASKS])
+def test_bad_task_files_are_named_by_file_and_line(i, no_load):
+    assert BAD_TASKS[i][1] in refused_before_loading(no_load[f"task{i}"])
 
 
 def test_order_file_with_unknown_names_is_refused(tmp_path, capsys):

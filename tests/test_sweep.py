@@ -2,8 +2,8 @@
 local executor and a local Ray cluster give identical cells; a second run skips finished cells; a
 worker killed mid-cell costs only that cell's replay; a failing cell is a row, not the end; ROC.
 
-Tiny models only (test:planted, induction-2l); workers are slowed by a set-up hook where a kill
-has to land mid-cell.
+Tiny models only (test:planted, induction-2l); where a kill has to land mid-cell, a set-up hook holds
+the worker after a few decisions until the test has killed it (an event, not a timer).
 """
 import contextlib
 import functools
@@ -48,17 +48,29 @@ QUIET = dict(log=lambda *a: None)
 TESTS = str(Path(__file__).parent)
 
 
-def slow_decisions(seconds: float = 0.03):
-    """Worker set-up hook: every logged decision takes `seconds` longer, so a kill lands mid-cell."""
+HOLD = "CIRCUITSEARCH_TEST_HOLD"  # environment: the hold file and the cells it holds, for Ray's set-up hook
+
+
+def hold_mid_cell(hold: str | None = None, cells: str = "*", after: int = 5):
+    """Worker set-up hook: a cell whose directory name matches `cells` (a glob) waits after its `after`-th
+    logged decision for as long as the file `hold` exists, so a kill lands mid-cell; the test removes the
+    file once it has killed (see killing_a_worker). Without arguments, both come from $CIRCUITSEARCH_TEST_HOLD
+    ("path|glob")."""
+    import fnmatch
+
     from circuitsearch.runs import store
 
+    if hold is None:
+        hold, cells = os.environ[HOLD].split("|")
     record = store.DecisionLog.record
 
-    def slow(self, decision):
+    def held(self, decision):
         record(self, decision)
-        time.sleep(seconds)
+        if self.n == after and fnmatch.fnmatch(self.out.name, cells):
+            while os.path.exists(hold):
+                time.sleep(0.01)
 
-    store.DecisionLog.record = slow
+    store.DecisionLog.record = held
 
 
 def spec_file(tmp_path, text=SPEC, name="sweep.toml"):
@@ -177,11 +189,13 @@ def test_a_second_run_skips_finished_cells_and_retries_failed_ones(local_sweep, 
 
 
 @contextlib.contextmanager
-def killing_a_worker(out, cells: str):
+def killing_a_worker(out, cells: str, hold: Path):
     """While the block runs, SIGKILL the process running the first cell matching `cells` (a glob)
-    once it has logged 5 decisions (its pid is in the cell's lock). Watches until the block ends,
-    however long the workers take to start on a loaded machine. Yields the killed cells' names."""
+    once it has logged 5 decisions (its pid is in the cell's lock), then remove `hold` to let the
+    workers held by hold_mid_cell go on. Watches until the block ends, however long the workers take
+    to start on a loaded machine. Yields the killed cells' names."""
     killed, done = [], threading.Event()
+    hold.write_text("")
 
     def killer():
         while not done.is_set() and not killed:
@@ -194,6 +208,7 @@ def killing_a_worker(out, cells: str):
                         killed.append(log.parent.name)
                         break
             time.sleep(0.01)
+        hold.unlink()
 
     thread = threading.Thread(target=killer)
     thread.start()
@@ -207,10 +222,10 @@ def killing_a_worker(out, cells: str):
 def test_a_killed_worker_costs_only_its_cells_replay(local_sweep, tmp_path):
     _, whole, _, _ = local_sweep
     text = SPEC.split("[[cases]]            #")[0] + "[axes]\norder = ['reverse']\nabsolute = [0.8]\n"
-    out = tmp_path / "out"
-    with killing_a_worker(out, "*") as killed:
+    out, hold = tmp_path / "out", tmp_path / "hold"
+    with killing_a_worker(out, "*", hold) as killed:
         summary = run_sweep(load_spec(spec_file(tmp_path, text)), out,
-                            LocalExecutor(workers=1, setup=functools.partial(slow_decisions, 0.01)), **QUIET)
+                            LocalExecutor(workers=1, setup=functools.partial(hold_mid_cell, str(hold))), **QUIET)
     assert killed, "the kill never landed"
     rows = {r["name"]: r for r in summary["cells"]}
     assert summary["counts"] == {"done": 2} and len(rows) == 2 and summary["executor"]["pool_restarts"] == 1
@@ -223,20 +238,19 @@ def test_a_killed_worker_costs_only_its_cells_replay(local_sweep, tmp_path):
 def test_workers_end_when_the_sweep_process_is_killed(tmp_path):
     """SIGKILL of the sweep process (nothing it can catch) leaves no worker running on, writing into
     its cell and holding the cell's run lock; the sweep run again finishes that cell from its log."""
-    import subprocess
-    import sys
+    import multiprocessing
 
     text = SPEC.split("[[cases]]            #")[0] + "[axes]\norder = ['reverse']\nabsolute = [0.8]\n"
-    spec, out = spec_file(tmp_path, text), tmp_path / "out"
-    script = ("import functools, sys; sys.path.insert(0, %r)\n"
-              "from test_sweep import slow_decisions\n"
-              "from circuitsearch.sweeps import LocalExecutor, load_spec, run_sweep\n"
-              "run_sweep(load_spec(%r), %r, LocalExecutor(workers=1, setup=functools.partial(slow_decisions, 0.05)),"
-              " log=lambda *a: None)\n") % (TESTS, str(spec), str(out))
-    parent = subprocess.Popen([sys.executable, "-c", script])
+    spec, out, hold = spec_file(tmp_path, text), tmp_path / "out", tmp_path / "hold"
+    hold.write_text("")  # the worker waits after its 3rd decision while this exists: it is mid-cell when killed
+    # the sweep process: a fork of this one (its own process, killed for real, without a fresh interpreter's
+    # imports); its worker is started by the executor as always
+    parent = multiprocessing.get_context("fork").Process(target=run_sweep, args=(load_spec(spec), out, LocalExecutor(
+        workers=1, setup=functools.partial(hold_mid_cell, str(hold), after=3))), kwargs=QUIET)
+    parent.start()
     try:
         worker, deadline = None, time.time() + 300
-        while worker is None and time.time() < deadline and parent.poll() is None:
+        while worker is None and time.time() < deadline and parent.is_alive():
             for log in (out / "cells").glob("*/decisions.jsonl"):
                 holder = json.loads((log.parent / ".lock").read_text() or "{}") if (log.parent / ".lock").exists() else {}
                 if len(log.read_text().splitlines()) >= 3 and holder.get("pid") and "released" not in holder:
@@ -244,7 +258,7 @@ def test_workers_end_when_the_sweep_process_is_killed(tmp_path):
             time.sleep(0.01)
         assert worker is not None and worker != parent.pid, "no worker was seen mid-cell"
         parent.kill()
-        parent.wait()
+        parent.join()
         deadline = time.time() + 20
         while time.time() < deadline:
             try:
@@ -256,9 +270,11 @@ def test_workers_end_when_the_sweep_process_is_killed(tmp_path):
             os.kill(worker, signal.SIGKILL)
             pytest.fail("the worker kept running after its sweep process was killed")
     finally:
-        if parent.poll() is None:
+        hold.unlink()
+        if parent.is_alive():
             parent.kill()
-    summary = run_sweep(load_spec(spec), out, LocalExecutor(workers=1), **QUIET)
+    # run again (in this process: resuming from the log is the executor's no part) it finishes from the log
+    summary = run_sweep(load_spec(spec), out, InlineExecutor(), **QUIET)
     assert summary["counts"].get("failed", 0) == 0 and sum(r["replayed"] for r in summary["cells"]) >= 3
 
 
@@ -321,12 +337,13 @@ def test_ray_gives_the_local_cells_and_survives_a_killed_worker(local_sweep, tmp
     from circuitsearch.sweeps import RayExecutor
 
     tmp, local_out, _, _ = local_sweep
+    out, hold = tmp_path / "ray", tmp_path / "hold"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")])},
-                          "worker_process_setup_hook": "test_sweep.slow_decisions"})
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]),
+                                       HOLD: f"{hold}|*task=induction*"},
+                          "worker_process_setup_hook": "test_sweep.hold_mid_cell"})
     try:
-        out = tmp_path / "ray"
-        with killing_a_worker(out, "*task=induction*") as killed:
+        with killing_a_worker(out, "*task=induction*", hold) as killed:
             summary = run_sweep(load_spec(spec_file(tmp)), out, RayExecutor(address=None), **QUIET)
         assert killed, "the kill never landed"
         assert summary["counts"] == {"done": 8, "failed": 4}
