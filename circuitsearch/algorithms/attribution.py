@@ -142,7 +142,7 @@ def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int =
     steps = 1 if method == "eap" else steps
     L, H, S = ev.L, ev.H, ev.S
     alphas = [k / steps for k in range(1, steps + 1)]
-    grads = ev.receiver_gradients(run, alpha=alphas if len(alphas) > 1 else alphas[0])  # Σ over the steps, one pass
+    grads = ev.receiver_gradients(run, alpha=alphas)  # Σ over the steps, one pass
     ix = ev.index
     with torch.inference_mode():
         D = ev.sender_diffs(run)  # [B, P, S, d] live - ablated
@@ -168,7 +168,7 @@ def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int =
         g = grads["logits"]  # [B, d] at the last position, or [B, P, d] when the metric reads several
         if g.dim() == 2:  # the last position of every row
             est[ev.layout.logits_row] = (torch.einsum("bd,bsd,bq->s" + sq, g, D[:, -1], onehot[:, -1]) if by_slot
-                                   else torch.einsum("bd,bsd->s", g, D[:, -1])) * scale
+                                         else torch.einsum("bd,bsd->s", g, D[:, -1])) * scale
         else:
             est[ev.layout.logits_row] = contract("bpd,bpsd->s", g, D) * scale
     return est[ix.edge_recv, ix.edge_src]
