@@ -95,13 +95,13 @@ class Evaluator:
         self.engine.check(task.clean[first])  # never silently wrong: the engine reproduces the bridge here
         self.rows_inverse = inverse
         counts = torch.bincount(inverse, minlength=len(first)).float()
-        self.batch = Batch.of(task.clean[first], self.readout.rows(first), counts)
+        self.batch = Batch.of(task.clean[first], self.readout.rows(first), counts).to(self.engine.device)
         self._slot_rows = self.slots.rows(first)  # [B, P] slot of each distinct row's positions
         self.read_slots = read_slots(self._slot_rows, self.batch, self.Q)
         self.forward = StackedForward(self.engine, self.index, self.layout, self.metric, self.H, self.Q,
                                       self._slot_rows, self.batch)
         self._units: list | None = None
-        everything = Batch.of(task.corrupted, self.readout, torch.ones(len(task)))
+        everything = Batch.of(task.corrupted, self.readout, torch.ones(len(task))).to(self.engine.device)
         with torch.inference_mode():
             empty = self._empty_masks()
             self._embed_clean = self._embed_live(self.batch.tokens)

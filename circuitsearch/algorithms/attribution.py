@@ -148,7 +148,7 @@ def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int =
         D = ev.sender_diffs(run)  # [B, P, S, d] live - ablated
         scale = -1.0 / steps
         # summed over prompt rows and positions, or (by_slot) over the positions of each slot apart
-        onehot = torch.nn.functional.one_hot(ev._slot_rows, ev.Q).to(D.dtype) if by_slot else None
+        onehot = torch.nn.functional.one_hot(ev._slot_rows, ev.Q).to(D.device, D.dtype) if by_slot else None
         sq = "q" if by_slot else ""
 
         def contract(spec: str, *ops):
@@ -157,12 +157,12 @@ def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int =
             ins, out = spec.split("->")
             return torch.einsum(f"{ins},bpq->{out}q", *ops, onehot)
 
-        est = torch.zeros(ix.R, S, *((ev.Q,) if by_slot else ()), dtype=D.dtype)  # receiver row x sender
+        est = torch.zeros(ix.R, S, *((ev.Q,) if by_slot else ()), dtype=D.dtype, device=D.device)  # receiver x sender
         for l in range(L):
             n = ix.n_embed + l * (H + (0 if ev.attn_only else 1))  # senders before layer l's heads
             G = grads["attn"][l].flatten(2, 3)  # [B, P, 3H, d], q of every head, then k, then v
             E = contract("bprd,bpsd->rs", G, D[:, :, :n]) * scale
-            est[:, :n].index_add_(0, ev.layout.attn_rows[l], E)  # one receiver per head: q, k and v summed
+            est[:, :n].index_add_(0, ev.layout.attn_rows[l].to(D.device), E)  # one receiver per head: q, k and v summed
             if not ev.attn_only:
                 est[ev.layout.mlp_row[l], : n + H] = contract("bpd,bpsd->s", grads["mlp"][l], D[:, :, : n + H]) * scale
         g = grads["logits"]  # [B, d] at the last position, or [B, P, d] when the metric reads several
@@ -171,6 +171,6 @@ def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int =
                                          else torch.einsum("bd,bsd->s", g, D[:, -1])) * scale
         else:
             est[ev.layout.logits_row] = contract("bpd,bpsd->s", g, D) * scale
-    return est[ix.edge_recv, ix.edge_src]
+    return est[ix.edge_recv, ix.edge_src].cpu()  # estimates meet the CPU masks from here on
 
 

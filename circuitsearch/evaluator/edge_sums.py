@@ -55,9 +55,9 @@ def weighted(fw, p: Pass, coef: torch.Tensor, ids: list, own: bool):
         return 0.0
     if own:
         D = torch.stack([pass_diff(fw, p, s) for s in ids], 2)
-        return torch.einsum("krs,kbpsd->kbprd", coef.to(D.dtype), D.unflatten(0, (p.K, p.B)))
+        return torch.einsum("krs,kbpsd->kbprd", coef.to(D.device, D.dtype), D.unflatten(0, (p.K, p.B)))
     D = torch.stack([sender_diff(fw, p.base, s) for s in ids], 2)
-    return torch.einsum("krs,bpsd->kbprd", coef.to(D.dtype), D)
+    return torch.einsum("krs,bpsd->kbprd", coef.to(D.device, D.dtype), D)
 
 
 def delta(fw, p: Pass, rows, group) -> torch.Tensor | None:
@@ -92,7 +92,7 @@ def delta_at(fw, p: Pass, rows) -> torch.Tensor | None:
     later = (fw.layout.node_stage[senders] >= p.start).tolist()
     D = torch.stack([diff(s, new) for s, new in zip(senders, later)], 3)  # [K, B, P, s', d]
     Mr = M[:, :, senders][..., p.slot_rows]  # [K, r, s', B, P]
-    return torch.einsum("krsbp,kbpsd->kbprd", Mr.to(D.dtype), D).flatten(0, 1)
+    return torch.einsum("krsbp,kbpsd->kbprd", Mr.to(D.device, D.dtype), D).flatten(0, 1)
 
 
 def delta_whole(fw, p: Pass, rows, group) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ class Pass:
     z: dict = field(default_factory=dict)      # layer -> stacked z
     mlp: dict = field(default_factory=dict)    # layer -> stacked MLP output
     diffs: dict = field(default_factory=dict)  # sender -> stacked live − ablated output (K > 1)
+    device: torch.device | str = "cpu"         # the activations' (masks stay on the CPU for bookkeeping)
     _tiled: dict = field(default_factory=dict)
 
     @property
@@ -35,8 +36,8 @@ class Pass:
         return self.ablated.shape[0]
 
     def rows(self, flags: torch.Tensor) -> torch.Tensor:
-        """Per-circuit flags [K, ...] as per-row flags [K*B, ...]."""
-        return flags.repeat_interleave(self.B, 0)
+        """Per-circuit flags [K, ...] as per-row flags [K*B, ...], on the activations' device."""
+        return flags.repeat_interleave(self.B, 0).to(self.device)
 
     def tile(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor of one circuit's B rows repeated for all K circuits."""
@@ -67,7 +68,7 @@ class Pass:
             a = a[:, None]
         if not bool(a.any()):
             return None
-        return a[:, :, self.slot_rows].permute(0, 2, 3, 1).flatten(0, 1)
+        return a[:, :, self.slot_rows].permute(0, 2, 3, 1).flatten(0, 1).to(self.device)
 
     def put(self, what: str, l: int, t: torch.Tensor) -> None:
         """Store layer l's stacked `what` (resid_pre, z, resid_mid, mlp_out) in every run."""

@@ -51,13 +51,18 @@ def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | No
     eng, L, H, lay = ev.engine, ev.L, ev.H, ev.layout
     K = 1 if copies is None else len(copies)
     src, b, slot = _stacked(ev, K)                          # slot: [K*B, P]
+    dev = eng.device  # the masks may live on the CPU (a mask search's parameters): their copies meet activations
+    nodes, slot = nodes.to(dev), slot.to(dev)
+    edges = None if edges is None else edges.to(dev)
+    edges_at = None if edges_at is None else edges_at.to(dev)
+    copies = None if copies is None else copies.to(dev)
     if nodes.dim() == 1:
         nodes = nodes[:, None].expand(-1, ev.Q)
     keep = nodes[:, slot]                                   # [S, K*B, P]
     if copies is not None:
         keep = keep * copies.to(keep.dtype).repeat_interleave(len(ev.batch.tokens))[None, :, None]
     if edges_at is not None and edges is None:
-        edges = torch.ones(ev.index.R, ev.S, dtype=nodes.dtype)
+        edges = torch.ones(ev.index.R, ev.S, dtype=nodes.dtype, device=dev)
     cut = None if edges is None else 1.0 - edges            # [R, S]
     if cut is not None and edges_at is None and not bool((cut.detach() != 0).any()):
         cut = None

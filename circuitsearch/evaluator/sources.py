@@ -41,8 +41,9 @@ def source_values(corrupt: Run, rows: torch.Tensor, ablation: str, task: Task) -
         def mean(t):
             if t is None:
                 return None
-            sums = torch.zeros(G, *t.shape[1:], dtype=t.dtype).index_add_(0, gid, t)
-            return (sums / count.view(G, *[1] * (t.dim() - 1)).to(t.dtype))[gid[rows]]
+            g = gid.to(t.device)
+            sums = torch.zeros(G, *t.shape[1:], dtype=t.dtype, device=t.device).index_add_(0, g, t)
+            return (sums / count.view(G, *[1] * (t.dim() - 1)).to(t.device, t.dtype))[g[rows.to(t.device)]]
         return Source("mean", mean(corrupt.embed), [mean(t) for t in corrupt.z], [mean(t) for t in corrupt.mlp_out],
                       None if corrupt.parts is None else [mean(t) for t in corrupt.parts])
     mean = lambda t: None if t is None else t.mean(0, keepdim=True)

@@ -39,7 +39,7 @@ class StackedForward:
         if base is None or start < 0:
             base, start = None, -1
         p = Pass([], base, start, torch.stack([m.ablated for m in masks]), torch.stack([m.removed for m in masks]),
-                  B, src)
+                  B, src, device=eng.device)
         if src is not None and any(bool(m.at.any()) for m in masks):
             if batch is not self.batch:
                 raise ValueError("nodes ablated at slots are scored on the task's own prompts only")
@@ -172,7 +172,7 @@ class StackedForward:
             if len(live) == H:
                 z = self.engine.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
             else:
-                idx = torch.tensor(live)
+                idx = torch.tensor(live, device=self.engine.device)
                 z = self.ablated_z(p.source, l, p.B)
                 z = z.clone() if p.K == 1 else p.tile(z)
                 z[:, :, idx] = self.engine.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2], heads=idx)

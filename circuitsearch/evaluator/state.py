@@ -141,6 +141,12 @@ class Batch:
         return cls(tokens, readout.target, readout.wrong, weight, pos=readout.pos, valid=readout.valid,
                    reduce=readout.reduce)
 
+    def to(self, device) -> "Batch":
+        """The batch with every tensor on `device` (the engine's: rows, answers and weights meet activations)."""
+        mv = lambda t: None if t is None else t.to(device)
+        return Batch(mv(self.tokens), mv(self.answers), mv(self.wrong), mv(self.weight), mv(self.ref), mv(self.pos),
+                     mv(self.valid), self.reduce)
+
     @property
     def cols(self) -> torch.Tensor:
         return torch.stack([self.answers, self.wrong], -1)
