@@ -95,9 +95,10 @@ class Evaluator:
         self.engine.check(task.clean[first])  # never silently wrong: the engine reproduces the bridge here
         self.rows_inverse = inverse
         counts = torch.bincount(inverse, minlength=len(first)).float()
-        self.batch = Batch.of(task.clean[first], self.readout.rows(first), counts).to(self.engine.device)
+        rows = Batch.of(task.clean[first], self.readout.rows(first), counts)
         self._slot_rows = self.slots.rows(first)  # [B, P] slot of each distinct row's positions
-        self.read_slots = read_slots(self._slot_rows, self.batch, self.Q)
+        self.read_slots = read_slots(self._slot_rows, rows, self.Q)  # CPU bookkeeping, as the masks
+        self.batch = rows.to(self.engine.device)
         self.forward = StackedForward(self.engine, self.index, self.layout, self.metric, self.H, self.Q,
                                       self._slot_rows, self.batch)
         self._units: list | None = None

@@ -39,6 +39,11 @@ class Pass:
         """Per-circuit flags [K, ...] as per-row flags [K*B, ...], on the activations' device."""
         return flags.repeat_interleave(self.B, 0).to(self.device)
 
+    def row_ids(self, flags: torch.Tensor) -> torch.Tensor:
+        """The stacked rows of the circuits flagged [K] as indices on the activations' device (found on the
+        CPU: boolean indexing on a GPU would wait for the device to count them)."""
+        return torch.arange(self.K * self.B).view(self.K, self.B)[flags].flatten().to(self.device)
+
     def tile(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor of one circuit's B rows repeated for all K circuits."""
         return t if self.K == 1 else t.repeat(self.K, *[1] * (t.dim() - 1))

@@ -51,26 +51,28 @@ def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | No
     eng, L, H, lay = ev.engine, ev.L, ev.H, ev.layout
     K = 1 if copies is None else len(copies)
     src, b, slot = _stacked(ev, K)                          # slot: [K*B, P]
-    dev = eng.device  # the masks may live on the CPU (a mask search's parameters): their copies meet activations
-    nodes, slot = nodes.to(dev), slot.to(dev)
-    edges = None if edges is None else edges.to(dev)
-    edges_at = None if edges_at is None else edges_at.to(dev)
-    copies = None if copies is None else copies.to(dev)
     if nodes.dim() == 1:
         nodes = nodes[:, None].expand(-1, ev.Q)
-    keep = nodes[:, slot]                                   # [S, K*B, P]
-    if copies is not None:
-        keep = keep * copies.to(keep.dtype).repeat_interleave(len(ev.batch.tokens))[None, :, None]
     if edges_at is not None and edges is None:
-        edges = torch.ones(ev.index.R, ev.S, dtype=nodes.dtype, device=dev)
-    cut = None if edges is None else 1.0 - edges            # [R, S]
-    if cut is not None and edges_at is None and not bool((cut.detach() != 0).any()):
-        cut = None
+        edges = torch.ones(ev.index.R, ev.S, dtype=nodes.dtype)
+    # which senders and edges matter is decided on the masks as given (the CPU: no device round trip);
+    # their copies on the engine's device meet the activations
     on = (nodes.detach() != 0).any(1)                       # [S] senders live at some slot
     if copies is not None:
         on = on & bool((copies != 0).any())
+    cut_c = None if edges is None else (1.0 - edges).detach()
+    if cut_c is not None and edges_at is None and not bool((cut_c != 0).any()):
+        cut_c = edges = None
+    checks = None if cut_c is None else (cut_c, None if edges_at is None else edges_at.detach(), slot)
+    dev = eng.device
+    to = lambda t: None if t is None else t.to(dev)
+    nodes, slot, edges, edges_at, copies = to(nodes), to(slot), to(edges), to(edges_at), to(copies)
+    keep = nodes[:, slot]                                   # [S, K*B, P]
+    if copies is not None:
+        keep = keep * copies.to(keep.dtype).repeat_interleave(len(ev.batch.tokens))[None, :, None]
+    cut = None if edges is None else 1.0 - edges            # [R, S]
     chunks: list = []                                       # (first sender id, [B, P, n, d] output − ablated)
-    delta = _cut_sum(cut, edges, edges_at, on, slot, chunks)
+    delta = _cut_sum(cut, edges, edges_at, on, slot, chunks, checks)
     record = inputs is not None
     if record:
         inputs.update(attn=[None] * L, mlp=[None] * L, logits=None)
@@ -89,7 +91,7 @@ def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | No
                 x = x - d.reshape(*d.shape[:2], 3, H, d.shape[-1])
             if record:
                 inputs["attn"][l] = x
-            live_h = on[hs].nonzero()[:, 0]
+            live_h = on[hs].nonzero()[:, 0].to(dev)
             if len(live_h) == H:
                 z = eng.attention(lw, x[:, :, 0], x[:, :, 1], x[:, :, 2])
             else:  # heads ablated everywhere write their ablation value, whatever they read
@@ -160,28 +162,29 @@ def _embedding(ev: "Evaluator", tokens: torch.Tensor, keep: torch.Tensor, src, c
     return emb
 
 
-def _cut_sum(cut, edges, edges_at, on: torch.Tensor, slot: torch.Tensor, chunks: list):
+def _cut_sum(cut, edges, edges_at, on: torch.Tensor, slot: torch.Tensor, chunks: list, checks=None):
     """delta(rows): Σ_s cut[r, s]·(output_s − ablated_s) over the senders in `chunks` so far, for receivers
-    `rows` -> [B, P, r, d] (None: nothing cut); with `edges_at`, the cut per slot of each position."""
+    `rows` -> [B, P, r, d] (None: nothing cut); with `edges_at`, the cut per slot of each position. `checks`
+    (cut, edges_at, slot on the CPU) decides which senders are cut anywhere without reading the device."""
     def delta(rows: torch.Tensor) -> torch.Tensor | None:
         if cut is None:
             return None
+        cut_c, at_c, slot_c = checks
         total = None
         c_all = cut[rows]
         for first, D in chunks:
             n = D.shape[2]
             if edges_at is None:
-                c = c_all[:, first:first + n]
-                live = (c.detach() != 0).any(0) & on[first:first + n]
+                live = (cut_c[rows][:, first:first + n] != 0).any(0) & on[first:first + n]
                 if not bool(live.any()):
                     continue
-                t = torch.einsum("rs,bpsd->bprd", c.to(D.dtype), D)
+                t = torch.einsum("rs,bpsd->bprd", c_all[:, first:first + n].to(D.dtype), D)
             else:
-                k = edges[rows][:, first:first + n, None, None] * edges_at[rows][:, first:first + n][..., slot]
-                c = 1.0 - k                                 # [r, n, B, P]
-                if not bool(((c.detach() != 0).flatten(2).any(2) & on[None, first:first + n]).any()):
+                k_c = (1.0 - cut_c[rows])[:, first:first + n, None, None] * at_c[rows][:, first:first + n][..., slot_c]
+                if not bool((((1.0 - k_c) != 0).flatten(2).any(2) & on[None, first:first + n]).any()):
                     continue
-                t = torch.einsum("rsbp,bpsd->bprd", c.to(D.dtype), D)
+                k = edges[rows][:, first:first + n, None, None] * edges_at[rows][:, first:first + n][..., slot]
+                t = torch.einsum("rsbp,bpsd->bprd", (1.0 - k).to(D.dtype), D)
             total = t if total is None else total + t
         return total
     return delta

@@ -111,7 +111,7 @@ class StackedForward:
                     x = pre if eng.parallel else resid  # a parallel block's MLP reads the layer's input
                     x = x if delta is None else x - delta[:, :, 0]
                     if src is not None and bool(off.any()):  # ablated in some circuits: run the others' rows
-                        live = p.rows(~off)
+                        live = p.row_ids(~off)
                         out = p.ablation("mlp_out", l).expand_as(resid).clone()
                         out[live] = eng.mlp(lw, x[live])
                     else:
