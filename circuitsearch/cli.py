@@ -128,7 +128,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare_orders(sub)
     _add_analysis(sub)
     _add_runs_of_runs(sub)
+    _add_features(sub)
     return ap
+
+
+def _add_features(sub) -> None:
+    """train-sae: dictionaries of features (docs/features.md)."""
+    p = sub.add_parser("train-sae", help="train a small sparse autoencoder (TopK or ReLU+L1) at one hook point on "
+                       "text this machine has; writes sae_lens's format and a training report")
+    p.add_argument("--model", default="smollm2-135m", help="model name (see `circuitsearch models`) or a local path")
+    p.add_argument("--hook", required=True, help="hook point: resid_pre.L, resid_mid.L, attn_out.L, mlp_in.L or "
+                   "mlp_out.L (docs/features.md)")
+    p.add_argument("--out", required=True, help="directory for cfg.json, sae_weights.safetensors, training.json")
+    p.add_argument("--kind", choices=("topk", "relu"), default="topk", help="topk (default: k features per "
+                   "position) or relu (an L1 penalty, --l1)")
+    p.add_argument("--features", type=int, default=None, help="dictionary size (default 4 x d_model)")
+    p.add_argument("--k", type=int, default=None, help="--kind topk: active features per position (default 32)")
+    p.add_argument("--l1", type=float, default=None, help="--kind relu: L1 coefficient (default 3e-3)")
+    p.add_argument("--steps", type=int, default=1000, help="Adam steps (default 1000)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+    p.add_argument("--batch", type=int, default=256, help="activations per step (default 256)")
+    p.add_argument("--text", default=None, help="a text file to train on (default: the built-in tasks' prompts "
+                   "at every template)")
+    p.add_argument("--generate", type=int, default=0, help="also train on N tokens the model writes greedily "
+                   "from a few neutral prefixes (default 0)")
+    p.add_argument("--task", default="digits", help="built-in task whose logit difference is reported spliced vs "
+                   "full (default digits)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batches and prompts (default 0)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default as for prune)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _add_prune(sub) -> None:
@@ -322,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                 "render": cmd_render, "attribute": cmd_attribute, "diff": cmd_diff,
                 "evaluate": cmd_evaluate, "compare-orders": cmd_compare, "sweep": cmd_sweep,
                 "baseline": cmd_baseline, "stability": cmd_stability,
-                "view": cmd_view}[args.command](args)
+                "view": cmd_view, "train-sae": cmd_train_sae}[args.command](args)
     except KeyboardInterrupt:
         print("\ninterrupted: run the same command again to resume", file=sys.stderr)
         return 130
@@ -333,6 +361,32 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"circuitsearch: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
+
+
+def cmd_train_sae(args) -> int:
+    from .features.train import TrainSettings
+
+    s = TrainSettings(hook=args.hook, kind=args.kind, features=args.features, k=args.k, l1=args.l1,
+                      steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed, text=args.text,
+                      generate=args.generate, task=args.task)
+    s.check()  # before the model loads
+    import torch
+
+    from .catalogue import load_model
+    from .engine import Engine, choose_threads
+    from .features.saelens import save_dictionary
+    from .features.train import summary_lines, train_sae
+    from .io import atomic_write_text
+
+    torch.manual_seed(args.seed)
+    model = load_model(args.model)
+    choose_threads(model, args.threads)
+    result = train_sae(Engine(model), s, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr))
+    out = save_dictionary(result.dictionary, args.out, model_name=model.name)
+    atomic_write_text(out / "training.json", json.dumps(result.report, indent=1) + "\n")
+    print("\n".join(summary_lines(result.report)))
+    print(f"  files in {out}/: cfg.json, sae_weights.safetensors (sae_lens's format), training.json")
+    return 0
 
 
 def cmd_tasks(args) -> int:

@@ -528,7 +528,11 @@ class Engine:
         return torch.einsum("bphe,hed->bphd", z, lw.W_O)
 
     def mlp(self, lw: LayerWeights, x: torch.Tensor) -> torch.Tensor:
-        h = self.norm(x, lw.ln2)
+        """What the MLP writes for its block input x [..., d] (its norm, then mlp_normed)."""
+        return self.mlp_normed(lw, self.norm(x, lw.ln2))
+
+    def mlp_normed(self, lw: LayerWeights, h: torch.Tensor) -> torch.Tensor:
+        """What the MLP writes for its normalised input h (the norm's output: hook point mlp_in)."""
         act = _ACT[self.w.act]
         if lw.W_gate_in is not None:
             gate, pre = (h @ lw.W_gate_in + lw.b_gate_in).chunk(2, -1)
