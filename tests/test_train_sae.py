@@ -84,9 +84,13 @@ def test_train_sae_on_smollm2_for_a_few_steps(tmp_path):
     from circuitsearch.catalogue import load_model
 
     engine = Engine(load_model("smollm2"))
-    s = TrainSettings(hook="resid_pre.6", features=1152, k=16, steps=60, task="digits")
+    # a text file of its own (the --text path; the built-in prompts' 4,924 activations take a minute to score)
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"On day {i} of the trip we walked {i + 3} miles along the river, counting the "
+                             f"boats, and wrote down the names of {i % 7 + 2} towns." for i in range(40)) + "\n")
+    s = TrainSettings(hook="resid_pre.6", features=1152, k=16, steps=60, task="digits", text=str(text))
     r = train_sae(engine, s, progress=False, log=lambda m: None)
     rep = r.report
-    assert rep["n_activations"] > 2000 and rep["mean_l0"] <= 16
+    assert rep["n_activations"] > 600 and rep["mean_l0"] <= 16
     assert rep["explained_variance"] > 0.3 and rep["task"] == "digits"
     assert rep["logit_diff_full"] > 0 and rep["ce_spliced"] >= rep["ce_clean"] - 0.05
