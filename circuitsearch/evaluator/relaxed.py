@@ -55,24 +55,20 @@ def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | No
         nodes = nodes[:, None].expand(-1, ev.Q)
     if edges_at is not None and edges is None:
         edges = torch.ones(ev.index.R, ev.S, dtype=nodes.dtype)
-    # which senders and edges matter is decided on the masks as given (the CPU: no device round trip);
-    # their copies on the engine's device meet the activations
+    # the edge masks stay where they are given (the CPU: a mask search's parameters) and decide there which
+    # senders are cut; only the cut coefficients of a receiver cross to the engine's device, in _cut_sum
+    cut = None if edges is None else 1.0 - edges            # [R, S]
+    if cut is not None and edges_at is None and not bool((cut.detach() != 0).any()):
+        cut = None
     on = (nodes.detach() != 0).any(1)                       # [S] senders live at some slot
     if copies is not None:
         on = on & bool((copies != 0).any())
-    cut_c = None if edges is None else (1.0 - edges).detach()
-    if cut_c is not None and edges_at is None and not bool((cut_c != 0).any()):
-        cut_c = edges = None
-    checks = None if cut_c is None else (cut_c, None if edges_at is None else edges_at.detach(), slot)
-    dev = eng.device
-    to = lambda t: None if t is None else t.to(dev)
-    nodes, slot, edges, edges_at, copies = to(nodes), to(slot), to(edges), to(edges_at), to(copies)
-    keep = nodes[:, slot]                                   # [S, K*B, P]
-    if copies is not None:
-        keep = keep * copies.to(keep.dtype).repeat_interleave(len(ev.batch.tokens))[None, :, None]
-    cut = None if edges is None else 1.0 - edges            # [R, S]
     chunks: list = []                                       # (first sender id, [B, P, n, d] output − ablated)
-    delta = _cut_sum(cut, edges, edges_at, on, slot, chunks, checks)
+    delta = _cut_sum(cut, edges, edges_at, on, slot, chunks)
+    dev = eng.device
+    keep = nodes.to(dev)[:, slot.to(dev)]                   # [S, K*B, P]
+    if copies is not None:
+        keep = keep * copies.to(dev, keep.dtype).repeat_interleave(len(ev.batch.tokens))[None, :, None]
     record = inputs is not None
     if record:
         inputs.update(attn=[None] * L, mlp=[None] * L, logits=None)
@@ -162,29 +158,29 @@ def _embedding(ev: "Evaluator", tokens: torch.Tensor, keep: torch.Tensor, src, c
     return emb
 
 
-def _cut_sum(cut, edges, edges_at, on: torch.Tensor, slot: torch.Tensor, chunks: list, checks=None):
+def _cut_sum(cut, edges, edges_at, on: torch.Tensor, slot: torch.Tensor, chunks: list):
     """delta(rows): Σ_s cut[r, s]·(output_s − ablated_s) over the senders in `chunks` so far, for receivers
-    `rows` -> [B, P, r, d] (None: nothing cut); with `edges_at`, the cut per slot of each position. `checks`
-    (cut, edges_at, slot on the CPU) decides which senders are cut anywhere without reading the device."""
+    `rows` -> [B, P, r, d] (None: nothing cut); with `edges_at`, the cut per slot of each position. The masks
+    stay on their device (which senders are cut is read there); the coefficients move to the outputs'."""
     def delta(rows: torch.Tensor) -> torch.Tensor | None:
         if cut is None:
             return None
-        cut_c, at_c, slot_c = checks
         total = None
         c_all = cut[rows]
         for first, D in chunks:
             n = D.shape[2]
             if edges_at is None:
-                live = (cut_c[rows][:, first:first + n] != 0).any(0) & on[first:first + n]
+                c = c_all[:, first:first + n]
+                live = (c.detach() != 0).any(0) & on[first:first + n]
                 if not bool(live.any()):
                     continue
-                t = torch.einsum("rs,bpsd->bprd", c_all[:, first:first + n].to(D.dtype), D)
+                t = torch.einsum("rs,bpsd->bprd", c.to(D.device, D.dtype), D)
             else:
-                k_c = (1.0 - cut_c[rows])[:, first:first + n, None, None] * at_c[rows][:, first:first + n][..., slot_c]
-                if not bool((((1.0 - k_c) != 0).flatten(2).any(2) & on[None, first:first + n]).any()):
-                    continue
                 k = edges[rows][:, first:first + n, None, None] * edges_at[rows][:, first:first + n][..., slot]
-                t = torch.einsum("rsbp,bpsd->bprd", (1.0 - k).to(D.dtype), D)
+                c = 1.0 - k                                 # [r, n, B, P]
+                if not bool(((c.detach() != 0).flatten(2).any(2) & on[None, first:first + n]).any()):
+                    continue
+                t = torch.einsum("rsbp,bpsd->bprd", c.to(D.device, D.dtype), D)
             total = t if total is None else total + t
         return total
     return delta
