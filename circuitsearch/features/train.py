@@ -133,7 +133,11 @@ def by_length(seqs: list[torch.Tensor], chunk: int = 64) -> list[torch.Tensor]:
     groups: dict = {}
     for t in seqs:
         groups.setdefault(int(t.shape[1]), []).append(t)
-    return [torch.cat(g[i:i + chunk]) for P in sorted(groups) for g in [groups[P]] for i in range(0, len(g), chunk)]
+    out = []
+    for P in sorted(groups):
+        g = groups[P]
+        out += [torch.cat(g[i:i + chunk]) for i in range(0, len(g), chunk)]
+    return out
 
 
 def collect(engine, seqs: list[torch.Tensor], hook: str) -> torch.Tensor:
