@@ -101,6 +101,7 @@ class Evaluator:
         first, inverse = distinct_rows(task, ablation, self.readout, self.slots)
         self.engine.check(task.clean[first])  # never silently wrong: the engine reproduces the bridge here
         self.rows_inverse = inverse
+        self.rows_first = first  # the task row each distinct row is (its first occurrence)
         counts = torch.bincount(inverse, minlength=len(first)).float()
         rows = Batch.of(task.clean[first], self.readout.rows(first), counts)
         self._slot_rows = self.slots.rows(first)  # [B, P] slot of each distinct row's positions
@@ -287,6 +288,11 @@ class Evaluator:
         """(ablated node ids, removed edge ids) that make this evaluator score a saved `circuit`
         as its run did."""
         if self.graph.signature() != circuit.graph:
+            mine, theirs = self.graph.signature(), dict(circuit.graph)
+            if mine.pop("features", None) != theirs.pop("features", None) and mine == theirs:
+                raise ValueError("the circuit's feature graph is not this evaluator's: its dictionaries (by digest) or "
+                                 "their features active on its prompts differ, and a feature circuit is scored on the "
+                                 "prompts it was found on with the dictionaries it was found with")
             raise ValueError(f"the circuit is over graph {circuit.graph}, the model's graph is {self.graph.signature()}")
         m = self.index.masks_of(circuit.nodes, None if circuit.node_level else circuit.edges)
         return m.ablated[: self.S].nonzero()[:, 0], m.removed.nonzero()[:, 0]
