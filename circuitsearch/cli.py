@@ -442,8 +442,6 @@ def _config(args):
                       template=args.template, corruption=args.corruption, attribution=args.attribution,
                       steps=args.steps, mask_steps=args.mask_steps, mask_lr=args.mask_lr,
                       mask_margin=args.mask_margin, **_engine_args(args))
-    if cfg.sae and "level" not in g:  # a feature graph is searched at node level: its default
-        cfg.level = "nodes"
     if args.search == "masks":
         for flag in ("order", "preset"):
             if flag in g:

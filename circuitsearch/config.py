@@ -77,6 +77,8 @@ class PruneConfig:
     def __post_init__(self):
         if isinstance(self.sae, (list, str)):  # a sweep's list (or one path) as the tuple it is everywhere else
             self.sae = (self.sae,) if isinstance(self.sae, str) else tuple(self.sae)
+        if self.sae and self.level == "both" and "level" not in self.given:
+            self.level = "nodes"  # a feature graph's default level (its features have no edges yet)
 
     def to_json(self) -> dict:
         """The settings that determine the result: an order not chosen as default_order resolves it; threads

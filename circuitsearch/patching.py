@@ -411,15 +411,6 @@ class Evaluator:
         fw = getattr(self, "forward", None)
         return fw.splices if fw is not None else []
 
-    def feature_diffs(self, run: Run) -> list:
-        """Per feature site: (live − ablated activations of its node features [B, P, n], of its error [B, P, d])
-        in `run` (live: as the circuit computes them)."""
-        out = []
-        for j, sp in enumerate(self.splices):
-            f, e = sp.parts(*run.hooks[j])
-            out.append((f - self.source.feat_f[j], e - self.source.feat_e[j]))
-        return out
-
     def _grad_source(self) -> Source:
         """The ablation source as ordinary tensors (the cached ones are inference tensors)."""
         if getattr(self, "_grad_src", None) is None:

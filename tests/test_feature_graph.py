@@ -263,3 +263,61 @@ def test_the_search_keeps_exactly_the_planted_feature(ablation, order):
     else:  # under mean ablation the error's mean holds other tokens' directions: it may carry signal
         assert [n for n in kept if n != "r2.err"] == ["r2.f0"]
     assert ev.faithfulness(ev.rescore(result.run)) >= 0.8
+
+
+@pytest.mark.slow
+def test_smollm2_with_dictionaries_is_the_model_and_ablates_as_by_hand(smollm2, smollm2_digits):
+    """On the embedded model: random dictionaries at resid_pre.6, attn_out.10 and a transcoder at layer 20 leave
+    the full score as it is (1e-5 of its scale), and ablating features there matches the hand-made forward."""
+    d = smollm2.d_model
+    dicts = [rand_dict(d, "resid_pre.6", F=64, seed=1), rand_dict(d, "attn_out.10", F=64, seed=2),
+             rand_dict(d, "mlp_in.20", F=64, out="mlp_out.20", seed=3)]
+    plain = patching.Evaluator(smollm2, smollm2_digits)
+    ev = patching.Evaluator(smollm2, smollm2_digits, dictionaries=dicts)
+    assert abs(ev.full - plain.full) < 1e-5 * max(1.0, abs(plain.full))
+    names = feature_nodes(ev)
+    picked = {names[i] for i in range(0, len(names), 7)}
+    ref = reference_score(ev, smollm2_digits, dicts, picked, "mean")
+    assert abs(ev.score(nodes=sorted(picked)) - ref) < 1e-4 * max(1.0, abs(ref))
+
+
+# ---- run directories ----------------------------------------------------------------------------------------
+
+def saved_planted_dictionary(directory, shift: float = 0.0):
+    from circuitsearch.features.saelens import save_dictionary
+    g = torch.Generator().manual_seed(0)
+    W = torch.nn.functional.normalize(torch.randn(24, 40, generator=g), dim=1)
+    b = torch.full((24,), -0.1)
+    b[0] += shift
+    save_dictionary(Dictionary(W.T.clone(), b, W, torch.zeros(40), hook="resid_pre.1"), directory)
+    return str(directory)
+
+
+def test_a_feature_run_directory_reads_its_features_resumes_and_refuses_a_changed_dictionary(tmp_path):
+    from circuitsearch.config import PruneConfig
+    from circuitsearch.features.saelens import load_spec
+    from circuitsearch.graphs.export import load_circuit
+    from circuitsearch.runs import run_prune
+    sae = saved_planted_dictionary(tmp_path / "sae")
+    cfg = PruneConfig(model="test:planted", task="planted", n_prompts=12, sae=(sae,), order="forward")
+    assert cfg.level == "nodes"  # the default level of a feature graph
+    assert cfg.to_json()["sae"][0]["digest"] == load_spec(sae).digest()
+    out = tmp_path / "run"
+    c = run_prune(cfg, out, progress=False, log=lambda *a: None)
+    feats = c.feature_nodes()
+    assert feats and set(c.meta["features"]) == set(feats)
+    one = next(n for n in feats if not n.endswith(".err"))
+    reading = c.meta["features"][one]
+    assert reading["top"] and reading["promotes"] and reading["site"] == "resid_pre.1"
+    report = (out / "report.md").read_text()
+    assert "## Dictionary features" in report and one in report
+    assert one in (out / "circuit.dot").read_text() and reading["summary"].split(";")[0][:20] in (out / "circuit.dot").read_text()
+    again = run_prune(cfg, out, progress=False, log=lambda *a: None)  # resumes: the same circuit
+    assert again.nodes == c.nodes and load_circuit(out / "circuit.json").nodes == c.nodes
+    changed = saved_planted_dictionary(tmp_path / "sae", shift=0.05)  # the same path, other weights
+    with pytest.raises(Exception, match="other settings"):
+        run_prune(PruneConfig(model="test:planted", task="planted", n_prompts=12, sae=(changed,), order="forward"),
+                  out, progress=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match="node level"):
+        PruneConfig(model="test:planted", task="planted", sae=(sae,), level="both",
+                    given=frozenset({"level"})).check()

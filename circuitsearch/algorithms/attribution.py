@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..evaluator.splices import site_diffs
 from ..patching import Evaluator, Run
 
 METHODS = ("eap", "eap-ig")
@@ -156,7 +157,7 @@ def feature_estimates(ev: Evaluator, run: Run, grads: dict, steps: int, by_slot:
     with torch.inference_mode():
         onehot = torch.nn.functional.one_hot(ev._slot_rows, ev.Q).float() if by_slot else None
         out = []
-        for (df, de), sp, g in zip(ev.feature_diffs(run), ev.splices, grads["hooks"]):
+        for (df, de), sp, g in zip(site_diffs(ev.splices, ev.source, run), ev.splices, grads["hooks"]):
             gw = torch.einsum("bpd,nd->bpn", g, sp.W)                     # the gradient along each decoder row
             per = torch.cat([df * gw, (de * g).sum(-1, keepdim=True)], -1)  # [B, P, n+1]
             if onehot is None:

@@ -68,6 +68,16 @@ def make_splices(dictionaries: list, index, engine) -> list:
     return out
 
 
+def site_diffs(splices: list, source, run) -> list:
+    """Per feature site: (live − ablated activations of its node features [B, P, n], of its error [B, P, d]) in
+    `run` (live: as the circuit computes them; `source` holds the ablation values)."""
+    out = []
+    for j, sp in enumerate(splices):
+        f, e = sp.parts(*run.hooks[j])
+        out.append((f - source.feat_f[j], e - source.feat_e[j]))
+    return out
+
+
 def site_at(splices: list, kind: str, layer: int) -> int | None:
     """Index of the splice writing hook `kind`.`layer` (None: none there)."""
     for j, s in enumerate(splices):

@@ -70,6 +70,19 @@ def node_sort_key(name: str, n_layers: int) -> tuple:
 _FEATURE_AT = {"resid_pre": -1, "attn_out": 0.5, "resid_mid": 0.7, "mlp_in": 0.8, "mlp_out": 1.5, "transcoder": 1.5}
 
 
+def sizes_text(c: "Circuit") -> str:
+    """'10 heads, 2 MLPs, 142 edges'; a feature circuit's features and errors instead of edges (its features have
+    none: the edges it would list join heads, MLPs, embed and logits only)."""
+    def plural(n, w):
+        return f"{n} {w}{'' if n == 1 else 's'}"
+    parts = [plural(len(c.heads()), "head"), plural(len(c.mlps()), "MLP")]
+    if c.graph.get("features"):
+        feats = c.feature_nodes()
+        errs = sum(n.endswith(".err") for n in feats)
+        return ", ".join(parts + [plural(len(feats) - errs, "feature"), plural(errs, "error node")])
+    return ", ".join(parts + [plural(c.n_edges, "edge")])
+
+
 def edge_sort_key(edge: str, n_layers: int) -> tuple:
     """The order of ModelGraph.edges: by receiver node, then q/k/v, then sender."""
     src, dst = split_edge(edge)
@@ -249,17 +262,7 @@ class Circuit:
         return self._kind("feature")
 
     def sizes(self) -> str:
-        """'10 heads, 2 MLPs, 142 edges'; a feature circuit's features and errors too (its edges are those among
-        heads, MLPs, embed and logits: features have none)."""
-        def plural(n, w):
-            return f"{n} {w}{'' if n == 1 else 's'}"
-        parts = [plural(len(self.heads()), "head"), plural(len(self.mlps()), "MLP")]
-        feats = self.feature_nodes()
-        if self.graph.get("features"):
-            errs = sum(n.endswith(".err") for n in feats)
-            parts += [plural(len(feats) - errs, "feature"), plural(errs, "error node")]
-            return ", ".join(parts)
-        return ", ".join(parts + [plural(self.n_edges, "edge")])
+        return sizes_text(self)
 
     @property
     def n_nodes(self) -> int:
