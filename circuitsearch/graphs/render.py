@@ -29,9 +29,9 @@ KIND_FILL = {"embed": ("#eeeeee", "#c8c8c8"), "logits": ("#eeeeee", "#c8c8c8"), 
 WIDE = ("embed", "logits", "feature")  # drawn 0.8 wide (feature names are longer than a head's)
 FEATURE_RISE = {"resid_pre": -0.55, "attn_out": 0.0, "resid_mid": 0.35, "mlp_in": 0.7, "mlp_out": 1.05,
                 "transcoder": 1.05}  # inches above its layer's heads where a dictionary's features sit
-FEATURE_DY = 2.0  # the row pitch of a diagram with features: room for a line of features per hook point
 FEATURE_DX = 0.95  # inches between two features of one dictionary
 DX, DY, MLP_RISE = 0.85, 0.75, 0.4  # inches: column and row pitch; MLP sits this far above its heads
+ROW_GAP = DY - MLP_RISE  # the least room between one layer's topmost node and the next layer's lowest
 EMBED_SHIFT = {"tok": -0.45, "pos": 0.45}  # inches from the centre: the 0.8-wide tok and pos boxes side by side
 SWATCH = "\u25ac\u25ac"  # two black rectangles, drawn in the legend colour
 _INPUT_RANK = {"q": 0, "k": 1, "v": 2, "": 3}
@@ -108,29 +108,40 @@ def positions(nodes: list[str], n_layers: int) -> dict[str, tuple[float, float]]
     dictionary's features in a line right of them, at their hook point's height in their layer's row."""
     infos = {n: parse_node(n, n_layers) for n in nodes}
     layers = sorted({i.layer for i in infos.values() if i.kind in ("head", "mlp", "feature")})
-    row = {layer: r for r, layer in enumerate(layers)}
     cols = sorted({i.head for i in infos.values() if i.kind == "head"})
     col = {h: c for c, h in enumerate(cols)}
     has_mlp = any(i.kind == "mlp" for i in infos.values())
     width = (len(cols) - 1 + (1.15 if has_mlp else 0)) * DX if cols else 0.0
     feats = feature_places([n for n, i in infos.items() if i.kind == "feature"], width + (DX if cols or has_mlp else 0))
-    dy = FEATURE_DY if feats else DY
-    rise = max([MLP_RISE if has_mlp else 0] + [y for _, y in feats.values()])
-    top = (len(layers) - 1) * dy + rise + DY if layers else DY
+    base, bottom, top = row_heights(layers, {n: (infos[n].layer, y) for n, (_, y) in feats.items()}, has_mlp)
     out = {}
     for n, i in infos.items():
         if i.kind == "head":
-            out[n] = (col[i.head] * DX, row[i.layer] * dy)
+            out[n] = (col[i.head] * DX, base[i.layer])
         elif i.kind == "mlp":
-            out[n] = ((len(cols) - 1 + 1.15) * DX if cols else 0.0, row[i.layer] * dy + MLP_RISE)
+            out[n] = ((len(cols) - 1 + 1.15) * DX if cols else 0.0, base[i.layer] + MLP_RISE)
         elif i.kind == "feature":
-            x, y = feats[n]
-            out[n] = (x, row[i.layer] * dy + y)
+            out[n] = (feats[n][0], base[i.layer] + feats[n][1])
         elif i.kind == "embed":  # a split embedding side by side: tok left, pos right
-            out[n] = (width / 2 + EMBED_SHIFT.get(n, 0.0), -DY + min([0.0] + [y for _, y in feats.values()]))
+            out[n] = (width / 2 + EMBED_SHIFT.get(n, 0.0), bottom)
         else:
             out[n] = (width / 2, top)
     return out
+
+
+def row_heights(layers: list, rises: dict, has_mlp: bool) -> tuple[dict, float, float]:
+    """(y of each layer's heads, y of the embedding, y of the logits): rows DY apart, and further where a layer's
+    features sit above its MLP or below its heads (`rises`: feature -> (layer, its height above the heads))."""
+    lo, hi = defaultdict(float), defaultdict(lambda: MLP_RISE if has_mlp else 0.0)
+    for layer, y in rises.values():
+        lo[layer], hi[layer] = min(lo[layer], y), max(hi[layer], y)
+    base, prev = {}, None
+    for layer in layers:
+        base[layer] = 0.0 if prev is None else max(base[prev] + DY, base[prev] + hi[prev] + ROW_GAP - lo[layer])
+        prev = layer
+    if not layers:
+        return base, -DY, DY
+    return base, base[layers[0]] + lo[layers[0]] - DY, base[prev] + hi[prev] + DY
 
 
 def feature_places(names: list[str], x0: float) -> dict[str, tuple[float, float]]:
@@ -311,12 +322,9 @@ def unit_positions(circuit: Circuit, extra: set[str] = frozenset()) -> tuple[dic
     units = {(n, s): parse_node(n, L) for n in circuit.nodes for s in circuit.kept_slots(n)}
     units |= {tuple(u.split("@")): parse_node(u.split("@")[0], L) for u in extra}
     layers = sorted({i.layer for i in units.values() if i.kind in ("head", "mlp", "feature")})
-    row = {layer: r for r, layer in enumerate(layers)}
     has_mlp = any(i.kind == "mlp" for i in units.values())
-    rises = [FEATURE_RISE[parse_feature(n).site] for (n, _), i in units.items() if i.kind == "feature"]
-    dy = FEATURE_DY if rises else DY
-    top = (len(layers) - 1) * dy + max([MLP_RISE if has_mlp else 0] + rises) + DY if layers else DY
-    bottom = -DY + min([0.0] + rises)
+    rises = {n: (i.layer, FEATURE_RISE[parse_feature(n).site]) for (n, _), i in units.items() if i.kind == "feature"}
+    base, bottom, top = row_heights(layers, rises, has_mlp)
     split = any(n in EMBED_SHIFT for n in circuit.nodes)
     out, centre, left = {}, {}, 0.0
     for s in slots:
@@ -334,11 +342,11 @@ def unit_positions(circuit: Circuit, extra: set[str] = frozenset()) -> tuple[dic
         centre[s] = left + half
         for n, i in mine.items():
             if i.kind == "feature":
-                xy = (x0 + feats[n][0], row[i.layer] * dy + feats[n][1])
+                xy = (x0 + feats[n][0], base[i.layer] + feats[n][1])
             elif i.kind == "head":
-                xy = (x0 + col[i.head] * DX, row[i.layer] * dy)
+                xy = (x0 + col[i.head] * DX, base[i.layer])
             elif i.kind == "mlp":
-                xy = (x0 + ((len(cols) - 1 + 1.15) * DX if cols else 0.0), row[i.layer] * dy + MLP_RISE)
+                xy = (x0 + ((len(cols) - 1 + 1.15) * DX if cols else 0.0), base[i.layer] + MLP_RISE)
             elif i.kind == "embed":
                 xy = (centre[s] + EMBED_SHIFT.get(n, 0.0), bottom)
             else:
