@@ -321,3 +321,23 @@ def test_a_feature_run_directory_reads_its_features_resumes_and_refuses_a_change
     with pytest.raises(ValueError, match="node level"):
         PruneConfig(model="test:planted", task="planted", sae=(sae,), level="both",
                     given=frozenset({"level"})).check()
+
+
+def test_feature_nodes_are_drawn_without_overlap():
+    """Features of several hook points of the same layers, beside heads and MLPs: no two boxes overlap."""
+    from circuitsearch.graphs.render import HALF, positions
+    names = ["embed", "a0.0", "a0.3", "m0", "a1.1", "m1", "a2.0", "m2", "logits", "r1.f3", "r1.f7", "r1.err",
+             "a1.f2", "rm1.f5", "mi1.f9", "m1.f4", "m1.err", "t2.f1", "t2.err", "r3.f0", "r3.err"]
+    pos = positions(names, 3)
+    from circuitsearch.graphs.model_graph import parse_node
+    kind = lambda n: parse_node(n, 3).kind
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            (xa, ya), (xb, yb) = pos[a], pos[b]
+            wa, ha = HALF[kind(a)]
+            wb, hb = HALF[kind(b)]
+            assert abs(xa - xb) >= wa + wb - 1e-9 or abs(ya - yb) >= ha + hb - 1e-9, (a, b, pos[a], pos[b])
+    # at their hook points' heights: the residual stream below the layer's heads, the MLP's output above its MLP
+    assert pos["r1.f3"][1] < pos["a1.1"][1] == pos["a1.f2"][1] < pos["rm1.f5"][1] < pos["mi1.f9"][1] < pos["m1.f4"][1]
+    assert pos["m1"][1] < pos["m1.f4"][1] < pos["r3.f0"][1] and pos["m0"][1] < pos["r1.f3"][1]
+    assert pos["logits"][1] > max(y for n, (_, y) in pos.items() if n != "logits")
