@@ -547,9 +547,10 @@ def _prune_targets(args, cfg) -> int:
                          "after which refinement stops, or 0 to try every candidate")
     rows = run_targets(cfg, targets, args.out, progress=not args.quiet, patience=args.patience or None,
                        force=args.no_memory_check, batch=args.batch)
-    print(f"\n{'target':>7} {'heads':>5} {'MLPs':>4} {'edges':>6} {'faithfulness':>12} {'fwd passes':>10}")
+    last = "features" if any("features" in r for r in rows) else "edges"  # a feature graph's features have no edges
+    print(f"\n{'target':>7} {'heads':>5} {'MLPs':>4} {last:>8} {'faithfulness':>12} {'fwd passes':>10}")
     for r in rows:
-        print(f"{r.get('target'):>7} {r.get('heads'):>5} {r.get('mlps'):>4} {r.get('edges'):>6} "
+        print(f"{r.get('target'):>7} {r.get('heads'):>5} {r.get('mlps'):>4} {r.get(last):>8} "
               f"{r.get('faithfulness', float('nan')):>12.4f} {str(r.get('forward_passes', 'resumed')):>10}")
     print(f"  files in {args.out}/: targets.json, report.md, target-*/ (a run directory per target)")
     return 0

@@ -409,6 +409,11 @@ def build(config: PruneConfig, model=None, task_file: str | Path | None = None, 
     task = resolve_task(config, model, task_file)
     check_fits(model, task, log, force)
     ev = evaluator(config, model, task, log)  # checks the prompts' token ids first
+    for site in ev.index.sites:  # a feature graph: how many of each dictionary's features became nodes
+        if log is not None:
+            where = site.hook if site.hook == site.writes else f"{site.hook} -> {site.writes}"
+            log(f"dictionary at {where}: {len(site.active)} of its {site.n_features} features are active on the "
+                f"task's prompts and become nodes (with its error node {site.prefix}{site.layer}.err)")
     if task_kind(config.task) == "file" and not {"n_kept", "n_correct"} & set(task.meta):
         from .tasks import note_answered
         note_answered(task, model)  # a task file is used whole: how many prompts the model answers is said

@@ -341,3 +341,14 @@ def test_feature_nodes_are_drawn_without_overlap():
     assert pos["r1.f3"][1] < pos["a1.1"][1] == pos["a1.f2"][1] < pos["rm1.f5"][1] < pos["mi1.f9"][1] < pos["m1.f4"][1]
     assert pos["m1"][1] < pos["m1.f4"][1] < pos["r3.f0"][1] and pos["m0"][1] < pos["r1.f3"][1]
     assert pos["logits"][1] > max(y for n, (_, y) in pos.items() if n != "logits")
+
+
+def test_sweeps_take_dictionaries_as_a_setting(tmp_path):
+    from circuitsearch.sweeps.spec import SpecError, parse_spec
+    sae = saved_planted_dictionary(tmp_path / "sae")
+    spec = parse_spec({"fixed": {"model": "test:planted", "task": "planted", "sae": sae},
+                       "axes": {"order": ["forward", "reverse"]}})
+    cfgs = [c.config() for c in spec.cells]
+    assert all(c.sae == (sae,) and c.level == "nodes" for c in cfgs)
+    with pytest.raises(SpecError, match="dictionary path"):
+        parse_spec({"fixed": {"model": "test:planted", "task": "planted", "sae": [3]}})

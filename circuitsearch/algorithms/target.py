@@ -28,6 +28,7 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from ..graphs.index import FEATURE, HEAD, MLP
 from ..patching import Evaluator, Run
 from .attribution import attribute_for
 from .iterative import edge_candidates
@@ -53,13 +54,16 @@ class TargetStep:
     seconds: float = 0.0
 
     def summary(self, ev: Evaluator) -> dict:
-        run = self.result.run
-        kept = [n for n in ev.senders if n not in run.nodes]
-        return {"target": self.target, "faithfulness": self.faithfulness,
-                "heads": sum(n.startswith("a") for n in kept), "mlps": sum(n.startswith("m") for n in kept),
-                "edges": len(edge_candidates(ev, run)), "bisect": self.bisect, "refined": self.refined,
-                "forward_passes": self.forward_passes, "backward_passes": self.backward_passes,
-                "seconds": round(self.seconds, 2)}
+        run, ix = self.result.run, ev.index
+        kept = [i for i in range(ix.S) if not bool(run.masks.ablated[i])]
+        count = lambda kind: sum(ix.node_kind[i] == kind for i in kept)
+        out = {"target": self.target, "faithfulness": self.faithfulness, "heads": count(HEAD), "mlps": count(MLP),
+               "edges": len(edge_candidates(ev, run)), "bisect": self.bisect, "refined": self.refined,
+               "forward_passes": self.forward_passes, "backward_passes": self.backward_passes,
+               "seconds": round(self.seconds, 2)}
+        if ix.sites:  # a feature graph: its kept features and error nodes (they have no edges)
+            out["features"] = count(FEATURE)
+        return out
 
 
 def parse_targets(text: str | list) -> list[float]:

@@ -168,17 +168,18 @@ def positions_text(circuit) -> list[str]:
 def targets_report(summary: dict) -> str:
     """report.md of a target run: one row per target, links to each circuit's own report."""
     c = summary["config"]
+    last = "features" if any("features" in r for r in summary["targets"]) else "edges"  # feature graphs: no edges
     lines = [f"# Circuits at target performances: {c['task']} on {c['model']}", "",
              f"Nested: each circuit is pruned from the one above it. Level {c['level']}, {c['ablation']} ablation, "
              f"metric {c['metric']}; search: {c['attribution']} ranking by estimated gain, bisection rounds "
              "(re-attributing each smaller circuit), then one galloping refinement pass that stops after "
              f"{c.get('patience') or 'no'} candidates kept in a row. Effects of candidates the refinement never "
              "scored alone are attribution estimates.", "",
-             "| target | heads | MLPs | edges | verified faithfulness | forward passes | backward passes | circuit |",
+             f"| target | heads | MLPs | {last} | verified faithfulness | forward passes | backward passes | circuit |",
              "|---|---|---|---|---|---|---|---|"]
     for r in summary["targets"]:
         t = r.get("target")
-        lines.append(f"| {t} | {r.get('heads')} | {r.get('mlps')} | {r.get('edges')} | "
+        lines.append(f"| {t} | {r.get('heads')} | {r.get('mlps')} | {r.get(last)} | "
                      f"{r.get('faithfulness', float('nan')):.4f} | {r.get('forward_passes')} | "
                      f"{r.get('backward_passes')} | [target-{t}](target-{t}/report.md) |")
     st = summary["stats"]

@@ -119,6 +119,11 @@ def _value(where: str, key: str, value):
         if not isinstance(value, bool):
             raise SpecError(f"{where}: {key} = {value!r} must be true or false")
         return value
+    if key == "sae":  # dictionaries spliced in: one path, or a list of them (in axes: a list of such lists)
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, str) and v for v in items):
+            raise SpecError(f"{where}: sae = {value!r} must be a dictionary path or a list of them")
+        return list(items)
     if key == "target":
         items = value if isinstance(value, list) else [value]
         if not items or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in items):
