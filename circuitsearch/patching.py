@@ -32,6 +32,7 @@ from .evaluator.readout_scores import finish
 from .evaluator.relaxed import keep_tensors, relaxed_score
 from .evaluator.sources import ablation_source, ordinary
 from .evaluator.stacked import StackedForward
+from .evaluator.suffix import CausalSuffix
 from .evaluator.state import (Batch, Masks, Run, Source, check_context, check_token_ids, distinct_rows, ids_of,
                                read_slots)
 from .graphs.index import index_of
@@ -101,6 +102,11 @@ class Evaluator:
         self.batch = rows.to(self.engine.device)
         self.forward = StackedForward(self.engine, self.index, self.layout, self.metric, self.H, self.Q,
                                       self._slot_rows, self.batch)
+        # a change at late slots recomputes only the positions from its first on (evaluator.suffix); False:
+        # always the whole prompt (the same scores, to float rounding; tests and benchmarks compare the two)
+        self.causal_suffix = True
+        first_read = rows.tokens.shape[1] - 1 if rows.pos is None else int(rows.pos[rows.valid].min())
+        self._suffix = CausalSuffix(self.forward, first_read)
         self._units: list | None = None
         everything = Batch.of(task.corrupted, self.readout, torch.ones(len(task))).to(self.engine.device)
         with torch.inference_mode():
@@ -409,13 +415,15 @@ class Evaluator:
     def _forward_many(self, base: Run | None, start: int, masks: list, embed_live: torch.Tensor,
                       source: Source | None = "self", count: bool = True, batch: Batch | None = None) -> list:
         """K circuits (one per Masks) that each change `base` from stage `start` on, in one forward pass
-        over their rows stacked along the batch (StackedForward.run_many), counted in the stats."""
+        over their rows stacked along the batch (StackedForward.run_many; over the positions from the change's
+        first on where evaluator.suffix allows), counted in the stats."""
         src = self.source if source == "self" else source
-        runs = self.forward.run_many(base, start, masks, embed_live, src, batch or self.batch)
-        if count:
+        runs, part, fills = self._suffix.run_many(base, start, masks, embed_live, src, batch or self.batch,
+                                                  self.causal_suffix)
+        if count:  # a suffix pass costs the share of positions it recomputes; a fill is one whole forward
             K = len(masks)
-            self.forward_passes += K
-            self.forward_equivalents += K * self.layout.cost(start if base is not None else -1)
+            self.forward_passes += K + fills
+            self.forward_equivalents += K * self.layout.cost(start if base is not None else -1) * part + fills
             self.batched_passes += K > 1
         return runs
 
