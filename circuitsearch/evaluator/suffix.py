@@ -17,6 +17,7 @@ import dataclasses
 
 import torch
 
+from ..engine import SMALL_MODEL
 from .stacked import StackedForward
 from .state import Batch, Masks, Run, Source
 
@@ -91,48 +92,81 @@ class CausalSuffix:
         self.causal = bool(fw.w.causal)
         fw.engine = self.kv = KVEngine(fw.engine)
         self._views: dict = {}  # offset -> StackedForward over positions >= offset
+        # a pass's fixed cost, in what one more circuit adds to a stacked pass (how `groups` weighs one more
+        # pass against recomputing more positions): a K-circuit SmolLM2 pass on the CPU costs about 1.4 + K
+        # (docs/speed.md, speculative batching); more where per-operation overhead dominates (small models,
+        # accelerators). Speed only: every grouping gives the same scores
+        big = fw.w.W_E.shape[1] >= SMALL_MODEL and torch.device(fw.engine.device).type == "cpu"
+        self.pass_cost = 1.4 if big else 4.0
 
     def run_many(self, base: Run | None, start: int, masks: list, embed_live, src: Source | None, batch: Batch,
                  enabled: bool = True) -> tuple[list, float, int]:
-        """(runs, the fraction of positions recomputed, full forwards spent filling the base's key and value
-        cache) of StackedForward.run_many(base, start, masks, embed_live, src, batch)."""
-        off = self.offset(base, masks, src, batch) if enabled else 0
-        if off:
-            self.kv.keep = True
+        """(runs, the share of the circuits' positions recomputed, full forwards spent filling the base's key
+        and value cache) of StackedForward.run_many(base, start, masks, embed_live, src, batch): the circuits
+        grouped by where their change begins (`groups`), each group one stacked pass from its first position."""
+        K = len(masks)
+        offs = self.offsets(base, masks, src, batch) if enabled else [0] * K
         fills = 0
-        if off and base.kv is None:  # a base from before keys were kept: one full forward gives them
-            self._full(None, -1, [base.masks], embed_live, src, batch, into=base)
-            fills = 1
-        if not off:
-            return self._full(base, start, masks, embed_live, src, batch), 1.0, fills
+        if any(offs):
+            self.kv.keep = True
+            if base.kv is None:  # a base from before keys were kept: one full forward gives them
+                self._full(None, -1, [base.masks], embed_live, src, batch, into=base)
+                fills = 1
         P = self.fw.slot_rows.shape[1]
-        return self._suffix(base, start, masks, embed_live, off), (P - off) / P, fills
+        runs, share = [None] * K, 0.0
+        for off, idx in self.groups(offs, P):
+            sub = [masks[i] for i in idx]
+            out = self._suffix(base, start, sub, embed_live, off) if off else \
+                self._full(base, start, sub, embed_live, src, batch)
+            for i, r in zip(idx, out):
+                runs[i] = r
+            share += len(idx) * (P - off) / P
+        return runs, share / K, fills
 
-    def offset(self, base: Run | None, masks: list, src: Source | None, batch: Batch) -> int:
-        """The first position p the pass's change reaches in any row, when every circuit differs from `base`
-        only by nodes ablated and edges removed at slots; 0 (the full recompute) otherwise. CPU only."""
-        fw = self.fw
+    def groups(self, offs: list, P: int) -> list:
+        """[(offset, circuit indices)]: the circuits split into stacked passes, each from the earliest offset
+        among its circuits, at the least cost: `pass_cost` per pass plus each circuit's share of positions
+        recomputed (the best split of the circuits sorted by offset into runs, by dynamic programming)."""
+        if len(set(offs)) == 1:
+            return [(offs[0], list(range(len(offs))))]
+        order = sorted(range(len(offs)), key=lambda i: -offs[i])
+        o = [offs[i] for i in order]
+        best, cut = [0.0] + [float("inf")] * len(o), [0] * (len(o) + 1)
+        for i in range(1, len(o) + 1):
+            for j in range(i):  # the last pass holds order[j:i], from offset o[i - 1]
+                c = best[j] + self.pass_cost + (i - j) * (P - o[i - 1]) / P
+                if c < best[i]:
+                    best[i], cut[i] = c, j
+        out, i = [], len(o)
+        while i:
+            out.append((o[i - 1], sorted(order[cut[i]:i])))
+            i = cut[i]
+        return out[::-1]
+
+    def offsets(self, base: Run | None, masks: list, src: Source | None, batch: Batch) -> list:
+        """Per circuit, the first position p its change reaches in any row when it differs from `base` only by
+        nodes ablated and edges removed at slots; 0 (the full recompute) otherwise. CPU only."""
+        fw, K = self.fw, len(masks)
         if not self.causal or base is None or src is None or batch is not fw.batch:
-            return 0
+            return [0] * K
         if any(f.name not in KNOWN_MASKS for f in dataclasses.fields(Masks)):
-            return 0  # a mask kind this rule does not know about: never guess
+            return [0] * K  # a mask kind this rule does not know about: never guess
         old = base.masks
-        Q = old.at.shape[1]
-        changed = torch.zeros(Q, dtype=torch.bool)
+        out = []
         for m in masks:
             if not torch.equal(m.ablated, old.ablated) or not torch.equal(m.removed, old.removed):
-                return 0  # a node or an edge changed whole: every position
-            changed |= (m.at & ~old.at).any(0)
+                out.append(0)  # a node or an edge changed whole: every position
+                continue
+            changed = (m.at & ~old.at).any(0)
             if m.removed_at is not None:
                 new = m.removed_at if old.removed_at is None else m.removed_at & ~old.removed_at
                 changed |= new.flatten(0, 1).any(0)
-        hit = changed[fw.slot_rows]  # [B, P] positions of a changed slot
-        if not bool(hit.any()):
-            return 0
-        P = hit.shape[1]
-        first = torch.where(hit.any(1), hit.to(torch.uint8).argmax(1), torch.full((hit.shape[0],), P))
-        off = int(first.min())
-        return off if 0 < off <= self.first_read else 0
+            hit = changed[fw.slot_rows]  # [B, P] positions of a changed slot
+            P = hit.shape[1]
+            first = torch.where(hit.any(1), hit.to(torch.uint8).argmax(1), torch.full((hit.shape[0],), P))
+            off = int(first.min())
+            out.append(off if 0 < off <= self.first_read else 0)
+        return out
 
     def _full(self, base, start, masks, embed_live, src, batch, into: Run | None = None) -> list:
         """The ordinary stacked pass (keys and values kept once asked for); `into`: a run whose cache of
