@@ -240,3 +240,18 @@ def test_in_float64_the_suffix_is_the_full_recompute_to_1e12(test_model):
             assert abs(x.score - y.score) < 1e-12
         a, b = ra[2], rb[2]
     assert abs(a.score - ev.full) > 1e-3 and ev.forward_equivalents < 0.8 * ref.forward_equivalents
+
+
+def test_a_last_slot_that_makes_the_node_whole_recomputes_everything():
+    """A node ablated at its last remaining slot is the node ablated (every position): no suffix."""
+    model = load_model("test:tiny-gpt")
+    task = self_task(model, n=6, seq=8, seed=11)
+    ev, ref = pair(model, task, ablation="mean")
+    node = "a1.2"
+    a, b = ev.run(at=[f"{node}@{q}" for q in range(7)]), ref.run(at=[f"{node}@{q}" for q in range(7)])
+    before = ev.forward_equivalents
+    a, b = ev.extend(a, at=[f"{node}@7"]), ref.extend(b, at=[f"{node}@7"])  # slot 7 alone would start at 7
+    assert bool(a.masks.ablated[ev.index.node(node)])
+    same([a], [b])
+    assert ev.forward_equivalents - before == pytest.approx(ev.layout.cost(ev.index.node_stage[ev.index.node(node)]))
+    assert ev.extend(a, at=["m2@7"]).score == pytest.approx(ref.extend(b, at=["m2@7"]).score, rel=TOL, abs=TOL)

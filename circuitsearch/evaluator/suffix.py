@@ -9,7 +9,8 @@ keys and values. Its runs are then the base's prefix joined to the new suffix, s
 whole runs. Keys and values are cached in runs (Run.kv) once a change at slots has been asked for (before that,
 node- and edge-level searches pay no memory for them); a base without them gets them from one full forward.
 Everything the suffix cannot honour (a node or edge changed whole, the whole prompt touched, a readout before p,
-a mask kind it does not know, a bidirectional model) runs the full recompute, never an approximation.
+a mask kind it does not know, dictionaries spliced in, a bidirectional model) runs the full recompute, never an
+approximation.
 """
 from __future__ import annotations
 
@@ -151,6 +152,8 @@ class CausalSuffix:
             return [0] * K
         if any(f.name not in KNOWN_MASKS for f in dataclasses.fields(Masks)):
             return [0] * K  # a mask kind this rule does not know about: never guess
+        if getattr(fw, "splices", None):
+            return [0] * K  # dictionaries spliced in at hook points (feature graphs): not cut to a suffix
         old = base.masks
         out = []
         for m in masks:
