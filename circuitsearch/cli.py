@@ -84,6 +84,10 @@ def _add_model_task(p: argparse.ArgumentParser) -> None:
                    help="auto (default): the fast engine where it reproduces the model, else the hook-based path "
                    "through the bridge's hook points (slower, same scores; a note says why); fast: refuse a model "
                    "the engine does not reproduce; hooked: always the hook-based path")
+    p.add_argument("--sae", action="append", default=[], metavar="DIR",
+                   help="splice in a sparse autoencoder or transcoder (repeatable): a sae_lens directory (cfg.json + "
+                   "sae_weights.safetensors, e.g. from train-sae) or FILE.safetensors@HOOK; its features active on "
+                   "the task's prompts and its error become nodes (node-level search; docs/features.md)")
     p.add_argument("--split-embed", action="store_true",
                    help="graph with two embedding senders, tok (token) and pos (learned position), in place of "
                    "embed; models with learned positions only (GPT-2 style, not rotary)")
@@ -166,7 +170,8 @@ def _add_prune(sub) -> None:
     p.add_argument("--level", default="both", metavar="LEVEL",
                    help="what to prune: nodes, edges, both (nodes then edges; default), or phases out of "
                         "nodes,positions,edges in that order (positions: a node at one slot of token positions, "
-                        "e.g. a9.1@end; with edges too, the edges left whole are then tried at each slot)")
+                        "e.g. a9.1@end; with edges too, the edges left whole are then tried at each slot); with "
+                        "--sae the default is nodes")
     p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
     p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy", "l2", "logprob"), default="logit_diff")
     p.add_argument("--absolute", type=_threshold, default=0.8,
@@ -216,7 +221,8 @@ def _add_compare_orders(sub) -> None:
     p.add_argument("--level", default="both", metavar="LEVEL",
                    help="what to prune: nodes, edges, both (nodes then edges; default), or phases out of "
                         "nodes,positions,edges in that order (positions: a node at one slot of token positions, "
-                        "e.g. a9.1@end; with edges too, the edges left whole are then tried at each slot)")
+                        "e.g. a9.1@end; with edges too, the edges left whole are then tried at each slot); with "
+                        "--sae the default is nodes")
     p.add_argument("--ablation", choices=("mean", "resample", "zero"), default="mean")
     p.add_argument("--metric", choices=("logit_diff", "prob", "kl", "accuracy", "l2", "logprob"), default="logit_diff")
     p.add_argument("--absolute", type=_threshold, default=0.8, help="as for prune (default 0.8)")
@@ -516,7 +522,7 @@ def cmd_prune(args) -> int:
         return _prune_targets(args, cfg)
     c = run_prune(cfg, args.out, progress=not args.quiet, force=args.no_memory_check, batch=args.batch)
     s, st = c.scores, c.stats
-    print(f"\ncircuit for {c.task} on {c.model}: {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges "
+    print(f"\ncircuit for {c.task} on {c.model}: {c.sizes()} "
           f"(order {c.method['order']})")
     print(f"  faithfulness {s['faithfulness']:.3f}  normalized {s['normalized']:.3f}  "
           f"({c.method['metric']}: circuit {s['circuit']:.3f}, full {s['full']:.3f}, empty {s['empty']:.3f})")
@@ -616,6 +622,7 @@ def _engine_args(args) -> dict:
     and which flags the command line gave (PruneConfig.given: a task setting that cannot apply is refused)."""
     return {"device": args.device, "dtype": args.dtype, "threads": args.threads, "engine": args.engine,
             "split_embed": args.split_embed, "positions": args.positions, "reduce": args.reduce,
+            "sae": tuple(args.sae),
             "keep_all": args.keep_all, "given": frozenset(given(args))}
 
 

@@ -70,8 +70,15 @@ class PruneConfig:
     mask_steps: int | None = None    # learned masks (order masks): Adam steps per phase (None: MaskSettings')
     mask_lr: float | None = None     # its learning rate
     mask_margin: float | None = None  # aim at absolute + margin
+    sae: tuple = ()              # dictionaries spliced in (--sae): sae_lens directories or FILE.safetensors@HOOK
     given: frozenset = frozenset()  # settings the user gave explicitly (command line flags, sweep keys): one that
                                     # cannot apply is refused even at its default value; not a result setting
+
+    def __post_init__(self):
+        if isinstance(self.sae, (list, str)):  # a sweep's list (or one path) as the tuple it is everywhere else
+            self.sae = (self.sae,) if isinstance(self.sae, str) else tuple(self.sae)
+        if self.sae and self.level == "both" and "level" not in self.given:
+            self.level = "nodes"  # a feature graph's default level (its features have no edges yet)
 
     def to_json(self) -> dict:
         """The settings that determine the result: an order not chosen as default_order resolves it; threads
@@ -91,7 +98,17 @@ class PruneConfig:
                            ("reduce", None), ("keep_all", False)):
             if d[k] == default:
                 d.pop(k)
+        if self.sae:  # each dictionary by its digest too: a changed dictionary is a changed setting
+            from .features.saelens import load_spec
+            d["sae"] = [{"path": s, "digest": load_spec(s).digest()} for s in self.sae]
+        else:
+            d.pop("sae")
         return d
+
+    def dictionaries(self) -> list:
+        """The dictionaries --sae names, loaded (features.saelens.load_spec)."""
+        from .features.saelens import load_spec
+        return [load_spec(s) for s in self.sae]
 
     def mask_settings(self):
         """The MaskSettings of a learned-mask run (defaults where not given)."""
@@ -167,10 +184,26 @@ class PruneConfig:
             raise ValueError(f"split_embed {self.split_embed!r} must be true or false")
         if self.engine not in ENGINES:
             raise ValueError(f"--engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.sae:
+            self._check_sae()
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ValueError(f"--threads {self.threads!r} must be a whole number of at least 1")
         return self
+
+    def _check_sae(self) -> None:
+        """Dictionaries that load, a node-level search (feature nodes have no edges yet), the fast engine."""
+        from .algorithms.levels import phases
+        if not isinstance(self.sae, (tuple, list)) or not all(isinstance(s, str) for s in self.sae):
+            raise ValueError(f"sae {self.sae!r} must be a list of dictionary paths")
+        if any(p in ("edges", "edge-positions") for p in phases(self.level)):
+            raise ValueError(f"--sae with --level {self.level}: a graph with dictionary features is searched at node "
+                             "level for now (its feature and error nodes have no edges); use --level nodes "
+                             "(or nodes,positions)")
+        if self.engine == "hooked":
+            raise ValueError("--sae needs the fast engine (features are spliced into its forward pass); leave "
+                             "--engine hooked out")
+        self.dictionaries()
 
     def _check_task_settings(self) -> None:
         """Refuse a task setting this kind of task does not use (given, or not at its default): a task file
@@ -300,7 +333,7 @@ def evaluator(config: PruneConfig, model, task, log=None):
 
     ev = make_evaluator(model, task, config.ablation, config.metric, qkv=config.qkv, engine=config.engine,
                         device=config.device, dtype=config.dtype, log=log, split_embed=config.split_embed,
-                        positions=config.positions, reduce=config.reduce)
+                        positions=config.positions, reduce=config.reduce, dictionaries=config.dictionaries())
     if "positions" in phases(config.level) and getattr(ev, "path", "fast") == "hooked":
         raise ValueError(f"--level {config.level}: {POSITIONS_REFUSED}")  # before any search, not after its nodes
     return ev

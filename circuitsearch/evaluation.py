@@ -102,7 +102,7 @@ def _config(run: SavedRun, task: str, model) -> PruneConfig:
                        n_prompts=int(meta.get("n_prompts", 24)),
                        seed=int(tm.get("seed", m.get("seed", 0))), template=template if template == "all" else int(template),
                        corruption=tm.get("corruption", "random"), positions=m.get("positions", "last"),
-                       reduce=m.get("reduce"))
+                       reduce=m.get("reduce"), sae=tuple(m.get("sae", ())), level="nodes" if m.get("sae") else "both")
 
 
 def own_evaluator(run: SavedRun, model, log=None):

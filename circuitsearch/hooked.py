@@ -605,10 +605,12 @@ class HookedEvaluator(Evaluator):
 
 def make_evaluator(model: Model, task: Task, ablation: str = "mean", metric: str = "logit_diff", qkv: bool = True,
                    engine: str = "auto", device: str = "cpu", dtype: str = "float32", log=None,
-                   split_embed: bool = False, positions: str | tuple = "last", reduce: str | None = None):
+                   split_embed: bool = False, positions: str | tuple = "last", reduce: str | None = None,
+                   dictionaries=()):
     """The evaluator for `model`: the fast engine when it implements the model and its load check passes,
     else (engine "auto") the hook-based path with a one-line notice to `log` saying why. engine "fast"
-    refuses a model the engine does not reproduce; "hooked" always takes the hook-based path."""
+    refuses a model the engine does not reproduce; "hooked" always takes the hook-based path. Dictionaries
+    (feature graphs) need the fast engine: the hooked path refuses them."""
     from .engine import DTYPES, Engine, unsupported
 
     if engine not in ENGINES:
@@ -618,6 +620,9 @@ def make_evaluator(model: Model, task: Task, ablation: str = "mean", metric: str
         if device != "cpu" or dtype != "float32":
             raise ValueError(f"--device {device} / --dtype {dtype} set the fast engine, and model {model.name!r} "
                              "runs on the hook-based path (the bridge as it was loaded): leave them at cpu / float32")
+        if dictionaries:
+            raise ValueError(f"--sae: dictionary features are spliced into the fast engine's forward, and model "
+                             f"{model.name!r} would run on the hook-based path" + (f" ({why})" if why else ""))
         if why and log is not None:
             log(f"note: model {model.name!r} runs on the hook-based path (slower, same semantics): {why}")
         return HookedEvaluator(model, task, ablation, metric, qkv=qkv, split_embed=split_embed, positions=positions,
@@ -633,7 +638,7 @@ def make_evaluator(model: Model, task: Task, ablation: str = "mean", metric: str
     eng = Engine(model, device=device, dtype=DTYPES[dtype])
     try:
         return Evaluator(model, task, ablation, metric, qkv=qkv, engine=eng, split_embed=split_embed,
-                         positions=positions, reduce=reduce)
+                         positions=positions, reduce=reduce, dictionaries=dictionaries)
     except ModelError as e:
         if engine == "fast" or not str(e).startswith("the fast engine does not reproduce"):
             raise

@@ -31,10 +31,12 @@ from .evaluator.layout import Layout
 from .evaluator.readout_scores import finish
 from .evaluator.relaxed import keep_tensors, relaxed_score
 from .evaluator.sources import ablation_source, ordinary
+from .evaluator.splices import make_splices
 from .evaluator.stacked import StackedForward
 from .evaluator.suffix import CausalSuffix
 from .evaluator.state import (Batch, Masks, Run, Source, check_context, check_token_ids, distinct_rows, ids_of,
                                read_slots)
+from .features.sites import feature_sites
 from .graphs.index import index_of
 from .graphs.model_graph import ModelGraph, edge_unit_name, split_edge_unit, split_unit, unit_name
 from .metrics import Metric, faithfulness, get_metric, normalized
@@ -59,11 +61,15 @@ class Evaluator:
     split_embed=True scores circuits of the graph whose embedding is two senders, `tok` (the token
     embedding) and `pos` (the learned position embedding), each ablated and patched on its own; only
     for models with learned positions (a ModelError otherwise).
+
+    dictionaries (features.Dictionary: SAEs, transcoders) are spliced in at their hook points: their features
+    active on the task's prompts and their errors become nodes (`r6.f12`, `r6.err`; evaluator.splices).
     """
 
     def __init__(self, model: Model, task: Task, ablation: str = "mean", metric: str = "logit_diff",
                  qkv: bool = True, weights: Weights | None = None, engine: Engine | None = None,
-                 split_embed: bool = False, positions: str | tuple = "last", reduce: str | None = None):
+                 split_embed: bool = False, positions: str | tuple = "last", reduce: str | None = None,
+                 dictionaries: Sequence = ()):
         if ablation not in ABLATIONS:
             raise ValueError(f"unknown ablation {ablation!r}; choose one of {', '.join(ABLATIONS)}")
         self.metric: Metric = get_metric(metric)
@@ -78,8 +84,9 @@ class Evaluator:
         if split_embed:
             self.engine.require_learned_positions()
         self.split_embed = bool(split_embed)
+        self.dictionaries, sites = feature_sites(self.engine, task, dictionaries)
         self.graph = ModelGraph(self.L, self.H, self.attn_only, qkv, parallel=self.engine.parallel,
-                                split_embed=self.split_embed)
+                                split_embed=self.split_embed, features=sites)
         self.index = index_of(self.graph)
         self.senders = self.index.senders
         self.sender_index = {s: i for i, s in enumerate(self.senders)}
@@ -95,6 +102,7 @@ class Evaluator:
         first, inverse = distinct_rows(task, ablation, self.readout, self.slots)
         self.engine.check(task.clean[first])  # never silently wrong: the engine reproduces the bridge here
         self.rows_inverse = inverse
+        self.rows_first = first  # the task row each distinct row is (its first occurrence)
         counts = torch.bincount(inverse, minlength=len(first)).float()
         rows = Batch.of(task.clean[first], self.readout.rows(first), counts)
         self._slot_rows = self.slots.rows(first)  # [B, P] slot of each distinct row's positions
@@ -107,13 +115,14 @@ class Evaluator:
         self.causal_suffix = True
         first_read = rows.tokens.shape[1] - 1 if rows.pos is None else int(rows.pos[rows.valid].min())
         self._suffix = CausalSuffix(self.forward, first_read)
+        self.forward.splices = make_splices(self.dictionaries, self.index, self.engine)
         self._units: list | None = None
         everything = Batch.of(task.corrupted, self.readout, torch.ones(len(task))).to(self.engine.device)
         with torch.inference_mode():
             empty = self._empty_masks()
             self._embed_clean = self._embed_live(self.batch.tokens)
             corrupt = self._forward(None, -1, empty, self._embed_live(task.corrupted), source=None, batch=everything)
-            self.source = self.forward.source = ablation_source(corrupt, first, ablation, task)
+            self.source = self.forward.source = ablation_source(corrupt, first, ablation, task, self.forward.splices)
             self.clean_run = self._forward(None, -1, empty, self._embed_clean)
             self._baselines(corrupt, everything, inverse)
 
@@ -285,6 +294,11 @@ class Evaluator:
         """(ablated node ids, removed edge ids) that make this evaluator score a saved `circuit`
         as its run did."""
         if self.graph.signature() != circuit.graph:
+            mine, theirs = self.graph.signature(), dict(circuit.graph)
+            if mine.pop("features", None) != theirs.pop("features", None) and mine == theirs:
+                raise ValueError("the circuit's feature graph is not this evaluator's: its dictionaries (by digest) or "
+                                 "their features active on its prompts differ, and a feature circuit is scored on the "
+                                 "prompts it was found on with the dictionaries it was found with")
             raise ValueError(f"the circuit is over graph {circuit.graph}, the model's graph is {self.graph.signature()}")
         m = self.index.masks_of(circuit.nodes, None if circuit.node_level else circuit.edges)
         return m.ablated[: self.S].nonzero()[:, 0], m.removed.nonzero()[:, 0]
@@ -354,9 +368,10 @@ class Evaluator:
         the path integrated gradients walk: the relaxed forward (evaluator.relaxed) with the
         circuit's keep masks scaled by alpha, one forward and one backward pass. Several alphas:
         the sum of their gradients, from one pass over the prompt rows stacked once per alpha.
-        Returns {"attn": [L] x [B, P, 3, H, d], "mlp": [L] x [B, P, d], "logits": [B, d]} for the
-        distinct prompt rows, each row's gradient weighted by its share of the task ("logits":
-        [B, P, d] when the metric reads other positions than the last of full-length prompts).
+        Returns {"attn": [L] x [B, P, 3, H, d], "mlp": [L] x [B, P, d], "logits": [B, d], "hooks": per feature
+        site [B, P, d] (the gradient at what the spliced site writes)} for the distinct prompt rows, each row's
+        gradient weighted by its share of the task ("logits": [B, P, d] when the metric reads other positions
+        than the last of full-length prompts).
         """
         if not self.metric.gradient:
             raise ValueError(f"{self.metric.name} has no gradient: attribute with logit_diff, prob or kl instead")
@@ -367,19 +382,20 @@ class Evaluator:
         K, inputs = len(alphas), {}
         with torch.enable_grad():
             # the masks require grad so that every receiver input is in the graph, even with all ablated
-            if K == 1:
-                score = relaxed_score(self, (nodes * alphas[0]).requires_grad_(), edges, edges_at, inputs)
+            if K == 1:  # (nodes a dictionary decomposes stay whole: their features are what alpha scales)
+                scale = torch.where(self.index.decomposed[: self.S, None], 1.0, alphas[0])
+                score = relaxed_score(self, (nodes * scale).requires_grad_(), edges, edges_at, inputs)
             else:
                 score = relaxed_score(self, nodes.requires_grad_(), edges, edges_at, inputs, torch.tensor(alphas))
-            flat = inputs["attn"] + [t for t in inputs["mlp"] if t is not None] + [inputs["logits"]]
+            flat = inputs["attn"] + [t for t in inputs["mlp"] if t is not None] + [inputs["logits"]] + inputs["hooks"]
             grads = torch.autograd.grad(score, flat, allow_unused=True, materialize_grads=True)
         if K > 1:  # copy k's rows are the k-th block of B: the sum over copies
             grads = [g.unflatten(0, (K, -1)).sum(0) for g in grads]
         self.count_relaxed(copies=K)
-        L = self.L
-        g_attn, rest = list(grads[:L]), list(grads[L:])
+        L, J = self.L, len(inputs["hooks"])
+        g_attn, rest = list(grads[:L]), list(grads[L:len(grads) - J])
         g_mlp = [None] * L if self.attn_only else rest[:L]
-        return {"attn": g_attn, "mlp": g_mlp, "logits": rest[-1]}
+        return {"attn": g_attn, "mlp": g_mlp, "logits": rest[-1], "hooks": list(grads[len(grads) - J:])}
 
     def count_relaxed(self, backward: bool = True, copies: int = 1) -> None:
         """Count one relaxed forward (evaluator.relaxed) and its backward in the stats: a backward costs
@@ -391,8 +407,15 @@ class Evaluator:
         self.batched_passes += copies > 1
 
     def sender_diffs(self, run: Run) -> torch.Tensor:
-        """live − ablated output of every sender in `run`, stacked [B, P, S, d]."""
-        return torch.stack([sender_diff(self.forward, run, s) for s in range(self.S)], 2)
+        """live − ablated output of every ordinary sender (embedding, heads, MLPs: those edges leave) in `run`,
+        stacked [B, P, S0, d]."""
+        return torch.stack([sender_diff(self.forward, run, s) for s in range(self.index.S0)], 2)
+
+    @property
+    def splices(self) -> list:
+        """The dictionaries spliced in (evaluator.splices; empty without features, and on the hooked path)."""
+        fw = getattr(self, "forward", None)
+        return fw.splices if fw is not None else []
 
     def _grad_source(self) -> Source:
         """The ablation source as ordinary tensors (the cached ones are inference tensors)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..evaluator.splices import site_diffs
 from ..patching import Evaluator, Run
 
 METHODS = ("eap", "eap-ig")
@@ -96,7 +97,8 @@ def attribute(ev: Evaluator, run: Run | None = None, method: str = "eap-ig", ste
     if steps < 1:
         raise ValueError(f"EAP-IG needs at least 1 step, not {steps}")
     run = run or ev.clean_run
-    est = edge_estimates(ev, run, method, steps, by_slot=units or edge_units)  # [E] or [E, Q]
+    grads = ev.receiver_gradients(run, alpha=[k / steps for k in range(1, steps + 1)])  # Σ over the steps
+    est = edge_estimates(ev, run, method, steps, by_slot=units or edge_units, grads=grads)  # [E] or [E, Q]
     ix = ev.index
     present_mask = run.present_edges()
     present = present_mask.nonzero()[:, 0].tolist()
@@ -108,11 +110,21 @@ def attribute(ev: Evaluator, run: Run | None = None, method: str = "eap-ig", ste
         src = e.split("->", 1)[0]
         if src in nodes:
             nodes[src] += v
+    feats = feature_estimates(ev, run, grads, steps, by_slot=units)  # [S - S0] or [S - S0, Q]
+    if feats is not None:
+        total_f = (feats.sum(1) if feats.dim() == 2 else feats).tolist()
+        for k, n in enumerate(ix.senders[ix.S0:]):
+            if n in nodes:
+                nodes[n] = total_f[k]
+    for n in ix.names(ix.decomposed[: ix.S].nonzero()[:, 0], "nodes"):
+        nodes.pop(n, None)  # a decomposed node is not a candidate: its features are
     unit_est = {}
     if units:  # a node at a slot: the sum of its present out-edges' estimates at that slot
         S, Q = ev.S, ev.Q
         per = torch.zeros(S, Q, dtype=est.dtype).index_add_(0, ix.edge_src[present_mask], est[present_mask])
-        alive = run.present_units()
+        if feats is not None:
+            per[ix.S0:] = feats
+        alive = run.present_units() & ~ix.decomposed[:S, None]
         names, flat = ev.unit_names, per.flatten().tolist()
         unit_est = {names[u]: flat[u] for u in alive.flatten().nonzero()[:, 0].tolist()}
     edge_est = {}
@@ -134,15 +146,38 @@ def attribute_for(ev: Evaluator, run: Run, level: str, method: str = "eap-ig", s
     return attribute(ev, run, method, steps, units=level == "positions", edge_units=level == "edge-positions")
 
 
+def feature_estimates(ev: Evaluator, run: Run, grads: dict, steps: int, by_slot: bool = False) -> torch.Tensor | None:
+    """Estimated change of the score when each feature and error node (graph ids S0..S-1) is ablated in `run`'s
+    circuit [S - S0] (by_slot: at each slot alone [S - S0, Q]), from the gradients at the spliced sites
+    (`grads` of receiver_gradients over `steps` alphas): −(f − a_f)·(W_dec · g), −(e − a_e)·g; None without
+    features. With nothing ablated downstream they sum, site by site, to the estimate of ablating the whole
+    activation the site writes (the splice is exact and linear in the features)."""
+    if not ev.splices:
+        return None
+    with torch.inference_mode():
+        onehot = torch.nn.functional.one_hot(ev._slot_rows, ev.Q).float() if by_slot else None
+        out = []
+        for (df, de), sp, g in zip(site_diffs(ev.splices, ev.source, run), ev.splices, grads["hooks"]):
+            gw = torch.einsum("bpd,nd->bpn", g, sp.W)                     # the gradient along each decoder row
+            per = torch.cat([df * gw, (de * g).sum(-1, keepdim=True)], -1)  # [B, P, n+1]
+            if onehot is None:
+                out.append(per.sum((0, 1)))
+            else:
+                out.append(torch.einsum("bpn,bpq->nq", per, onehot.to(per.device, per.dtype)))
+        return (torch.cat(out, 0) * (-1.0 / steps)).cpu()
+
+
 def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int = 5,
-                   by_slot: bool = False) -> torch.Tensor:
+                   by_slot: bool = False, grads: dict | None = None) -> torch.Tensor:
     """Estimated change of the score when each edge of the graph index is removed from `run`'s circuit [E]
     (edges no longer present get the estimate of removing them again: meaningless, filter them); with
-    by_slot, the change when it is removed at each slot of positions only [E, Q] (summing to [E])."""
+    by_slot, the change when it is removed at each slot of positions only [E, Q] (summing to [E]).
+    `grads`: receiver_gradients at the steps' alphas, if already taken."""
     steps = 1 if method == "eap" else steps
     L, H, S = ev.L, ev.H, ev.S
     alphas = [k / steps for k in range(1, steps + 1)]
-    grads = ev.receiver_gradients(run, alpha=alphas)  # Σ over the steps, one pass
+    if grads is None:
+        grads = ev.receiver_gradients(run, alpha=alphas)  # Σ over the steps, one pass
     ix = ev.index
     with torch.inference_mode():
         D = ev.sender_diffs(run)  # [B, P, S, d] live - ablated
@@ -167,10 +202,10 @@ def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int =
                 est[ev.layout.mlp_row[l], : n + H] = contract("bpd,bpsd->s", grads["mlp"][l], D[:, :, : n + H]) * scale
         g = grads["logits"]  # [B, d] at the last position, or [B, P, d] when the metric reads several
         if g.dim() == 2:  # the last position of every row
-            est[ev.layout.logits_row] = (torch.einsum("bd,bsd,bq->s" + sq, g, D[:, -1], onehot[:, -1]) if by_slot
+            est[ev.layout.logits_row, : ix.S0] = (torch.einsum("bd,bsd,bq->s" + sq, g, D[:, -1], onehot[:, -1]) if by_slot
                                          else torch.einsum("bd,bsd->s", g, D[:, -1])) * scale
         else:
-            est[ev.layout.logits_row] = contract("bpd,bpsd->s", g, D) * scale
+            est[ev.layout.logits_row, : ix.S0] = contract("bpd,bpsd->s", g, D) * scale
     return est[ix.edge_recv, ix.edge_src].cpu()  # estimates meet the CPU masks from here on
 
 

@@ -18,12 +18,12 @@ from .levels import EDGE_POSITIONS, candidate_ids, level_of  # noqa: F401  (cand
 from .orders import ByMagnitude, Order, default_order, parse_order
 from .speculation import MAX_K, Speculation
 from .search import (LEVELS, Decision, PruneResult, Replay, ResumeError, Thresholds, check_scores,  # noqa: F401
-                     dangling_nodes, phases, remove_dangling, run_phases)
+                     check_feature_level, dangling_nodes, phases, remove_dangling, run_phases)
 
 
 def node_candidates(ev: Evaluator, run: Run) -> list[str]:
-    """Nodes still in the circuit, in forward order."""
-    return ev.index.names(run.present_nodes().nonzero()[:, 0], "nodes")
+    """Nodes still in the circuit that a search may remove, in forward order."""
+    return ev.index.names(candidate_ids(run, "nodes"), "nodes")
 
 
 def edge_candidates(ev: Evaluator, run: Run) -> list[str]:
@@ -52,6 +52,7 @@ def prune(ev: Evaluator, level: str, thresholds: Thresholds, order: str | Order 
         order = ByMagnitude(order.name, order.method, order.steps, tuple(ranking))
     if max_passes < 1:
         raise ValueError(f"max_passes must be at least 1, not {max_passes}")
+    check_feature_level(ev, (level,))
     check_scores(ev)
     run = run if run is not None else ev.run()
     result = result or PruneResult(run)

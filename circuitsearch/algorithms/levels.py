@@ -79,16 +79,23 @@ class _Lookup:
 
 def candidate_ids(run: Run, phase: str, read=None) -> list[int]:
     """Ids of the nodes, units (nodes at slots), edges or edge units still in `run`'s circuit, in forward
-    order (units: node by node, slot by slot); `read`: Evaluator.read_slots, for edge units."""
+    order (units: node by node, slot by slot); `read`: Evaluator.read_slots, for edge units. In a feature graph
+    the nodes a dictionary decomposes are not candidates (their features and error are), and forward order
+    places each feature at its hook point's stage."""
+    ix = run.index
     if phase == "nodes":
-        mask = run.present_nodes()
+        mask = run.present_nodes() & ~ix.decomposed[: ix.S]
     elif phase == "edges":
         mask = run.present_edges()
     elif phase == "positions":
-        mask = run.present_units().flatten()
+        mask = (run.present_units() & ~ix.decomposed[: ix.S, None]).flatten()
     else:
         mask = run.present_edge_units(read).flatten()
-    return mask.nonzero()[:, 0].tolist()
+    ids = mask.nonzero()[:, 0].tolist()
+    if ix.sites and phase in ("nodes", "positions"):
+        Q = 1 if phase == "nodes" else run.masks.at.shape[1]
+        ids.sort(key=lambda u: ix.node_stage[u // Q])  # stable: ties keep id order
+    return ids
 
 
 @dataclass(frozen=True)

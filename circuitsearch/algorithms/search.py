@@ -16,7 +16,7 @@ import networkx as nx
 
 from ..metrics import score_problem
 from ..patching import Evaluator, Run
-from .levels import LEVEL_CHOICES as LEVELS, phases  # noqa: F401  (phases is part of this interface)
+from .levels import EDGE_POSITIONS as EDGE_POSITIONS_PHASE, LEVEL_CHOICES as LEVELS, phases  # noqa: F401
 
 
 class ResumeError(RuntimeError):
@@ -194,12 +194,22 @@ class PruneResult:
 Phase = Callable[[str, PruneResult], None]
 
 
+def check_feature_level(ev: Evaluator, steps) -> None:
+    """A graph with dictionary features is searched over nodes (and positions): its features have no edges yet,
+    so an edge phase would search a graph without them; refused, never run half."""
+    if ev.index.sites and any(p in ("edges", EDGE_POSITIONS_PHASE) for p in steps):
+        raise ValueError("a graph with dictionary features (--sae) is searched at node level for now: its feature "
+                         "and error nodes have no edges, so an edge phase cannot remove what flows through them; "
+                         "use --level nodes (or nodes,positions)")
+
+
 def run_phases(ev: Evaluator, level: str, phase: Phase, dangling: Thresholds | None,
                start: Run | None = None) -> PruneResult:
     """Nodes, then nodes at single slots (positions), then edges among the surviving nodes, as the level
     says, each by `phase`; then the nodes left dangling (after an edge phase, by `dangling`); then a
     fresh re-score (result.final)."""
     steps = phases(level)
+    check_feature_level(ev, steps)
     check_scores(ev)
     result = PruneResult(start if start is not None else ev.run())
     for p in steps:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .readout_scores import per_prompt, readout_logits, weighted_mean
+from .splices import site_at
 from .state import Batch, Source
 
 # `ev` below is a patching.Evaluator; not imported, as the evaluator imports this module (imports point down)
@@ -68,16 +69,22 @@ def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | No
     dev = eng.device
     keep = nodes.to(dev)[:, slot.to(dev)]                   # [S, K*B, P]
     if copies is not None:
+        whole = keep
         keep = keep * copies.to(dev, keep.dtype).repeat_interleave(len(ev.batch.tokens))[None, :, None]
+        dec = ev.index.decomposed[: ev.S]
+        if bool(dec.any()):  # nodes a dictionary decomposes stay whole: their features are what is scaled
+            keep = torch.where(dec.to(dev)[:, None, None], whole, keep)
     record = inputs is not None
     if record:
-        inputs.update(attn=[None] * L, mlp=[None] * L, logits=None)
+        inputs.update(attn=[None] * L, mlp=[None] * L, logits=None, hooks=[None] * len(ev.splices))
+    splice = _splicer(ev, keep, src, inputs)
     resid = _embedding(ev, b.tokens, keep, src, chunks)
     for l in range(L):
         lw = eng.layer(l)
         hs = lay.heads[l]
         a_z = src.z[l]
         m_h = keep[hs].permute(1, 2, 0)[..., None]          # [B, P, H, 1]
+        resid = splice("resid_pre", l, resid, resid)
         d = delta(lay.attn_rows[l])
         if d is None and not record:
             z = eng.attention(lw, resid)
@@ -98,7 +105,12 @@ def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | No
         z = torch.lerp(a_z.expand_as(z), z, m_h.to(z.dtype))
         if cut is not None:
             chunks.append((hs.start, eng.head_outputs(lw, z - a_z)))
-        pre, resid = resid, eng.add_heads(resid, lw, z)
+        if splice.at("attn_out", l) is not None:
+            out = eng.heads_sum(lw, z) + lw.b_O
+            pre, resid = resid, resid + splice("attn_out", l, out, out)
+        else:
+            pre, resid = resid, eng.add_heads(resid, lw, z)
+        resid = splice("resid_mid", l, resid, resid)
         if not ev.attn_only:
             s = lay.mlp[l]
             d = delta(torch.tensor([lay.mlp_row[l]]))
@@ -108,12 +120,13 @@ def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | No
                 inputs["mlp"][l] = x
             a_m = src.mlp_out[l]
             if bool(on[s]):
-                m = torch.lerp(a_m.expand_as(x), eng.mlp(lw, x), keep[s][..., None].to(x.dtype))
+                m = torch.lerp(a_m.expand_as(x), _mlp(ev, splice, lw, l, x), keep[s][..., None].to(x.dtype))
             else:
                 m = a_m.expand_as(x)
             if cut is not None:
                 chunks.append((s, (m - a_m)[:, :, None]))
             resid = resid + m
+    resid = splice("resid_pre", L, resid, resid)
     d = delta(torch.tensor([lay.logits_row]))
     x = resid if d is None else resid - d[:, :, 0]
     if record and b.pos is None:  # the logits receiver's input is the last position's [B, d]
@@ -130,6 +143,43 @@ def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | No
     return (per.view(K, -1) * w).sum() / w.sum()  # Σ over copies of each copy's weighted mean
 
 
+class _splicer:
+    """splice(kind, layer, x_in, x_out): x_out with the feature site writing kind.layer (if any) relaxed in, its
+    features and error kept as `keep` says (evaluator.splices); with `inputs`, the result is recorded in
+    inputs["hooks"] for its gradient."""
+
+    def __init__(self, ev, keep: torch.Tensor, src: Source, inputs: dict | None):
+        self.splices, self.keep, self.src, self.inputs = ev.splices, keep, src, inputs
+
+    def at(self, kind: str, layer: int) -> int | None:
+        return site_at(self.splices, kind, layer) if self.splices else None
+
+    def __call__(self, kind: str, layer: int, x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+        j = self.at(kind, layer)
+        if j is None:
+            return x_out
+        sp = self.splices[j]
+        cut = (1.0 - self.keep[sp.ids]).permute(1, 2, 0)  # [B, P, n+1]
+        out = sp.apply(x_in, x_out, cut, self.src.feat_f[j], self.src.feat_e[j])
+        if self.inputs is not None:
+            self.inputs["hooks"][j] = out
+        return out
+
+
+def _mlp(ev, splice: _splicer, lw, l: int, x: torch.Tensor) -> torch.Tensor:
+    """Layer l's MLP output for its block input x, with dictionaries at mlp_in.l and mlp_out.l relaxed in."""
+    eng = ev.engine
+    j_in, j_out = splice.at("mlp_in", l), splice.at("mlp_out", l)
+    if j_in is None and j_out is None:
+        return eng.mlp(lw, x)
+    h = splice("mlp_in", l, *(2 * [eng.norm(x, lw.ln2)]))
+    out = eng.mlp_normed(lw, h)
+    if j_out is None:
+        return out
+    reads = splice.splices[j_out].reads
+    return splice("mlp_out", l, out if reads == "mlp_out" else h if reads == "mlp_in" else x, out)
+
+
 def _stacked(ev: "Evaluator", K: int):
     """(ablation source, batch, slot of each row's positions) for the prompt rows stacked K times."""
     src, b, slot = ev._grad_source(), ev.batch, ev._slot_rows
@@ -138,7 +188,8 @@ def _stacked(ev: "Evaluator", K: int):
     rep = lambda t: None if t is None else t.repeat(K, *[1] * (t.dim() - 1))
     per_row = lambda t: t if t is None or t.shape[0] == 1 else rep(t)  # a shared ablation value broadcasts
     src = Source(src.kind, per_row(src.embed), [per_row(t) for t in src.z], [per_row(t) for t in src.mlp_out],
-                 None if src.parts is None else [per_row(t) for t in src.parts])
+                 None if src.parts is None else [per_row(t) for t in src.parts], [per_row(t) for t in src.feat_f],
+                 [per_row(t) for t in src.feat_e])
     b = Batch(rep(b.tokens), rep(b.answers), rep(b.wrong), rep(b.weight), rep(b.ref), rep(b.pos), rep(b.valid),
               b.reduce)
     return src, b, rep(slot)

@@ -12,6 +12,7 @@ from .edge_sums import delta as edge_delta
 from .layout import Layout
 from .passes import Pass
 from .readout_scores import finish, readout_logits
+from .splices import site_at
 from .state import Batch, Masks, Run, Source
 
 
@@ -27,6 +28,7 @@ class StackedForward:
         self.slot_rows = slot_rows  # [B, P] the slot of each of the task's distinct rows' positions
         self.batch = batch          # the task's distinct rows: the only ones position-level circuits run on
         self.source: Source | None = None
+        self.splices: list = []     # feature sites (evaluator.splices), set by a feature graph's evaluator
         self._ablated_z_cache: dict = {}
 
     def run_many(self, base: Run | None, start: int, masks: list, embed_live: torch.Tensor,
@@ -65,28 +67,31 @@ class StackedForward:
             stage = self.index.node_stage
             diffs = {s: d for s, d in base.diffs.items() if stage[s] < start}
             sums = {g: v for g, v in base.sums.items() if self.layout.group_stage[g] < start}
+            hooks = {j: v for j, v in base.hooks.items() if self.index.node_stage[self.splices[j].first] < start}
             p.runs = [Run(self.index, m, base.embed, list(base.resid_pre), list(base.z), list(base.resid_mid),
-                          list(base.mlp_out), diffs=dict(diffs), sums=dict(sums), parts=base.parts) for m in masks]
+                          list(base.mlp_out), diffs=dict(diffs), sums=dict(sums), parts=base.parts,
+                          hooks=dict(hooks)) for m in masks]
         edges = bool(p.removed.any()) or p.removed_at is not None
         first = max(start, 0) // 3
         if first >= L:
-            resid = p.tile(base.final)
+            resid = p.tile(base.final if self.site("resid_pre", L) is None else base.hooks[self.site("resid_pre", L)][1])
         else:
-            resid = p.embed if base is None else p.tile(base.resid_pre[first])
+            j = self.site("resid_pre", first)
+            resid = p.embed if base is None else p.tile(base.resid_pre[first] if j is None else base.hooks[j][1])
         for l in range(first, L):
             lw = eng.layer(l)
             stage = start - 3 * l if l == first else -1  # where this layer's recomputation begins
             hab = p.ablated[:, self.layout.heads[l]] if src is not None else None  # [K, H] heads ablated
             if stage <= 1:
                 if stage <= 0:
-                    pre = resid
+                    pre = self.splice(p, "resid_pre", l, resid, resid)
                     p.put("resid_pre", l, pre)
                 else:
                     pre = p.tile(base.resid_pre[l])
                 if src is not None and bool(hab.all()):
                     # every head ablated: their outputs are the ablation values, whatever they read
                     z = p.tile(self.ablated_z(src, l, B))
-                    resid = eng.add_heads(pre, lw, z, p.tile(self.ablated_z(src, l, B, summed=True)))
+                    resid = self.attn_out(p, l, lw, pre, z, p.tile(self.ablated_z(src, l, B, summed=True)))
                 else:
                     if stage <= 0:
                         z = self.heads_z(p, l, pre, hab, edges)
@@ -95,33 +100,27 @@ class StackedForward:
                     pm = p.at_rows(self.layout.heads[l])  # heads ablated at single slots
                     if pm is not None:
                         z = torch.where(pm[..., None], p.ablation("z", l), z)
-                    resid = eng.add_heads(pre, lw, z)
+                    resid = self.attn_out(p, l, lw, pre, z)
                 p.z[l] = z
                 p.put("z", l, z)
                 p.put("resid_mid", l, resid)
             else:
-                resid = p.tile(base.resid_mid[l])
+                j = self.site("resid_mid", l)
+                if j is None:
+                    resid = p.tile(base.resid_mid[l])
+                else:  # the splice redone from what it read, as the circuits' masks say
+                    resid = self.splice(p, "resid_mid", l, p.tile(base.hooks[j][0]), p.tile(base.hooks[j][1]))
+                    p.put("resid_mid", l, resid)
                 pre = p.tile(base.resid_pre[l]) if eng.parallel else None
             if not self.attn_only:
-                off = p.ablated[:, self.layout.mlp[l]] if src is not None else None
-                if src is not None and bool(off.all()):  # ablated: its input does not matter
-                    out = p.ablation("mlp_out", l).expand_as(resid)
-                else:
-                    delta = edge_delta(self, p, self.layout.mlp_row[l], ("mlp", l)) if edges else None
-                    x = pre if eng.parallel else resid  # a parallel block's MLP reads the layer's input
-                    x = x if delta is None else x - delta[:, :, 0]
-                    if src is not None and bool(off.any()):  # ablated in some circuits: run the others' rows
-                        live = p.row_ids(~off)
-                        out = p.ablation("mlp_out", l).expand_as(resid).clone()
-                        out[live] = eng.mlp(lw, x[live])
-                    else:
-                        out = eng.mlp(lw, x)
-                    pm = p.at_rows(self.layout.mlp[l])  # ablated at single slots
-                    if pm is not None:
-                        out = torch.where(pm, p.ablation("mlp_out", l), out)
+                out = self.mlp_out(p, l, lw, pre if eng.parallel else resid, src, edges)
                 p.mlp[l] = out
                 p.put("mlp_out", l, out)
                 resid = resid + out
+        if first < L:
+            resid = self.splice(p, "resid_pre", L, resid, resid)
+        elif self.site("resid_pre", L) is not None:  # redone from what the final site read
+            resid = self.splice(p, "resid_pre", L, resid, resid)
         for run, f in zip(p.runs, p.split(resid)):
             run.final = f
         delta = edge_delta(self, p, self.layout.logits_row, ("logits",)) if edges else None
@@ -135,6 +134,79 @@ class StackedForward:
                 for run, v in zip(p.runs, p.split(d)):
                     run.diffs[s] = v
         return p.runs
+
+    def mlp_out(self, p: Pass, l: int, lw, x: torch.Tensor, src: Source | None, edges: bool) -> torch.Tensor:
+        """What layer l's MLP writes for its block input x (the layer's input in a parallel block), for the
+        stacked rows: its ablation value where the circuit ablates it, removed edges taken from its input,
+        and a dictionary at mlp_in.l or mlp_out.l (an SAE, or a transcoder) spliced in."""
+        eng = self.engine
+        off = p.ablated[:, self.layout.mlp[l]] if src is not None else None
+        j_in, j_out = self.site("mlp_in", l), self.site("mlp_out", l)
+        if src is not None and bool(off.all()):  # ablated: its input does not matter
+            out = p.ablation("mlp_out", l).expand_as(x)
+            return out if j_out is None else self.splice(p, "mlp_out", l, out, out)
+        delta = edge_delta(self, p, self.layout.mlp_row[l], ("mlp", l)) if edges else None
+        x = x if delta is None else x - delta[:, :, 0]
+        h = None
+        if j_in is not None or (j_out is not None and self.splices[j_out].reads != "mlp_out"):
+            h = eng.norm(x, lw.ln2)  # mlp_in: what the MLP reads (and a transcoder)
+            if j_in is not None:
+                h = self.splice(p, "mlp_in", l, h, h)
+        run = (lambda rows: eng.mlp(lw, x[rows])) if h is None else (lambda rows: eng.mlp_normed(lw, h[rows]))
+        if src is not None and bool(off.any()):  # ablated in some circuits: run the others' rows
+            live = p.row_ids(~off)
+            out = p.ablation("mlp_out", l).expand_as(x).clone()
+            out[live] = run(live)
+        else:
+            out = run(slice(None))
+        pm = p.at_rows(self.layout.mlp[l])  # ablated at single slots
+        if pm is not None:
+            out = torch.where(pm, p.ablation("mlp_out", l), out)
+        if j_out is None:
+            return out
+        reads = self.splices[j_out].reads
+        x_in = out if reads == "mlp_out" else h if reads == "mlp_in" else x  # a transcoder reads mlp_in or resid_mid
+        return self.splice(p, "mlp_out", l, x_in, out)
+
+    def attn_out(self, p: Pass, l: int, lw, pre: torch.Tensor, z: torch.Tensor,
+                 summed: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream after layer l's attention (pre + what its heads write), with dictionaries at
+        attn_out.l and resid_mid.l spliced in."""
+        if self.site("attn_out", l) is None:
+            mid = self.engine.add_heads(pre, lw, z, summed)
+        else:
+            out = (self.engine.heads_sum(lw, z) if summed is None else summed) + lw.b_O
+            mid = pre + self.splice(p, "attn_out", l, out, out)
+        return self.splice(p, "resid_mid", l, mid, mid)
+
+    def site(self, kind: str, layer: int) -> int | None:
+        """Index of the feature site writing hook kind.layer (None: none there)."""
+        return site_at(self.splices, kind, layer) if self.splices else None
+
+    def splice(self, p: Pass, kind: str, layer: int, x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+        """x_out with the feature site at kind.layer (if any) spliced in for the stacked rows: its features and
+        error ablated as each circuit's masks say (at single slots too); rows whose circuit ablates the nodes it
+        decomposes keep x_out. What the site read and wrote joins each run's hooks."""
+        j = self.site(kind, layer)
+        if j is None:
+            return x_out
+        sp = self.splices[j]
+        for run, a, b in zip(p.runs, p.split(x_in), p.split(x_out)):
+            run.hooks[j] = (a, b)
+        if p.source is None:
+            return x_out
+        off = p.ablated[:, sp.ids]  # [K, n+1]
+        if sp.parents:
+            off = off & ~p.ablated[:, sp.parents].all(1, keepdim=True)
+        pm = p.at_rows(sp.ids)
+        if not bool(off.any()) and pm is None:
+            return x_out  # nothing of the site ablated: the activation as it is
+        cut = p.rows(off)[:, None, :]
+        if pm is not None:
+            if sp.parents:
+                pm = pm & ~p.rows(p.ablated[:, sp.parents].all(1))[:, None, None]
+            cut = cut | pm
+        return sp.apply(x_in, x_out, cut, p.ablation("feat_f", j), p.ablation("feat_e", j))
 
     def embed_part(self, p: Pass, s: int, live: torch.Tensor, what: str = "parts") -> torch.Tensor:
         """Embedding sender s's output for the stacked rows: `live` tiled, its ablation value in the circuits

@@ -47,6 +47,7 @@ class Run:
     diffs: dict = field(default_factory=dict)  # sender index -> live - ablated output
     sums: dict = field(default_factory=dict)   # receiver group -> (rows, Σ over removed senders, updates since full)
     parts: list | None = None  # split-embed graph: [tok, pos] outputs after ablation (embed is their sum)
+    hooks: dict = field(default_factory=dict)  # feature site j -> (what it reads, what it writes) before the splice
     kv: list | None = None     # [L] (keys, values) [B, P, H, dh] each layer's heads attended over (evaluator.suffix)
     _names: dict = field(default_factory=dict, repr=False)
 
@@ -214,13 +215,16 @@ def read_slots(slot_rows: torch.Tensor, batch: Batch, Q: int) -> torch.Tensor:
 @dataclass
 class Source:
     """Ablation values (broadcastable to [B, P, ...]) for embed, head z and MLP outputs; in a split-embed
-    graph `parts` holds those of tok and pos (and embed is their sum)."""
+    graph `parts` holds those of tok and pos (and embed is their sum); in a feature graph feat_f and feat_e
+    those of each site's features and error."""
 
     kind: str
     embed: torch.Tensor
     z: list
     mlp_out: list
     parts: list | None = None
+    feat_f: list = field(default_factory=list)  # feature site j -> ablation values of its node features [., P, n]
+    feat_e: list = field(default_factory=list)  # feature site j -> ablation value of its error [., P, d]
 
 
 def ids_of(items, lookup) -> torch.Tensor:

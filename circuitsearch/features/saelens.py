@@ -229,3 +229,26 @@ def save_dictionary(d: Dictionary, directory: str | Path, model_name: str | None
         raise
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+_LOADED: dict = {}
+
+
+def load_spec(spec: str) -> Dictionary:
+    """The dictionary a command line names: a sae_lens directory, or a bare .safetensors file with its hook point
+    after `@` (`sae.safetensors@resid_pre.6`). Loaded once per path, size and modification time."""
+    path, hook = str(spec), None
+    if "@" in path and not Path(path).exists():
+        path, hook = path.rsplit("@", 1)
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+        key = (str(p.resolve()), hook, st.st_size, st.st_mtime_ns)
+    except OSError:
+        raise DictionaryError(f"--sae {spec}: no such file or directory (give a sae_lens directory, or "
+                              "FILE.safetensors@HOOK, e.g. sae.safetensors@resid_pre.6)") from None
+    if p.is_dir() and (p / CFG).is_file():
+        key += ((p / WEIGHTS).stat().st_mtime_ns if (p / WEIGHTS).exists() else 0, (p / CFG).stat().st_mtime_ns)
+    if key not in _LOADED:
+        _LOADED[key] = load_dictionary(p, hook=hook)
+    return _LOADED[key]

@@ -14,6 +14,7 @@ from functools import lru_cache
 import networkx as nx
 
 from .. import __version__
+from ..features.hooks import parse_feature
 from .model_graph import (ModelGraph, check_slot_name, parse_node, receiver_node, split_edge, split_edge_unit,
                           split_unit)
 
@@ -56,10 +57,30 @@ def model_graph_of(signature: dict) -> ModelGraph:
 
 
 def node_sort_key(name: str, n_layers: int) -> tuple:
-    """Forward order: embed (tok before pos), then per layer its heads by index, then its MLP, then logits."""
+    """Forward order: embed (tok before pos), then per layer its heads by index, then its MLP, then logits; a
+    dictionary's features (index order, the error last) where its hook point sits in its layer."""
     info = parse_node(name, n_layers)
+    if info.kind == "feature":
+        f = parse_feature(name)
+        return (info.layer, _FEATURE_AT[f.site], f.index if f.index is not None else 1 << 40)
     return (info.layer, 1 if info.kind == "mlp" else 0,
             info.head if info.head is not None else 1 if name == "pos" else 0)
+
+
+_FEATURE_AT = {"resid_pre": -1, "attn_out": 0.5, "resid_mid": 0.7, "mlp_in": 0.8, "mlp_out": 1.5, "transcoder": 1.5}
+
+
+def sizes_text(c: "Circuit") -> str:
+    """'10 heads, 2 MLPs, 142 edges'; a feature circuit's features and errors instead of edges (its features have
+    none: the edges it would list join heads, MLPs, embed and logits only)."""
+    def plural(n, w):
+        return f"{n} {w}{'' if n == 1 else 's'}"
+    parts = [plural(len(c.heads()), "head"), plural(len(c.mlps()), "MLP")]
+    if c.graph.get("features"):
+        feats = c.feature_nodes()
+        errs = sum(n.endswith(".err") for n in feats)
+        return ", ".join(parts + [plural(len(feats) - errs, "feature"), plural(errs, "error node")])
+    return ", ".join(parts + [plural(c.n_edges, "edge")])
 
 
 def edge_sort_key(edge: str, n_layers: int) -> tuple:
@@ -110,6 +131,11 @@ class Circuit:
             self.positions = {"nodes": {}, "edges": {}, "effects": {}, **self.positions}
 
     # ---- views -------------------------------------------------------------------------------
+    @property
+    def features(self) -> dict:
+        """What each kept dictionary feature reads and writes (meta["features"]: name -> its reading)."""
+        return self.meta.get("features", {}) if isinstance(self.meta, dict) else {}
+
     @property
     def model_graph(self) -> ModelGraph:
         return model_graph_of(self.graph)
@@ -230,6 +256,13 @@ class Circuit:
     def mlps(self) -> list[str]:
         """Kept MLPs in layer order."""
         return self._kind("mlp")
+
+    def feature_nodes(self) -> list[str]:
+        """Kept dictionary features and error nodes, in forward order."""
+        return self._kind("feature")
+
+    def sizes(self) -> str:
+        return sizes_text(self)
 
     @property
     def n_nodes(self) -> int:

@@ -13,7 +13,10 @@ receiver per head; an MLP; the logits). Edges: `ModelGraph.edges` order.
 
 Stages say where a change first touches the forward pass: -1 the embedding; 3l the inputs of
 layer l's heads; 3l+1 the heads' outputs; 3l+2 the MLP; 3L the logits. A node's stage is
-where its output is replaced, an edge's is its receiver's.
+where its output is replaced, an edge's is its receiver's. A dictionary's feature nodes (graph.features) come
+after the ordinary senders; their stage is their hook's: resid_pre.l 3l, attn_out.l 3l+1, resid_mid.l, mlp_in.l
+and mlp_out.l 3l+2. The nodes a dictionary decomposes (attn_out.l: layer l's heads; mlp_out.l and a
+transcoder: m_l) are `decomposed`: they stay, computed as ever, and the search removes their features instead.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ import torch
 
 from .model_graph import ModelGraph, parse_node, receiver_node
 
-EMBED, HEAD, MLP, LOGITS = 0, 1, 2, 3
-_KIND = {"embed": EMBED, "head": HEAD, "mlp": MLP, "logits": LOGITS}
+EMBED, HEAD, MLP, LOGITS, FEATURE = 0, 1, 2, 3, 4
+_KIND = {"embed": EMBED, "head": HEAD, "mlp": MLP, "logits": LOGITS, "feature": FEATURE}
 _INPUT = {"q": 0, "k": 1, "v": 2, None: -1}
 
 
@@ -55,6 +58,18 @@ class GraphIndex:
         self.node_stage = [_node_stage(i.kind, i.layer, L) for i in infos]
         self.logits = self.N - 1
         self.n_embed = len(graph.embed_nodes)  # the embedding senders are nodes 0 .. n_embed-1
+        self.sites = list(graph.features)
+        self.site_first: list[int] = []  # node id of each site's first feature (its error node closes the run)
+        self.decomposed = torch.zeros(self.N, dtype=torch.bool)
+        for site in self.sites:
+            ids = [self.node_id[n] for n in site.nodes]
+            self.site_first.append(ids[0])
+            stage = site_stage(site.writes, L)
+            for i in ids:
+                self.node_stage[i] = stage
+            for n in site_parents(site, graph):
+                self.decomposed[self.node_id[n]] = True
+        self.S0 = self.site_first[0] if self.sites else self.S  # the ordinary senders: 0 .. S0-1
 
         self.receivers: list[str] = []
         recv_node, recv_input = [], []
@@ -143,6 +158,24 @@ class GraphIndex:
         return self.node_kind[node]
 
 
+def site_stage(hook: str, n_layers: int) -> int:
+    """The stage where a dictionary writing `hook` (resid_pre.6, mlp_out.3...) changes the forward pass."""
+    kind, layer = hook.rsplit(".", 1)
+    layer = int(layer)
+    return 3 * layer + {"resid_pre": 0, "attn_out": 1, "resid_mid": 2, "mlp_in": 2, "mlp_out": 2}[kind]
+
+
+def site_parents(site, graph: ModelGraph) -> list[str]:
+    """The ordinary nodes a dictionary's features and error add up to: layer l's heads for attn_out.l, m_l for
+    mlp_out.l (an SAE or a transcoder); none for the residual stream and an MLP's input."""
+    kind, layer = site.writes.rsplit(".", 1)
+    if kind == "attn_out":
+        return graph.heads(int(layer))
+    if kind == "mlp_out":  # an SAE on its output, or a transcoder standing in for it
+        return [f"m{layer}"]
+    return []
+
+
 def _node_stage(kind: str, layer: int, n_layers: int) -> int:
     if kind == "embed":
         return -1
@@ -150,6 +183,8 @@ def _node_stage(kind: str, layer: int, n_layers: int) -> int:
         return 3 * layer + 1
     if kind == "mlp":
         return 3 * layer + 2
+    if kind == "feature":
+        return -2  # set from its site by GraphIndex
     return 3 * n_layers
 
 

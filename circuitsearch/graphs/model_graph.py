@@ -12,17 +12,21 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
+from ..features.hooks import HookError, parse_feature
+
 _HEAD = re.compile(r"^a(\d+)\.(\d+)$")
 _MLP = re.compile(r"^m(\d+)$")
 _RECV = re.compile(r"^a(\d+)\.(\d+)\.([qkv])$")
+_FEATURE = re.compile(r"^[a-z]+\d+\.(f\d+|err)$")
 EMBED_NODES = ("embed",)           # the embedding sender of the default graph
 SPLIT_EMBED_NODES = ("tok", "pos")  # its two parts in a split_embed graph, in forward order
 
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """What a node name means: kind is embed, head, mlp or logits; layer -1 for embed (and for `tok`
-    and `pos`, the parts of the embedding in a split_embed graph: kind embed too)."""
+    """What a node name means: kind is embed, head, mlp, feature or logits; layer -1 for embed (and for `tok`
+    and `pos`, the parts of the embedding in a split_embed graph: kind embed too); a feature node (`r6.f12`,
+    `m5.err`: features/hooks.py) has its dictionary's layer and `head` None."""
 
     name: str
     kind: str
@@ -43,9 +47,14 @@ def parse_node(name: str, n_layers: int | None = None) -> NodeInfo:
     m = _MLP.match(name)
     if m:
         return NodeInfo(name, "mlp", int(m.group(1)))
+    if isinstance(name, str) and _FEATURE.match(name):
+        try:
+            return NodeInfo(name, "feature", parse_feature(name).layer)
+        except HookError:
+            pass
     raise ValueError(
         f"unknown node name {name!r}: expected 'embed' (or 'tok' and 'pos' with split embeddings), "
-        "'a<layer>.<head>' (e.g. a9.1), 'm<layer>' or 'logits'"
+        "'a<layer>.<head>' (e.g. a9.1), 'm<layer>', a dictionary feature ('r6.f1234', 'm5.err') or 'logits'"
     )
 
 
@@ -69,6 +78,35 @@ def split_edge(edge: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
+class FeatureSite:
+    """One dictionary's nodes in a graph: where it reads (`hook`) and writes (`writes`: the same, or a
+    transcoder's mlp_out.L), the features that are nodes (`active`, those active on the task's prompts), its
+    node-name prefix and layer (`r6` of `r6.f12`) and its digest (a changed dictionary is another graph).
+    Its nodes are `{prefix}{layer}.f{i}` for i in active, then `{prefix}{layer}.err`."""
+
+    hook: str
+    writes: str
+    prefix: str
+    layer: int
+    active: tuple
+    digest: str
+    n_features: int
+
+    @property
+    def nodes(self) -> list[str]:
+        return [f"{self.prefix}{self.layer}.f{i}" for i in self.active] + [f"{self.prefix}{self.layer}.err"]
+
+    def signature(self) -> dict:
+        return {"hook": self.hook, "writes": self.writes, "prefix": self.prefix, "layer": self.layer,
+                "active": list(self.active), "digest": self.digest, "n_features": self.n_features}
+
+    @classmethod
+    def from_signature(cls, sig: dict) -> "FeatureSite":
+        return cls(sig["hook"], sig["writes"], sig["prefix"], int(sig["layer"]), tuple(int(i) for i in sig["active"]),
+                   sig["digest"], int(sig["n_features"]))
+
+
+@dataclass(frozen=True)
 class ModelGraph:
     """Nodes and edges of a model with n_layers layers of n_heads heads.
 
@@ -82,6 +120,9 @@ class ModelGraph:
     there is no edge a{l}.h->m{l}.
     split_embed=True replaces the sender `embed` by `tok` and `pos` (token and learned position
     embedding; their sum is the embedding), for models with learned positions only.
+    features: dictionaries spliced in (FeatureSite, in the order the forward reaches them); their feature and
+    error nodes follow the ordinary nodes (so those keep their indices), before logits. They are senders
+    without edges: a feature graph is searched at node level (and positions).
     """
 
     n_layers: int
@@ -90,6 +131,7 @@ class ModelGraph:
     qkv: bool = True
     parallel: bool = False
     split_embed: bool = False
+    features: tuple = ()
 
     def signature(self) -> dict:
         """What two circuits must share to be compared (`parallel` and `split_embed` only when set, so
@@ -100,13 +142,16 @@ class ModelGraph:
             sig["parallel"] = True
         if self.split_embed:
             sig["split_embed"] = True
+        if self.features:
+            sig["features"] = [f.signature() for f in self.features]
         return sig
 
     @classmethod
     def from_signature(cls, sig: dict) -> "ModelGraph":
         return cls(int(sig["n_layers"]), int(sig["n_heads"]), bool(sig.get("attn_only", False)),
                    bool(sig.get("qkv", True)), bool(sig.get("parallel", False)),
-                   bool(sig.get("split_embed", False)))
+                   bool(sig.get("split_embed", False)),
+                   tuple(FeatureSite.from_signature(f) for f in sig.get("features", ())))
 
     @property
     def embed_nodes(self) -> tuple[str, ...]:
@@ -126,6 +171,8 @@ class ModelGraph:
         out = list(self.embed_nodes)
         for layer in range(self.n_layers):
             out += self.layer_nodes(layer)
+        for site in self.features:
+            out += site.nodes
         return out + ["logits"]
 
     @cached_property
@@ -139,13 +186,13 @@ class ModelGraph:
             return [f"{node}.{x}" for x in "qkv"] if self.qkv else [node]
         if info.kind in ("mlp", "logits"):
             return [node]
-        return []
+        return []  # embed and features: no receivers
 
     def senders_into(self, node: str) -> list[str]:
         """Nodes whose output the given node reads: everything earlier in the forward pass (in a
         parallel block, an MLP does not read its own layer's heads)."""
         info = parse_node(node, self.n_layers)
-        if info.kind == "embed":
+        if info.kind in ("embed", "feature"):
             return []
         out = list(self.embed_nodes)
         for layer in range(self.n_layers):
@@ -179,6 +226,11 @@ class ModelGraph:
         info = parse_node(name, self.n_layers)
         if name not in self._node_set and info.kind == "embed":
             raise ValueError(self._embed_hint(name))
+        if name not in self._node_set and info.kind == "feature":
+            sites = ", ".join(f"{f.prefix}{f.layer} ({f.hook}, {len(f.active)} active features)" for f in self.features)
+            raise ValueError(f"feature node {name!r} is not in this graph: " + (
+                f"its dictionaries are {sites}, and only features active on the task's prompts are nodes"
+                if sites else "it has no dictionary (give one with --sae DIR)"))
         if name not in self._node_set:
             raise ValueError(f"node {name!r} is not in this model ({self.n_layers} layers × "
                              f"{self.n_heads} heads{', attention only' if self.attn_only else ''})")

@@ -23,7 +23,8 @@ PAGE_SCHEMA = "circuitsearch.page/1"
 TEMPLATE_DIR = Path(__file__).with_name("viewer")
 PT = 72.0  # the grid is in inches; the page draws in points
 MARGIN = 36.0
-NODE_SIZE = {"head": (44.0, 22.0), "mlp": (44.0, 22.0), "embed": (56.0, 22.0), "logits": (56.0, 22.0)}
+NODE_SIZE = {"head": (44.0, 22.0), "mlp": (44.0, 22.0), "embed": (56.0, 22.0), "logits": (56.0, 22.0),
+             "feature": (56.0, 22.0)}
 SHADE_LIGHT, SHADE_DARK = "#f4f4f4", "#2b6cb0"  # compare-orders: kept by one order ... by all
 EFFECT_MEANING = "faithfulness lost when it was removed"
 
@@ -167,6 +168,8 @@ def circuit_view(circuit: Circuit, decisions: list[dict] | None = None, curve: d
         if u != n:
             info.append(f"{n} over all positions: {effect_line(n, circuit.nodes[n], estimated)}")
         info += _node_decisions(u, n, tries, th, kind)
+        if n in circuit.features:  # a dictionary feature: what it reads and writes (runs/features_read)
+            info += circuit.features[n].get("lines", [])
         nodes.append(_node(u, n, kind, xy, _shade(kind, effects[u], top), 1.0, info))
     eff = {u: _unit_effect(circuit, u, e) if circuit.positions else circuit.edges[e] for u, e, *_ in edges}
     top_e = max((abs(x) for x in eff.values() if x is not None), default=0.0)
@@ -181,6 +184,8 @@ def circuit_view(circuit: Circuit, decisions: list[dict] | None = None, curve: d
     lines = caption(circuit)
     lines.append(("edge width, " if edges else "") + f"fill shade: |effect| ({EFFECT_MEANING})")
     legend = [[KIND_FILL["head"][1], "attention head"], [KIND_FILL["mlp"][1], "MLP"]]
+    if any(n["k"] == "feature" for n in nodes):
+        legend.append([KIND_FILL["feature"][1], "dictionary feature or error"])
     view = {"name": name or f"{circuit.task} on {circuit.model}", "caption": lines, "notes": list(notes or []),
             "width": width, "height": height, "nodes": nodes, "edges": out_edges, "slots": slots, "legend": legend,
             "circuits": [], "scores": dict(circuit.scores)}

@@ -18,13 +18,19 @@ from pathlib import Path
 
 from ..io import atomic_write_bytes, atomic_write_text
 from .circuit import Circuit
+from ..features.hooks import parse_feature
 from .model_graph import edge_unit_name, parse_node, receiver_node, split_edge, unit_name
 
 INPUT_COLOURS = {"q": "#1f77b4", "k": "#2ca02c", "v": "#d62728", "": "#555555"}
 INPUT_NAMES = {"q": "query (q)", "k": "key (k)", "v": "value (v)", "": "MLP / logits input"}
-KIND_SHAPE = {"embed": "box", "logits": "box", "head": "ellipse", "mlp": "box"}
+KIND_SHAPE = {"embed": "box", "logits": "box", "head": "ellipse", "mlp": "box", "feature": "box"}
 KIND_FILL = {"embed": ("#eeeeee", "#c8c8c8"), "logits": ("#eeeeee", "#c8c8c8"),  # (no effect, largest effect)
-             "head": ("#eef5fb", "#8fbde0"), "mlp": ("#fff3e3", "#f5b36b")}
+             "head": ("#eef5fb", "#8fbde0"), "mlp": ("#fff3e3", "#f5b36b"), "feature": ("#eef8ee", "#86cf86")}
+WIDE = ("embed", "logits", "feature")  # drawn 0.8 wide (feature names are longer than a head's)
+FEATURE_RISE = {"resid_pre": -0.55, "attn_out": 0.0, "resid_mid": 0.35, "mlp_in": 0.7, "mlp_out": 1.05,
+                "transcoder": 1.05}  # inches above its layer's heads where a dictionary's features sit
+FEATURE_DY = 2.0  # the row pitch of a diagram with features: room for a line of features per hook point
+FEATURE_DX = 0.95  # inches between two features of one dictionary
 DX, DY, MLP_RISE = 0.85, 0.75, 0.4  # inches: column and row pitch; MLP sits this far above its heads
 EMBED_SHIFT = {"tok": -0.45, "pos": 0.45}  # inches from the centre: the 0.8-wide tok and pos boxes side by side
 SWATCH = "\u25ac\u25ac"  # two black rectangles, drawn in the legend colour
@@ -33,7 +39,8 @@ LABEL_LIMIT = 80  # above this many drawn edges, edges carry no q/k/v text (colo
 ROUTE_LIMIT = 6000  # route edges around nodes while nodes × drawn edges stays below this (~1 s; grows fast)
 # above it every edge gets a fixed bowed curve (its `pos`), so Graphviz only draws: routing the compare-orders
 # union with splines=curved took over 5 minutes, these curves take well under a second
-HALF = {"head": (0.31, 0.15), "mlp": (0.31, 0.15), "embed": (0.4, 0.15), "logits": (0.4, 0.15)}  # node half sizes
+HALF = {"head": (0.31, 0.15), "mlp": (0.31, 0.15), "embed": (0.4, 0.15), "logits": (0.4, 0.15),
+        "feature": (0.4, 0.15)}  # node half sizes
 INPUT_HANG = {"q": -0.3, "k": 0.0, "v": 0.3}  # where a head's q, k or v input meets it (fraction of its width)
 BOW = 0.12  # the curve's bend: its control point sits this fraction of the edge's length off the straight line
 ARROW_PT = 4.5  # arrowsize 0.45 × Graphviz's 10 points
@@ -97,25 +104,46 @@ def edge_pos(a: tuple[float, float], b: tuple[float, float], kind_a: str, kind_b
 
 
 def positions(nodes: list[str], n_layers: int) -> dict[str, tuple[float, float]]:
-    """Grid positions in inches: rows = layers present, columns = head indices present, MLPs right."""
+    """Grid positions in inches: rows = layers present, columns = head indices present, MLPs right; a
+    dictionary's features in a line right of them, at their hook point's height in their layer's row."""
     infos = {n: parse_node(n, n_layers) for n in nodes}
-    layers = sorted({i.layer for i in infos.values() if i.kind in ("head", "mlp")})
+    layers = sorted({i.layer for i in infos.values() if i.kind in ("head", "mlp", "feature")})
     row = {layer: r for r, layer in enumerate(layers)}
     cols = sorted({i.head for i in infos.values() if i.kind == "head"})
     col = {h: c for c, h in enumerate(cols)}
     has_mlp = any(i.kind == "mlp" for i in infos.values())
     width = (len(cols) - 1 + (1.15 if has_mlp else 0)) * DX if cols else 0.0
-    top = (len(layers) - 1) * DY + (MLP_RISE if has_mlp else 0) + DY if layers else DY
+    feats = feature_places([n for n, i in infos.items() if i.kind == "feature"], width + (DX if cols or has_mlp else 0))
+    dy = FEATURE_DY if feats else DY
+    rise = max([MLP_RISE if has_mlp else 0] + [y for _, y in feats.values()])
+    top = (len(layers) - 1) * dy + rise + DY if layers else DY
     out = {}
     for n, i in infos.items():
         if i.kind == "head":
-            out[n] = (col[i.head] * DX, row[i.layer] * DY)
+            out[n] = (col[i.head] * DX, row[i.layer] * dy)
         elif i.kind == "mlp":
-            out[n] = ((len(cols) - 1 + 1.15) * DX if cols else 0.0, row[i.layer] * DY + MLP_RISE)
+            out[n] = ((len(cols) - 1 + 1.15) * DX if cols else 0.0, row[i.layer] * dy + MLP_RISE)
+        elif i.kind == "feature":
+            x, y = feats[n]
+            out[n] = (x, row[i.layer] * dy + y)
         elif i.kind == "embed":  # a split embedding side by side: tok left, pos right
-            out[n] = (width / 2 + EMBED_SHIFT.get(n, 0.0), -DY)
+            out[n] = (width / 2 + EMBED_SHIFT.get(n, 0.0), -DY + min([0.0] + [y for _, y in feats.values()]))
         else:
             out[n] = (width / 2, top)
+    return out
+
+
+def feature_places(names: list[str], x0: float) -> dict[str, tuple[float, float]]:
+    """(x, height above its layer's row) of each feature node: one dictionary's features in a line from x0, in
+    index order, its error last; the height says the hook point (FEATURE_RISE)."""
+    by_site: dict = defaultdict(list)
+    for n in names:
+        f = parse_feature(n)
+        by_site[(f.layer, f.site, n.split(".")[0])].append((f.index is None, f.index or 0, n))
+    out = {}
+    for (_, site, _), items in by_site.items():
+        for k, (_, _, n) in enumerate(sorted(items)):
+            out[n] = (x0 + k * FEATURE_DX, FEATURE_RISE[site])
     return out
 
 
@@ -130,8 +158,7 @@ def caption(circuit: Circuit, look: Look | None = None) -> list[str]:
     scores = ", ".join(f"{k} {s[k]:.3f}" for k in ("faithfulness", "normalized") if isinstance(s.get(k), (int, float)))
     first = (look.title if look and look.title else
              f"{circuit.task} on {circuit.model}" + (f": {scores}" if scores else ""))
-    sizes = ", ".join(plural(n, w) for n, w in ((len(circuit.heads()), "head"), (len(circuit.mlps()), "MLP"),
-                                                   (circuit.n_edges, "edge")))
+    sizes = circuit.sizes()
     how = ", ".join(fmt.format(m[k]) for k, fmt in (("level", "level {}"), ("ablation", "{} ablation"),
                                                     ("metric", "metric {}")) if m.get(k))
     lines = [(look.sizes_prefix if look and look.sizes_prefix else "") + sizes + (f" ({how})" if how else "")]
@@ -204,11 +231,12 @@ def to_dot(circuit: Circuit, look: Look | None = None) -> str:
         t = abs(eff) / top_node if eff is not None and top_node > 0 else 0.0
         fill = look.node_fill.get(n) if look and n in look.node_fill else _blend(light, dark, t)
         pen = look.node_pen.get(n, 1.0) if look else 1.0
-        width = ', width=0.8' if info.kind in ("embed", "logits") else ""
+        width = ', width=0.8' if info.kind in WIDE else ""
         rounded = ', style="rounded,filled"' if info.kind in ("embed", "logits") else ""
+        tip = f"{n}: effect {_fmt(eff)}" + (f"; {circuit.features[n]['summary']}" if n in circuit.features else "")
         lines.append(f"  {_q(n)} [label={_q(n)}, pos=\"{72 * x:.1f},{72 * y:.1f}!\", shape={KIND_SHAPE[info.kind]}"
                      f"{width}{rounded}, fillcolor=\"{fill}\", penwidth={pen:g}, "
-                     f"tooltip={_q(f'{n}: effect {_fmt(eff)}')}];")
+                     f"tooltip={_q(tip)}];")
     drawn = []
     for (src, node, colour), items in merged.items():
         inputs = "".join(sorted({i for i, _, _ in items}, key=_INPUT_RANK.get)) if any(i for i, _, _ in items) else ""
@@ -238,7 +266,9 @@ def _close(lines: list, circuit: Circuit, look: Look | None, edges: bool, notes:
         legend = [(INPUT_COLOURS[i], INPUT_NAMES[i]) for i in ("q", "k", "v", "")] if edges else []
     text = caption(circuit, look) + notes
     if not look:
-        text.append(("edge width, " if edges else "") + f"fill shade: |effect| ({effect}); ellipse = head, box = MLP")
+        kinds = "ellipse = head, box = MLP" + (", green = dictionary feature or error" if circuit.graph.get("features")
+                                                 else "")
+        text.append(("edge width, " if edges else "") + f"fill shade: |effect| ({effect}); {kinds}")
     lines.append(f"  label={_label(text, legend)};")
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -280,10 +310,13 @@ def unit_positions(circuit: Circuit, extra: set[str] = frozenset()) -> tuple[dic
     L, slots = circuit.n_layers, circuit.slots
     units = {(n, s): parse_node(n, L) for n in circuit.nodes for s in circuit.kept_slots(n)}
     units |= {tuple(u.split("@")): parse_node(u.split("@")[0], L) for u in extra}
-    layers = sorted({i.layer for i in units.values() if i.kind in ("head", "mlp")})
+    layers = sorted({i.layer for i in units.values() if i.kind in ("head", "mlp", "feature")})
     row = {layer: r for r, layer in enumerate(layers)}
     has_mlp = any(i.kind == "mlp" for i in units.values())
-    top = (len(layers) - 1) * DY + (MLP_RISE if has_mlp else 0) + DY if layers else DY
+    rises = [FEATURE_RISE[parse_feature(n).site] for (n, _), i in units.items() if i.kind == "feature"]
+    dy = FEATURE_DY if rises else DY
+    top = (len(layers) - 1) * dy + max([MLP_RISE if has_mlp else 0] + rises) + DY if layers else DY
+    bottom = -DY + min([0.0] + rises)
     split = any(n in EMBED_SHIFT for n in circuit.nodes)
     out, centre, left = {}, {}, 0.0
     for s in slots:
@@ -292,16 +325,22 @@ def unit_positions(circuit: Circuit, extra: set[str] = frozenset()) -> tuple[dic
         col = {h: c for c, h in enumerate(cols)}
         mlp = any(i.kind == "mlp" for i in mine.values())
         width = (len(cols) - 1 + (1.15 if mlp and cols else 0)) * DX if cols or mlp else 0.0
+        gap = DX if cols or mlp else 0.0
+        feats = feature_places([n for n, i in mine.items() if i.kind == "feature"], width + gap)
+        if feats:
+            width = max(x for x, _ in feats.values())
         half = max(width / 2 + 0.4, 0.85 if split else 0.4)  # half the footprint: boxes are up to 0.8 wide
         x0 = left + half - width / 2  # x of the column's first head
         centre[s] = left + half
         for n, i in mine.items():
-            if i.kind == "head":
-                xy = (x0 + col[i.head] * DX, row[i.layer] * DY)
+            if i.kind == "feature":
+                xy = (x0 + feats[n][0], row[i.layer] * dy + feats[n][1])
+            elif i.kind == "head":
+                xy = (x0 + col[i.head] * DX, row[i.layer] * dy)
             elif i.kind == "mlp":
-                xy = (x0 + ((len(cols) - 1 + 1.15) * DX if cols else 0.0), row[i.layer] * DY + MLP_RISE)
+                xy = (x0 + ((len(cols) - 1 + 1.15) * DX if cols else 0.0), row[i.layer] * dy + MLP_RISE)
             elif i.kind == "embed":
-                xy = (centre[s] + EMBED_SHIFT.get(n, 0.0), -DY)
+                xy = (centre[s] + EMBED_SHIFT.get(n, 0.0), bottom)
             else:
                 xy = (centre[s], top)
             out[unit_name(n, s)] = xy

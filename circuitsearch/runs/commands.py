@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..algorithms.speculation import MAX_K
 from ..config import MASKS, PruneConfig, build
+from ..features.reading import read_features
 from ..io import atomic_write_text
 from .reports import comparison_report, prune_report, targets_report
 from .store import (DecisionLog, MaskFile, Prepared, RunDirError, open_dir, prepare, read_checkpoint, save_task, saved_config,
@@ -70,11 +71,18 @@ def circuit_from_result(ev, result, config: PruneConfig, final: float, stats: di
         method.update(search="masks", masks={"settings": config.mask_settings().to_json(), "phases": result.masks})
     if config.positions != "last" or config.reduce is not None:
         method.update(positions=config.positions, reduce=ev.reduce)
+    if config.sae:  # where the dictionaries were read (their digests are in the graph)
+        method["sae"] = list(config.sae)
     if estimated:
         method["estimated_effects"] = estimated
+    meta = {"n_prompts": len(ev.task), "task_meta": ev.task.meta, "model": ev.model.describe()}
+    if ev.index.sites:  # a feature graph: each dictionary's size, and what every kept feature reads and writes
+        meta["dictionaries"] = [{"hook": s.hook, "writes": s.writes, "features": s.n_features, "active": len(s.active),
+                                 "kept": sum(n in nodes for n in s.nodes[:-1]), "error_kept": s.nodes[-1] in nodes}
+                                for s in ev.index.sites]
+        meta["features"] = read_features(ev, list(nodes))
     return Circuit(model=ev.model.name, graph=ev.graph.signature(), task=ev.task.name, nodes=nodes, edges=edges,
-                   scores=ev.scores(final), method=method, stats=stats, positions=positions,
-                   meta={"n_prompts": len(ev.task), "task_meta": ev.task.meta, "model": ev.model.describe()})
+                   scores=ev.scores(final), method=method, stats=stats, positions=positions, meta=meta)
 
 
 def _token_lengths(task) -> str:
@@ -263,8 +271,9 @@ def run_prune(config: PruneConfig, out: str | Path, progress: bool = True, log=p
         if prepared.notes:
             stats["recovered"] = prepared.notes
         circuit = circuit_from_result(ev, result, config, result.final, stats)
+        # faithfulness curves keep the top edges; a feature graph's features have no edges, so it has none
         extras = (lambda: write_curves(ev, result, circuit, out, log, config.attribution, config.steps)) \
-            if curves else None
+            if curves and not ev.index.sites else None
         write_outputs(circuit, out, log, extras)
         dlog.checkpoint("done", {"faithfulness": circuit.scores["faithfulness"]})
     return circuit
@@ -417,7 +426,7 @@ def run_compare(config: PruneConfig, orders: list[str], out: str | Path, progres
         circuits.append(run_prune(cfg, sub, progress=progress, log=_order_log(order, log), model=model, task=task,
                                   force=force, batch=batch))
         c = circuits[-1]
-        log(f"  {len(c.heads())} heads, {len(c.mlps())} MLPs, {c.n_edges} edges, faithfulness "
+        log(f"  {c.sizes()}, faithfulness "
             f"{c.scores['faithfulness']:.3f}, {c.stats.get('forward_passes')} forward passes")
     cmp = compare_circuits(evaluator(config, model, task), circuits, orders)
     write_comparison(cmp, out, log)

@@ -64,9 +64,8 @@ PAGE_TEXT = ("Interactive page: [{0}]({0}) (opens offline in a browser: hover a 
 def prune_report(circuit, diagram: str | None, curves: list | None = None, page: str | None = None) -> str:
     """report.md of a prune run: sizes, scores, cost, diagram, curves, the most important nodes."""
     s, m, st = circuit.scores, circuit.method, circuit.stats
-    heads, mlps = circuit.heads(), circuit.mlps()
     lines = [f"# Circuit: {circuit.task} on {circuit.model}", "",
-             f"{len(heads)} heads, {len(mlps)} MLPs, {circuit.n_edges} edges "
+             f"{circuit.sizes()} "
              f"(level {m['level']}, {m['ablation']} ablation, metric {m['metric']}, order {m['order']}; "
              f"thresholds {thresholds_text(m['thresholds'])}).", "",
              "| score | value |", "|---|---|"]
@@ -107,6 +106,7 @@ def prune_report(circuit, diagram: str | None, curves: list | None = None, page:
         lines += [f"| {c.name} | " + " | ".join(f"{f:.3f}" for f in c.faithfulness) + f" | {c.cpr:.3f} | {c.cmd:.3f} |"
                   for c in curves]
         lines += ["", "![faithfulness curves](curves.png)", ""]
+    lines += features_text(circuit)
     estimated = set(m.get("estimated_effects", ()))
     ranked = sorted(((n, e) for n, e in circuit.nodes.items() if e is not None), key=lambda x: -x[1])
     if ranked:
@@ -121,6 +121,36 @@ def prune_report(circuit, diagram: str | None, curves: list | None = None, page:
               + (f", {page} (interactive page)" if page else "")
               + (", curves.json / curves.png (faithfulness curves)" if curves else "") + ".", ""]
     return "\n".join(lines)
+
+
+def features_text(circuit) -> list[str]:
+    """A feature circuit's dictionaries (features active on the prompts, kept) and what each kept feature reads
+    and writes: where it fires most among the task's prompts, the tokens its decoder direction promotes."""
+    dicts = circuit.meta.get("dictionaries", []) if isinstance(circuit.meta, dict) else []
+    if not dicts:
+        return []
+    lines = ["## Dictionary features", "",
+             "| dictionary | features | active on the prompts (nodes) | kept | error kept |", "|---|---|---|---|---|"]
+    lines += [f"| {d['hook']}" + (f" -> {d['writes']}" if d['writes'] != d['hook'] else "")
+              + f" | {d['features']} | {d['active']} | {d['kept']} | {'yes' if d['error_kept'] else 'no'} |"
+              for d in dicts]
+    lines += ["", "Searched at node level: features and error nodes have no edges, so heads, MLPs and features "
+              "are kept or ablated whole. Ablated features take their ablation value; features not active on the "
+              "prompts stay as they are.", ""]
+    feats = circuit.features
+    if feats:
+        lines += ["| feature | effect | fires most at (prompt: …context[token] activation) | promotes | suppresses |",
+                  "|---|---|---|---|---|"]
+        for n in circuit.feature_nodes():
+            r = feats.get(n, {})
+            where = "; ".join(f"{w['prompt']}: …{w['context']}[{w['token']}] {w['activation']:g}"
+                              for w in r.get("top", [])[:3])
+            cell = lambda ts: " ".join(f"`{t!r}`" for t in ts[:5]).replace("|", "\\|")
+            eff = circuit.nodes.get(n)
+            lines.append(f"| {n} | {'' if eff is None else f'{eff:.4f}'} | {where.replace('|', '/')} | "
+                         f"{cell(r.get('promotes', []))} | {cell(r.get('suppresses', []))} |")
+        lines.append("")
+    return lines
 
 
 def positions_text(circuit) -> list[str]:

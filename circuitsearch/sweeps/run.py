@@ -43,7 +43,7 @@ def load_circuits(out: Path, rows: list[dict]) -> dict:
 
 
 EVAL_KEYS = ("model", "task", "n_prompts", "seed", "template", "corruption", "ablation", "metric", "qkv", "split_embed",
-             "attribution", "steps", "positions", "reduce")  # what an attribution ranking depends on
+             "attribution", "steps", "positions", "reduce", "sae")  # what an attribution ranking depends on
 
 
 def ranking_curves(truth, cells, circuits: dict, log=print) -> list:
