@@ -110,11 +110,8 @@ class Evaluator:
         self.batch = rows.to(self.engine.device)
         self.forward = StackedForward(self.engine, self.index, self.layout, self.metric, self.H, self.Q,
                                       self._slot_rows, self.batch)
-        # a change at late slots recomputes only the positions from its first on (evaluator.suffix); False:
-        # always the whole prompt (the same scores, to float rounding; tests and benchmarks compare the two)
-        self.causal_suffix = True
-        first_read = rows.tokens.shape[1] - 1 if rows.pos is None else int(rows.pos[rows.valid].min())
-        self._suffix = CausalSuffix(self.forward, first_read)
+        self.causal_suffix = True  # evaluator.suffix on (False: every pass over the whole prompt; tests, benchmarks)
+        self._suffix = CausalSuffix(self.forward, rows)
         self.forward.splices = make_splices(self.dictionaries, self.index, self.engine)
         self._units: list | None = None
         everything = Batch.of(task.corrupted, self.readout, torch.ones(len(task))).to(self.engine.device)
@@ -437,12 +434,11 @@ class Evaluator:
 
     def _forward_many(self, base: Run | None, start: int, masks: list, embed_live: torch.Tensor,
                       source: Source | None = "self", count: bool = True, batch: Batch | None = None) -> list:
-        """K circuits (one per Masks) that each change `base` from stage `start` on, in one forward pass
-        over their rows stacked along the batch (StackedForward.run_many; over the positions from the change's
-        first on where evaluator.suffix allows), counted in the stats."""
-        src = self.source if source == "self" else source
-        runs, part, fills = self._suffix.run_many(base, start, masks, embed_live, src, batch or self.batch,
-                                                  self.causal_suffix)
+        """K circuits (one per Masks) that each change `base` from stage `start` on, in one forward pass over
+        their rows stacked along the batch (StackedForward.run_many; from their change's first position on where
+        evaluator.suffix allows), counted in the stats."""
+        src, on = self.source if source == "self" else source, self.causal_suffix
+        runs, part, fills = self._suffix.run_many(base, start, masks, embed_live, src, batch or self.batch, on)
         if count:  # a suffix pass costs the share of positions it recomputes; a fill is one whole forward
             K = len(masks)
             self.forward_passes += K + fills

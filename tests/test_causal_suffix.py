@@ -255,3 +255,19 @@ def test_a_last_slot_that_makes_the_node_whole_recomputes_everything():
     same([a], [b])
     assert ev.forward_equivalents - before == pytest.approx(ev.layout.cost(ev.index.node_stage[ev.index.node(node)]))
     assert ev.extend(a, at=["m2@7"]).score == pytest.approx(ref.extend(b, at=["m2@7"]).score, rel=TOL, abs=TOL)
+
+
+def test_feature_graphs_recompute_everything():
+    """Dictionaries spliced in at hook points are not cut to a suffix: their circuits take the full path."""
+    from test_feature_graph import rand_dict
+
+    model = load_model("test:tiny-llama")
+    task = self_task(model, n=6, seq=8, seed=12)
+    dicts = [rand_dict(model.d_model, "resid_pre.1", seed=1), rand_dict(model.d_model, "mlp_out.0", seed=2)]
+    ev, ref = pair(model, task, dictionaries=dicts)
+    f = ev.index.senders[ev.index.S0 + 2]
+    units = [f"{f}@6", "a1.0@5", "m2@7"]
+    same([ev.run(at=units)], [ref.run(at=units)])
+    assert ev._suffix.offsets(ev.clean_run, [ev.run(at=units).masks], ev.source, ev.batch) == [0]
+    assert ev.forward_equivalents == pytest.approx(ref.forward_equivalents + ev.layout.cost(
+        min(ev.index.node_stage[ev.index.node(u.split("@")[0])] for u in units)))

@@ -85,11 +85,13 @@ class KVEngine:
 
 
 class CausalSuffix:
-    """The evaluator's stacked passes, over a suffix of positions where the change allows (module docstring).
-    `first_read`: the earliest position the metric reads in any row (CPU, found once)."""
+    """The evaluator's stacked passes, over a suffix of positions where the change allows (module docstring);
+    `rows`: the task's distinct rows as `fw.batch` holds them, on the CPU."""
 
-    def __init__(self, fw: StackedForward, first_read: int):
-        self.fw, self.first_read = fw, first_read
+    def __init__(self, fw: StackedForward, rows: Batch):
+        self.fw = fw
+        # the earliest position the metric reads in any row: a suffix must start at or before it
+        self.first_read = rows.tokens.shape[1] - 1 if rows.pos is None else int(rows.pos[rows.valid].min())
         self.causal = bool(fw.w.causal)
         fw.engine = self.kv = KVEngine(fw.engine)
         self._views: dict = {}  # offset -> StackedForward over positions >= offset
