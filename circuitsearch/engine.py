@@ -453,10 +453,11 @@ class Engine:
         x = x if w is None else x * w
         return x if b is None else x + b
 
-    def rope(self, x: torch.Tensor) -> torch.Tensor:
+    def rope(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Rotary positions on q or k [B, P, H, e] whose first position is `offset`."""
         cos, sin, style = self.w.rotary
         P, rd = x.shape[1], cos.shape[-1]
-        cos, sin = cos[:P, None, :], sin[:P, None, :]
+        cos, sin = cos[offset:offset + P, None, :], sin[offset:offset + P, None, :]
         xr, xp = x[..., :rd], x[..., rd:]
         if style == "half":
             x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
@@ -476,6 +477,12 @@ class Engine:
 
         heads: with q, k, v inputs, compute only these heads (their inputs [B, P, h, d]) -> [B, P, h, dh].
         """
+        return self.attend(lw, *self.qkv(lw, xq, xk, xv, heads))
+
+    def qkv(self, lw: LayerWeights, xq, xk=None, xv=None, heads: torch.Tensor | None = None,
+            offset: int = 0) -> tuple:
+        """(q, k, v) [B, P, h, dh] per query head (keys and values of a kv head repeated for each of its query
+        heads), normed and rotated as attention uses them; the inputs' first position is `offset`."""
         if xk is None:  # shared input: one GEMM, keys and values per kv head
             B, P, _ = xq.shape
             H, dh = self.H, lw.W_Q.shape[-1]
@@ -493,20 +500,26 @@ class Engine:
         if lw.q_norm is not None:
             q, k = self.norm(q, lw.q_norm), self.norm(k, lw.k_norm)
         if self.w.rotary is not None:
-            q, k = self.rope(q), self.rope(k)
+            q, k = self.rope(q, offset), self.rope(k, offset)
+        return q, k, v
+
+    def attend(self, lw: LayerWeights, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """z [B, Pq, h, dh] of queries q [B, Pq, h, e] over keys and values [B, Pk, h, e]: the queries are the
+        last Pq of the Pk positions (all of them in a whole forward; a causal suffix's otherwise)."""
         scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * self.w.attn_scale
         if self.w.attn_soft_cap:  # Gemma 2 style, before the mask
             scores = self.w.attn_soft_cap * torch.tanh(scores / self.w.attn_soft_cap)
-        mask = self._mask(q.shape[1], lw.window, scores.device)
+        mask = self._mask(k.shape[1], lw.window, scores.device, q.shape[1])
         if mask is not None:
             scores = scores.masked_fill(mask, float("-inf"))
         return torch.einsum("bhqk,bkhe->bqhe", scores.softmax(-1), v)
 
-    def _mask(self, P: int, window: int | None, device) -> torch.Tensor | None:
-        """Key positions each query may not see [P, P] (None: it sees all): later ones when causal,
-        ones `window` or more before it under a sliding window."""
+    def _mask(self, P: int, window: int | None, device, queries: int | None = None) -> torch.Tensor | None:
+        """Key positions each query may not see [Pq, P] (None: it sees all): later ones when causal,
+        ones `window` or more before it under a sliding window; the queries are the last `queries` (default
+        all P) positions."""
         pos = torch.arange(P, device=device)
-        gap = pos[:, None] - pos[None, :]  # query - key
+        gap = pos[P - (queries or P):, None] - pos[None, :]  # query - key
         mask = gap < 0 if self.w.causal else None
         if window is not None and P > window:
             far = gap >= window

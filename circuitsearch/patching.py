@@ -33,6 +33,7 @@ from .evaluator.relaxed import keep_tensors, relaxed_score
 from .evaluator.sources import ablation_source, ordinary
 from .evaluator.splices import make_splices
 from .evaluator.stacked import StackedForward
+from .evaluator.suffix import CausalSuffix
 from .evaluator.state import (Batch, Masks, Run, Source, check_context, check_token_ids, distinct_rows, ids_of,
                                read_slots)
 from .features.sites import feature_sites
@@ -109,6 +110,8 @@ class Evaluator:
         self.batch = rows.to(self.engine.device)
         self.forward = StackedForward(self.engine, self.index, self.layout, self.metric, self.H, self.Q,
                                       self._slot_rows, self.batch)
+        self.causal_suffix = True  # evaluator.suffix on (False: every pass over the whole prompt; tests, benchmarks)
+        self._suffix = CausalSuffix(self.forward, rows)
         self.forward.splices = make_splices(self.dictionaries, self.index, self.engine)
         self._units: list | None = None
         everything = Batch.of(task.corrupted, self.readout, torch.ones(len(task))).to(self.engine.device)
@@ -431,14 +434,15 @@ class Evaluator:
 
     def _forward_many(self, base: Run | None, start: int, masks: list, embed_live: torch.Tensor,
                       source: Source | None = "self", count: bool = True, batch: Batch | None = None) -> list:
-        """K circuits (one per Masks) that each change `base` from stage `start` on, in one forward pass
-        over their rows stacked along the batch (StackedForward.run_many), counted in the stats."""
-        src = self.source if source == "self" else source
-        runs = self.forward.run_many(base, start, masks, embed_live, src, batch or self.batch)
-        if count:
+        """K circuits (one per Masks) that each change `base` from stage `start` on, in one forward pass over
+        their rows stacked along the batch (StackedForward.run_many; from their change's first position on where
+        evaluator.suffix allows), counted in the stats."""
+        src, on = self.source if source == "self" else source, self.causal_suffix
+        runs, part, fills = self._suffix.run_many(base, start, masks, embed_live, src, batch or self.batch, on)
+        if count:  # a suffix pass costs the share of positions it recomputes; a fill is one whole forward
             K = len(masks)
-            self.forward_passes += K
-            self.forward_equivalents += K * self.layout.cost(start if base is not None else -1)
+            self.forward_passes += K + fills
+            self.forward_equivalents += K * self.layout.cost(start if base is not None else -1) * part + fills
             self.batched_passes += K > 1
         return runs
 
