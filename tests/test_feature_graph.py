@@ -314,6 +314,14 @@ def test_a_feature_run_directory_reads_its_features_resumes_and_refuses_a_change
     assert one in (out / "circuit.dot").read_text() and reading["summary"].split(";")[0][:20] in (out / "circuit.dot").read_text()
     again = run_prune(cfg, out, progress=False, log=lambda *a: None)  # resumes: the same circuit
     assert again.nodes == c.nodes and load_circuit(out / "circuit.json").nodes == c.nodes
+    from circuitsearch.evaluation import load_run, own_evaluator
+    from circuitsearch.catalogue import load_model
+    saved = load_run(out)  # re-scored from task.json + circuit.json, the dictionaries read again from their paths
+    ev = own_evaluator(saved, load_model("test:planted"))
+    assert abs(ev.score_circuit(saved.circuit)["faithfulness"] - c.scores["faithfulness"]) < 1e-6
+    other = patching.Evaluator(load_model("test:planted"), saved.task, dictionaries=[rand_dict(40, "resid_pre.1")])
+    with pytest.raises(ValueError, match="feature graph is not this evaluator's"):
+        other.score_circuit(saved.circuit)
     changed = saved_planted_dictionary(tmp_path / "sae", shift=0.05)  # the same path, other weights
     with pytest.raises(Exception, match="other settings"):
         run_prune(PruneConfig(model="test:planted", task="planted", n_prompts=12, sae=(changed,), order="forward"),
