@@ -196,14 +196,15 @@ class PruneConfig:
         from .algorithms.levels import phases
         if not isinstance(self.sae, (tuple, list)) or not all(isinstance(s, str) for s in self.sae):
             raise ValueError(f"sae {self.sae!r} must be a list of dictionary paths")
-        if any(p in ("edges", "edge-positions") for p in phases(self.level)):
-            raise ValueError(f"--sae with --level {self.level}: a graph with dictionary features is searched at node "
-                             "level for now (its feature and error nodes have no edges); use --level nodes "
-                             "(or nodes,positions)")
         if self.engine == "hooked":
             raise ValueError("--sae needs the fast engine (features are spliced into its forward pass); leave "
                              "--engine hooked out")
-        self.dictionaries()
+        flat = [str(d.writes) for d in self.dictionaries() if d.writes.kind not in ("mlp_out", "attn_out")]
+        if flat and any(p in ("edges", "edge-positions") for p in phases(self.level)):
+            raise ValueError(f"--sae with --level {self.level}: features of a dictionary at {', '.join(flat)} (the "
+                             "residual stream or an MLP's input) have no edges yet, so that graph is searched at node "
+                             "level; use --level nodes (or nodes,positions). Dictionaries at mlp_out.L or attn_out.L, "
+                             "and transcoders, take edges")
 
     def _check_task_settings(self) -> None:
         """Refuse a task setting this kind of task does not use (given, or not at its default): a task file

@@ -93,7 +93,12 @@ def test_nothing_ablated_is_the_model_and_feature_names_parse(llama):
     ev = patching.Evaluator(model, task, dictionaries=llama_dicts(model))
     assert abs(ev.full - plain.full) < 1e-5
     assert ev.index.nodes[: plain.index.S] == plain.index.senders  # ordinary nodes keep their ids
-    assert ev.index.edges == plain.index.edges
+    # decomposed nodes (m0, layer 1's heads, m1) send through their features; every other edge is as it was
+    decomposed = {"m0", "m1"} | {f"a1.{h}" for h in range(model.n_heads)}
+    assert [e for e in plain.index.edges if e.split("->")[0] not in decomposed] == \
+        [e for e in ev.index.edges if e.split("->")[0] in plain.index.node_id]
+    assert "m0.err->a1.0.q" in ev.index.edge_id and "t1.err->logits" in ev.index.edge_id
+    assert not any(e.startswith(("r1.", "rm0.", "r3.")) for e in ev.index.edges)  # residual sites: no edges yet
     names = feature_nodes(ev)
     assert "r1.err" in names and "t1.err" in names and "rm0.err" in names and any(n.startswith("a1.f") for n in names)
     for n in names[:5]:
@@ -360,3 +365,71 @@ def test_sweeps_take_dictionaries_as_a_setting(tmp_path):
     assert all(c.sae == (sae,) and c.level == "nodes" for c in cfgs)
     with pytest.raises(SpecError, match="dictionary path"):
         parse_spec({"fixed": {"model": "test:planted", "task": "planted", "sae": [3]}})
+
+
+# ---- edges out of features (dictionaries that decompose a node) ----------------------------------------------
+
+def edge_dicts(model):
+    d = model.d_model
+    return [rand_dict(d, "mlp_out.0", seed=2), rand_dict(d, "attn_out.1", seed=3),
+            rand_dict(d, "mlp_in.1", out="mlp_out.1", seed=4)]
+
+
+@pytest.mark.parametrize("ablation", ["mean", "resample", "zero"])
+def test_a_feature_ablated_is_all_its_out_edges_removed(llama, ablation):
+    model, task = llama
+    ev = patching.Evaluator(model, task, ablation=ablation, dictionaries=edge_dicts(model))
+    ix = ev.index
+    base = ev.run(nodes=["a0.2"])
+    for n in ["m0.f3", "m0.err", "a1.f5", "a1.err", "t1.f2", "t1.err"]:
+        if n not in ix.node_id:
+            continue
+        out = [e for e in ix.edges if e.startswith(n + "->")]
+        assert out
+        by_edges = ev.extend(base, edges=out)
+        assert abs(by_edges.score - ev.extend(base, nodes=[n]).score) < 1e-5, n
+        assert abs(ev.rescore(by_edges) - by_edges.score) < 1e-5
+    picks = [e for e in ix.edges if e.split("->")[0] in ix.node_id and ix.node_kind[ix.node_id[e.split("->")[0]]] == 4][::37]
+    singles = [ev.extend(base, edges=[e]).score for e in picks[:8]]
+    many = [r.score for r in ev.extend_many(base, [((), [e]) for e in picks[:8]])]
+    assert max(abs(a - b) for a, b in zip(singles, many)) < 1e-5
+
+
+def test_relaxed_forward_with_feature_edges_is_the_circuit(llama):
+    from circuitsearch.evaluator.relaxed import keep_tensors, relaxed_score
+    model, task = llama
+    ev = patching.Evaluator(model, task, dictionaries=edge_dicts(model))
+    feat_edges = [e for e in ev.index.edges if ".f" in e.split("->")[0] or ".err" in e.split("->")[0]]
+    run = ev.run(nodes=["a2.1", "m0.f1"], edges=feat_edges[::5] + ev.index.edges[3:40:4])
+    nodes, edges, at = keep_tensors(ev, run)
+    assert abs(float(relaxed_score(ev, nodes, edges, at)) - run.score) < 1e-4
+
+
+def test_eap_of_a_features_out_edges_sums_to_its_node_estimate(llama):
+    model, task = llama
+    ev = patching.Evaluator(model, task, dictionaries=edge_dicts(model))
+    a = attribute(ev, method="eap")
+    for n in ["m0.err", "t1.err", "a1.err"] + [f for f in feature_nodes(ev) if f.endswith(".f2")]:
+        total = sum(v for e, v in a.edges.items() if e.startswith(n + "->"))
+        assert abs(total - a.nodes[n]) < 1e-4 * max(1.0, abs(total)), n
+
+
+def test_the_planted_circuit_with_its_mlp_split_into_features(tmp_path):
+    """The planted model's m0 (the token copy) under an SAE whose feature 0..7 are its eight output directions:
+    the edge search keeps the answer's feature path into the logits and the embedding's edge into m0."""
+    model = planted_model()
+    from circuitsearch.toys import planted_task
+    task = planted_task()
+    W = torch.zeros(8, 40)
+    W[:, 16:24] = torch.eye(8)
+    d = Dictionary(W.T.clone(), torch.zeros(8), W, torch.zeros(40), hook="mlp_out.0")
+    ev = patching.Evaluator(model, task, dictionaries=[d])
+    assert abs(ev.score(nodes=["m0.err"]) - ev.full) < 1e-5  # the SAE is exact on m0's output: its error is 0
+    from circuitsearch.algorithms.iterative import find_circuit
+    result = find_circuit(ev, "both", Thresholds(absolute=0.8), order="reverse", progress=False)
+    kept = [e for e in ev.index.edges if e in set(ev.index.edges) - set(result.run.edges)
+            and result.run.present_edges()[ev.index.edge_id[e]]]
+    assert "embed->m0" in kept and "a1.2->logits" in kept
+    feats_to_logits = {e.split("->")[0] for e in kept if e.endswith("->logits") and e.startswith("m0.f")}
+    assert feats_to_logits and feats_to_logits <= {f"m0.f{i}" for i in range(8)}
+    assert ev.faithfulness(ev.rescore(result.run)) >= 0.8

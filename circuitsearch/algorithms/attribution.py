@@ -206,6 +206,30 @@ def edge_estimates(ev: Evaluator, run: Run, method: str = "eap-ig", steps: int =
                                          else torch.einsum("bd,bsd->s", g, D[:, -1])) * scale
         else:
             est[ev.layout.logits_row, : ix.S0] = contract("bpd,bpsd->s", g, D) * scale
+        _feature_edges(ev, run, grads, est, contract, scale, onehot)
     return est[ix.edge_recv, ix.edge_src].cpu()  # estimates meet the CPU masks from here on
+
+
+def _feature_edges(ev: Evaluator, run: Run, grads: dict, est: torch.Tensor, contract, scale: float, onehot) -> None:
+    """The estimates of edges out of feature and error nodes (of dictionaries that decompose a node) into `est`
+    [R, S(, Q)]: each receiver's input gradient against each feature's live − ablated output, (f − a)·W_dec[i]."""
+    ix, lay = ev.index, ev.layout
+    for (df, de), sp in zip(site_diffs(ev.splices, ev.source, run), ev.splices):
+        if not sp.parents:
+            continue
+        D = torch.cat([df[..., None] * sp.W, de[:, :, None]], 2)  # [B, P, n+1, d]
+        cols, stage = slice(sp.first, sp.first + sp.n + 1), ix.node_stage[sp.first]
+        for l in range(ev.L):
+            if 3 * l > stage:
+                E = contract("bprd,bpsd->rs", grads["attn"][l].flatten(2, 3), D) * scale
+                est[:, cols].index_add_(0, lay.attn_rows[l].to(D.device), E)
+            if not ev.attn_only and 3 * l + 2 > stage:
+                est[lay.mlp_row[l], cols] = contract("bpd,bpsd->s", grads["mlp"][l], D) * scale
+        g = grads["logits"]
+        if g.dim() == 2:
+            est[lay.logits_row, cols] = (torch.einsum("bd,bsd,bq->sq", g, D[:, -1], onehot[:, -1]) if onehot is not None
+                                         else torch.einsum("bd,bsd->s", g, D[:, -1])) * scale
+        else:
+            est[lay.logits_row, cols] = contract("bpd,bpsd->s", g, D) * scale
 
 

@@ -195,12 +195,15 @@ Phase = Callable[[str, PruneResult], None]
 
 
 def check_feature_level(ev: Evaluator, steps) -> None:
-    """A graph with dictionary features is searched over nodes (and positions): its features have no edges yet,
-    so an edge phase would search a graph without them; refused, never run half."""
-    if ev.index.sites and any(p in ("edges", EDGE_POSITIONS_PHASE) for p in steps):
-        raise ValueError("a graph with dictionary features (--sae) is searched at node level for now: its feature "
-                         "and error nodes have no edges, so an edge phase cannot remove what flows through them; "
-                         "use --level nodes (or nodes,positions)")
+    """Edges out of features exist for dictionaries that decompose a node (an SAE at mlp_out.L or attn_out.L, a
+    transcoder): their features send where the node sent. One on the residual stream or an MLP's input would need
+    the stream cut at its hook (not built), so with one an edge phase is refused, never run half."""
+    flat = [s.hook for s in ev.index.sites if not s.parents(ev.H)]
+    if flat and any(p in ("edges", EDGE_POSITIONS_PHASE) for p in steps):
+        raise ValueError(f"edges with a dictionary at {', '.join(flat)}: features on the residual stream or an MLP's "
+                         "input have no edges yet (their hook would have to cut the stream), so a graph with them is "
+                         "searched at node level: use --level nodes (or nodes,positions); dictionaries at mlp_out.L "
+                         "or attn_out.L, and transcoders, take edges")
 
 
 def run_phases(ev: Evaluator, level: str, phase: Phase, dangling: Thresholds | None,
@@ -229,6 +232,8 @@ def dangling_nodes(ev: Evaluator, run: Run, from_embed: bool = True) -> list[str
     g.add_nodes_from(alive)
     present = run.present_edges()
     g.add_edges_from(zip(ix.names(ix.edge_src[present], "nodes"), ix.names(ix.edge_dst_node[present], "nodes")))
+    for site in ix.sites:  # a decomposed node reaches on through its features and error (they are its output)
+        g.add_edges_from((p, f) for p in site.parents(ev.H) for f in site.nodes if p in g and f in g)
     to_logits = nx.ancestors(g, "logits")
     inputs = [n for n in ev.graph.embed_nodes if n in g]
     from_embed = set().union(*(nx.descendants(g, n) for n in inputs)) if inputs and from_embed else None

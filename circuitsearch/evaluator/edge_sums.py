@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..graphs.index import EMBED, HEAD
+from ..graphs.index import EMBED, FEATURE, HEAD
 from .passes import Pass
 from .state import Run
 
@@ -24,10 +24,26 @@ def sender_diff(fw, run: Run, s: int) -> torch.Tensor:
             h = ix.node_head[s]
             zl = run.z[layer][:, :, h] - fw.source.z[layer][:, :, h]
             d = zl @ fw.w.layers[layer].W_O[h]
+        elif kind == FEATURE:
+            d = feature_diff(fw, run.hooks, run.feats, s, lambda what, j: getattr(fw.source, what)[j])
         else:
             d = run.mlp_out[layer] - fw.source.mlp_out[layer]
         run.diffs[s] = d
     return d
+
+
+def feature_diff(fw, hooks: dict, feats: dict, s: int, ablation) -> torch.Tensor:
+    """live − ablated output of feature (or error) node s: (f − a)·W_dec[i], or e − a_e, from what its site read
+    and wrote (`hooks`; the site's parts cached in `feats`); `ablation(what, j)` gives the site's ablation values."""
+    j = fw.index.site_of[s]
+    sp = fw.splices[j]
+    if j not in feats:
+        feats[j] = sp.parts(*hooks[j])
+    f, e = feats[j]
+    k = s - sp.first
+    if k == sp.n:
+        return e - ablation("feat_e", j)
+    return (f[..., k] - ablation("feat_f", j)[..., k])[..., None] * sp.W[k]
 
 
 def pass_diff(fw, p: Pass, s: int) -> torch.Tensor:
@@ -43,6 +59,8 @@ def pass_diff(fw, p: Pass, s: int) -> torch.Tensor:
         elif kind == HEAD:
             h = ix.node_head[s]
             d = (p.z[layer][:, :, h] - p.ablation("z", layer)[:, :, h]) @ fw.w.layers[layer].W_O[h]
+        elif kind == FEATURE:
+            d = feature_diff(fw, p.hooks, p.feats, s, p.ablation)
         else:
             d = p.mlp[layer] - p.ablation("mlp_out", layer)
         p.diffs[s] = d

@@ -28,6 +28,8 @@ class Pass:
     z: dict = field(default_factory=dict)      # layer -> stacked z
     mlp: dict = field(default_factory=dict)    # layer -> stacked MLP output
     diffs: dict = field(default_factory=dict)  # sender -> stacked live − ablated output (K > 1)
+    hooks: dict = field(default_factory=dict)  # feature site j -> stacked (what it reads, what it writes)
+    feats: dict = field(default_factory=dict)  # feature site j -> stacked (node features' activations, error)
     device: torch.device | str = "cpu"         # the activations' (masks stay on the CPU for bookkeeping)
     _tiled: dict = field(default_factory=dict)
 

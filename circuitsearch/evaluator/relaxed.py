@@ -77,7 +77,7 @@ def relaxed_score(ev: "Evaluator", nodes: torch.Tensor, edges: torch.Tensor | No
     record = inputs is not None
     if record:
         inputs.update(attn=[None] * L, mlp=[None] * L, logits=None, hooks=[None] * len(ev.splices))
-    splice = _splicer(ev, keep, src, inputs)
+    splice = _splicer(ev, keep, src, inputs, chunks if cut is not None else None)
     resid = _embedding(ev, b.tokens, keep, src, chunks)
     for l in range(L):
         lw = eng.layer(l)
@@ -148,8 +148,8 @@ class _splicer:
     features and error kept as `keep` says (evaluator.splices); with `inputs`, the result is recorded in
     inputs["hooks"] for its gradient."""
 
-    def __init__(self, ev, keep: torch.Tensor, src: Source, inputs: dict | None):
-        self.splices, self.keep, self.src, self.inputs = ev.splices, keep, src, inputs
+    def __init__(self, ev, keep: torch.Tensor, src: Source, inputs: dict | None, chunks: list | None):
+        self.splices, self.keep, self.src, self.inputs, self.chunks = ev.splices, keep, src, inputs, chunks
 
     def at(self, kind: str, layer: int) -> int | None:
         return site_at(self.splices, kind, layer) if self.splices else None
@@ -159,10 +159,16 @@ class _splicer:
         if j is None:
             return x_out
         sp = self.splices[j]
-        cut = (1.0 - self.keep[sp.ids]).permute(1, 2, 0)  # [B, P, n+1]
-        out = sp.apply(x_in, x_out, cut, self.src.feat_f[j], self.src.feat_e[j])
+        keep = self.keep[sp.ids].permute(1, 2, 0)  # [B, P, n+1]
+        f_abl, e_abl = self.src.feat_f[j], self.src.feat_e[j]
+        out = sp.apply(x_in, x_out, 1.0 - keep, f_abl, e_abl)
         if self.inputs is not None:
             self.inputs["hooks"][j] = out
+        if self.chunks is not None and sp.parents:  # its nodes send along edges: output − ablated of each
+            f, e = sp.parts(x_in, x_out)
+            k = keep.to(out.dtype)
+            D = torch.cat([((f - f_abl) * k[..., : sp.n])[..., None] * sp.W, ((e - e_abl) * k[..., sp.n:])[:, :, None]], 2)
+            self.chunks.append((sp.first, D))
         return out
 
 

@@ -191,6 +191,7 @@ class StackedForward:
         if j is None:
             return x_out
         sp = self.splices[j]
+        p.hooks[j] = (x_in, x_out)
         for run, a, b in zip(p.runs, p.split(x_in), p.split(x_out)):
             run.hooks[j] = (a, b)
         if p.source is None:

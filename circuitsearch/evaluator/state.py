@@ -48,6 +48,7 @@ class Run:
     sums: dict = field(default_factory=dict)   # receiver group -> (rows, Σ over removed senders, updates since full)
     parts: list | None = None  # split-embed graph: [tok, pos] outputs after ablation (embed is their sum)
     hooks: dict = field(default_factory=dict)  # feature site j -> (what it reads, what it writes) before the splice
+    feats: dict = field(default_factory=dict)  # feature site j -> (its node features' activations, its error), lazily
     kv: list | None = None     # [L] (keys, values) [B, P, H, dh] each layer's heads attended over (evaluator.suffix)
     _names: dict = field(default_factory=dict, repr=False)
 

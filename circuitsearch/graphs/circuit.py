@@ -71,15 +71,17 @@ _FEATURE_AT = {"resid_pre": -1, "attn_out": 0.5, "resid_mid": 0.7, "mlp_in": 0.8
 
 
 def sizes_text(c: "Circuit") -> str:
-    """'10 heads, 2 MLPs, 142 edges'; a feature circuit's features and errors instead of edges (its features have
-    none: the edges it would list join heads, MLPs, embed and logits only)."""
+    """'10 heads, 2 MLPs, 142 edges'; a feature circuit's features and errors too (and its edges when it was
+    searched at edge level)."""
     def plural(n, w):
         return f"{n} {w}{'' if n == 1 else 's'}"
     parts = [plural(len(c.heads()), "head"), plural(len(c.mlps()), "MLP")]
     if c.graph.get("features"):
         feats = c.feature_nodes()
         errs = sum(n.endswith(".err") for n in feats)
-        return ", ".join(parts + [plural(len(feats) - errs, "feature"), plural(errs, "error node")])
+        parts += [plural(len(feats) - errs, "feature"), plural(errs, "error node")]
+        if c.node_level:  # the edges it would mean join only what has edges: say so rather than count them
+            return ", ".join(parts)
     return ", ".join(parts + [plural(c.n_edges, "edge")])
 
 

@@ -60,6 +60,7 @@ class GraphIndex:
         self.n_embed = len(graph.embed_nodes)  # the embedding senders are nodes 0 .. n_embed-1
         self.sites = list(graph.features)
         self.site_first: list[int] = []  # node id of each site's first feature (its error node closes the run)
+        self.site_of: dict[int, int] = {}  # feature (or error) node id -> its site
         self.decomposed = torch.zeros(self.N, dtype=torch.bool)
         for site in self.sites:
             ids = [self.node_id[n] for n in site.nodes]
@@ -67,6 +68,7 @@ class GraphIndex:
             stage = site_stage(site.writes, L)
             for i in ids:
                 self.node_stage[i] = stage
+                self.site_of[i] = len(self.site_first) - 1
             for n in site_parents(site, graph):
                 self.decomposed[self.node_id[n]] = True
         self.S0 = self.site_first[0] if self.sites else self.S  # the ordinary senders: 0 .. S0-1
@@ -166,14 +168,8 @@ def site_stage(hook: str, n_layers: int) -> int:
 
 
 def site_parents(site, graph: ModelGraph) -> list[str]:
-    """The ordinary nodes a dictionary's features and error add up to: layer l's heads for attn_out.l, m_l for
-    mlp_out.l (an SAE or a transcoder); none for the residual stream and an MLP's input."""
-    kind, layer = site.writes.rsplit(".", 1)
-    if kind == "attn_out":
-        return graph.heads(int(layer))
-    if kind == "mlp_out":  # an SAE on its output, or a transcoder standing in for it
-        return [f"m{layer}"]
-    return []
+    """The ordinary nodes a dictionary's features and error add up to (FeatureSite.parents)."""
+    return site.parents(graph.n_heads)
 
 
 def _node_stage(kind: str, layer: int, n_layers: int) -> int:

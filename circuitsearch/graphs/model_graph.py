@@ -96,6 +96,15 @@ class FeatureSite:
     def nodes(self) -> list[str]:
         return [f"{self.prefix}{self.layer}.f{i}" for i in self.active] + [f"{self.prefix}{self.layer}.err"]
 
+    def parents(self, n_heads: int) -> list[str]:
+        """The ordinary nodes its features and error add up to: layer L's heads for attn_out.L, mL for mlp_out.L (an
+        SAE there, or a transcoder); none for the residual stream and an MLP's input. Its nodes take their place as
+        senders: the edges out of them become edges out of its features and error."""
+        kind, layer = self.writes.rsplit(".", 1)
+        if kind == "attn_out":
+            return [f"a{layer}.{h}" for h in range(n_heads)]
+        return [f"m{layer}"] if kind == "mlp_out" else []
+
     def signature(self) -> dict:
         return {"hook": self.hook, "writes": self.writes, "prefix": self.prefix, "layer": self.layer,
                 "active": list(self.active), "digest": self.digest, "n_features": self.n_features}
@@ -205,6 +214,18 @@ class ModelGraph:
                 break
             if not self.attn_only:
                 out.append(f"m{layer}")
+        if self.features:  # a decomposed node sends through its dictionary's features and error instead
+            out = [x for n in out for x in self._sends_as.get(n, (n,))]
+        return out
+
+    @cached_property
+    def _sends_as(self) -> dict:
+        """Decomposed node -> the senders standing in for it (a site's nodes at its last parent, none at the others)."""
+        out = {}
+        for site in self.features:
+            parents = site.parents(self.n_heads)
+            for k, n in enumerate(parents):
+                out[n] = tuple(site.nodes) if k == len(parents) - 1 else ()
         return out
 
     @cached_property

@@ -134,9 +134,11 @@ def features_text(circuit) -> list[str]:
     lines += [f"| {d['hook']}" + (f" -> {d['writes']}" if d['writes'] != d['hook'] else "")
               + f" | {d['features']} | {d['active']} | {d['kept']} | {'yes' if d['error_kept'] else 'no'} |"
               for d in dicts]
-    lines += ["", "Searched at node level: features and error nodes have no edges, so heads, MLPs and features "
-              "are kept or ablated whole. Ablated features take their ablation value; features not active on the "
-              "prompts stay as they are.", ""]
+    edges = not circuit.node_level
+    lines += ["", ("Features and error nodes of a dictionary at mlp_out.L or attn_out.L (or a transcoder) stand in "
+                   "for the node they decompose: their edges are its edges. " if edges else
+                   "Searched at node level: heads, MLPs and features are kept or ablated whole. ")
+              + "Ablated features take their ablation value; features not active on the prompts stay as they are.", ""]
     feats = circuit.features
     if feats:
         lines += ["| feature | effect | fires most at (prompt: …context[token] activation) | promotes | suppresses |",
