@@ -237,8 +237,9 @@ def dangling_nodes(ev: Evaluator, run: Run, from_embed: bool = True) -> list[str
     to_logits = nx.ancestors(g, "logits")
     inputs = [n for n in ev.graph.embed_nodes if n in g]
     from_embed = set().union(*(nx.descendants(g, n) for n in inputs)) if inputs and from_embed else None
-    return [n for n in alive[:-1]
-            if n not in to_logits or (from_embed is not None and n not in inputs and n not in from_embed)]
+    kept = set(ix.names(ix.decomposed.nonzero()[:, 0], "nodes"))  # a decomposed node goes only with its features
+    return [n for n in alive[:-1] if n not in kept and
+            (n not in to_logits or (from_embed is not None and n not in inputs and n not in from_embed))]
 
 
 def remove_dangling(ev: Evaluator, result: PruneResult, thresholds: Thresholds) -> None:
