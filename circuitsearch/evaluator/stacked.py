@@ -117,10 +117,7 @@ class StackedForward:
                 p.mlp[l] = out
                 p.put("mlp_out", l, out)
                 resid = resid + out
-        if first < L:
-            resid = self.splice(p, "resid_pre", L, resid, resid)
-        elif self.site("resid_pre", L) is not None:  # redone from what the final site read
-            resid = self.splice(p, "resid_pre", L, resid, resid)
+        resid = self.splice(p, "resid_pre", L, resid, resid)  # (from first >= L: redone from what the site read)
         for run, f in zip(p.runs, p.split(resid)):
             run.final = f
         delta = edge_delta(self, p, self.layout.logits_row, ("logits",)) if edges else None
