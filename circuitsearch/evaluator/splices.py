@@ -9,7 +9,7 @@ task's prompts) stay in x_out as they are, whatever the circuit.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -59,12 +59,13 @@ def make_splices(dictionaries: list, index, engine) -> list:
     out = []
     dev, dt = engine.device, engine.dtype
     for site, d, first in zip(index.sites, dictionaries, index.site_first):
-        active = torch.tensor(site.active, dtype=torch.long)
+        # the dictionary's weights on the engine's device and dtype once (encode would move them every call)
+        d = replace(d, **{k: v.to(dev, dt) for k, v in d.tensors().items()})
+        active = torch.tensor(site.active, dtype=torch.long, device=dev)
         reads = site.hook.rsplit(".", 1)[0]
         writes = site.writes.rsplit(".", 1)[0]
         parents = [index.node_id[p] for p in site_parents(site, index.graph)]
-        out.append(Splice(d, reads, writes, site.layer, first, active.to(dev),
-                          d.W_dec[active].to(dev, dt), parents))
+        out.append(Splice(d, reads, writes, site.layer, first, active, d.W_dec[active], parents))
     return out
 
 
