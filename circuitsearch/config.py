@@ -199,12 +199,10 @@ class PruneConfig:
         if self.engine == "hooked":
             raise ValueError("--sae needs the fast engine (features are spliced into its forward pass); leave "
                              "--engine hooked out")
-        flat = [str(d.writes) for d in self.dictionaries() if d.writes.kind not in ("mlp_out", "attn_out")]
+        from .graphs.model_graph import edgeless_hooks, edgeless_message
+        flat = edgeless_hooks(d.writes for d in self.dictionaries())
         if flat and any(p in ("edges", "edge-positions") for p in phases(self.level)):
-            raise ValueError(f"--sae with --level {self.level}: features of a dictionary at {', '.join(flat)} (the "
-                             "residual stream or an MLP's input) have no edges yet, so that graph is searched at node "
-                             "level; use --level nodes (or nodes,positions). Dictionaries at mlp_out.L or attn_out.L, "
-                             "and transcoders, take edges")
+            raise ValueError(edgeless_message(flat, self.level))
 
     def _check_task_settings(self) -> None:
         """Refuse a task setting this kind of task does not use (given, or not at its default): a task file

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 import networkx as nx
 
+from ..graphs.model_graph import edgeless_hooks, edgeless_message
 from ..metrics import score_problem
 from ..patching import Evaluator, Run
 from .levels import EDGE_POSITIONS as EDGE_POSITIONS_PHASE, LEVEL_CHOICES as LEVELS, phases  # noqa: F401
@@ -198,12 +199,9 @@ def check_feature_level(ev: Evaluator, steps) -> None:
     """Edges out of features exist for dictionaries that decompose a node (an SAE at mlp_out.L or attn_out.L, a
     transcoder): their features send where the node sent. One on the residual stream or an MLP's input would need
     the stream cut at its hook (not built), so with one an edge phase is refused, never run half."""
-    flat = [s.hook for s in ev.index.sites if not s.parents(ev.H)]
+    flat = edgeless_hooks(s.writes for s in ev.index.sites)
     if flat and any(p in ("edges", EDGE_POSITIONS_PHASE) for p in steps):
-        raise ValueError(f"edges with a dictionary at {', '.join(flat)}: features on the residual stream or an MLP's "
-                         "input have no edges yet (their hook would have to cut the stream), so a graph with them is "
-                         "searched at node level: use --level nodes (or nodes,positions); dictionaries at mlp_out.L "
-                         "or attn_out.L, and transcoders, take edges")
+        raise ValueError(edgeless_message(flat, ",".join(steps)))
 
 
 def run_phases(ev: Evaluator, level: str, phase: Phase, dangling: Thresholds | None,

@@ -7,6 +7,7 @@ import torch
 
 from ..graphs.index import EMBED, FEATURE, HEAD
 from .passes import Pass
+from .splices import site_parts
 from .state import Run
 
 REFRESH = 32  # incremental updates of a receiver group's edge sum before it is taken in full again
@@ -37,9 +38,7 @@ def feature_diff(fw, hooks: dict, feats: dict, s: int, ablation) -> torch.Tensor
     and wrote (`hooks`; the site's parts cached in `feats`); `ablation(what, j)` gives the site's ablation values."""
     j = fw.index.site_of[s]
     sp = fw.splices[j]
-    if j not in feats:
-        feats[j] = sp.parts(*hooks[j])
-    f, e = feats[j]
+    f, e = site_parts(fw.splices, hooks, feats, j)
     k = s - sp.first
     if k == sp.n:
         return e - ablation("feat_e", j)

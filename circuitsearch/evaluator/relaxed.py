@@ -161,11 +161,11 @@ class _splicer:
         sp = self.splices[j]
         keep = self.keep[sp.ids].permute(1, 2, 0)  # [B, P, n+1]
         f_abl, e_abl = self.src.feat_f[j], self.src.feat_e[j]
-        out = sp.apply(x_in, x_out, 1.0 - keep, f_abl, e_abl)
+        f, e = parts = sp.parts(x_in, x_out)
+        out = sp.apply(x_in, x_out, 1.0 - keep, f_abl, e_abl, parts)
         if self.inputs is not None:
             self.inputs["hooks"][j] = out
         if self.chunks is not None and sp.parents:  # its nodes send along edges: output − ablated of each
-            f, e = sp.parts(x_in, x_out)
             k = keep.to(out.dtype)
             D = torch.cat([((f - f_abl) * k[..., : sp.n])[..., None] * sp.W, ((e - e_abl) * k[..., sp.n:])[:, :, None]], 2)
             self.chunks.append((sp.first, D))

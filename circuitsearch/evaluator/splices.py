@@ -13,8 +13,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..graphs.index import site_parents
-
 
 @dataclass
 class Splice:
@@ -46,10 +44,10 @@ class Splice:
         return f[..., self.active], x_out - self.dictionary.decode(f)
 
     def apply(self, x_in: torch.Tensor, x_out: torch.Tensor, cut: torch.Tensor, f_abl: torch.Tensor,
-              e_abl: torch.Tensor) -> torch.Tensor:
+              e_abl: torch.Tensor, parts: tuple | None = None) -> torch.Tensor:
         """x_out with each node feature and the error moved `cut` [..., n+1] (1: ablated, 0: kept; fractions in
-        the relaxed forward) of the way to its ablation value."""
-        f, e = self.parts(x_in, x_out)
+        the relaxed forward) of the way to its ablation value (`parts`: self.parts(x_in, x_out), if taken)."""
+        f, e = parts if parts is not None else self.parts(x_in, x_out)
         c = cut.to(x_out.dtype)
         return x_out + ((f_abl - f) * c[..., : self.n]) @ self.W + (e_abl - e) * c[..., self.n:]
 
@@ -64,17 +62,25 @@ def make_splices(dictionaries: list, index, engine) -> list:
         active = torch.tensor(site.active, dtype=torch.long, device=dev)
         reads = site.hook.rsplit(".", 1)[0]
         writes = site.writes.rsplit(".", 1)[0]
-        parents = [index.node_id[p] for p in site_parents(site, index.graph)]
+        parents = [index.node_id[p] for p in site.parents(index.graph.n_heads)]
         out.append(Splice(d, reads, writes, site.layer, first, active, d.W_dec[active], parents))
     return out
+
+
+def site_parts(splices: list, hooks: dict, feats: dict, j: int) -> tuple:
+    """Site j's (node features' activations, error) from what it read and wrote (`hooks`), encoded once and kept
+    in `feats` (a run's or a pass's)."""
+    if j not in feats:
+        feats[j] = splices[j].parts(*hooks[j])
+    return feats[j]
 
 
 def site_diffs(splices: list, source, run) -> list:
     """Per feature site: (live − ablated activations of its node features [B, P, n], of its error [B, P, d]) in
     `run` (live: as the circuit computes them; `source` holds the ablation values)."""
     out = []
-    for j, sp in enumerate(splices):
-        f, e = sp.parts(*run.hooks[j])
+    for j in range(len(splices)):
+        f, e = site_parts(splices, run.hooks, run.feats, j)
         out.append((f - source.feat_f[j], e - source.feat_e[j]))
     return out
 

@@ -12,7 +12,7 @@ from .edge_sums import delta as edge_delta
 from .layout import Layout
 from .passes import Pass
 from .readout_scores import finish, readout_logits
-from .splices import site_at
+from .splices import site_at, site_parts
 from .state import Batch, Masks, Run, Source
 
 
@@ -74,7 +74,8 @@ class StackedForward:
         edges = bool(p.removed.any()) or p.removed_at is not None
         first = max(start, 0) // 3
         if first >= L:
-            resid = p.tile(base.final if self.site("resid_pre", L) is None else base.hooks[self.site("resid_pre", L)][1])
+            j = self.site("resid_pre", L)
+            resid = p.tile(base.final if j is None else base.hooks[j][1])
         else:
             j = self.site("resid_pre", first)
             resid = p.embed if base is None else p.tile(base.resid_pre[first] if j is None else base.hooks[j][1])
@@ -130,6 +131,9 @@ class StackedForward:
             for s, d in p.diffs.items():
                 for run, v in zip(p.runs, p.split(d)):
                     run.diffs[s] = v
+            for j, (f, e) in p.feats.items():
+                for run, fv, ev in zip(p.runs, p.split(f), p.split(e)):
+                    run.feats[j] = (fv, ev)
         return p.runs
 
     def mlp_out(self, p: Pass, l: int, lw, x: torch.Tensor, src: Source | None, edges: bool) -> torch.Tensor:
@@ -204,7 +208,10 @@ class StackedForward:
             if sp.parents:
                 pm = pm & ~p.rows(p.ablated[:, sp.parents].all(1))[:, None, None]
             cut = cut | pm
-        return sp.apply(x_in, x_out, cut, p.ablation("feat_f", j), p.ablation("feat_e", j))
+        parts = site_parts(self.splices, p.hooks, p.feats, j)  # kept: the edges out of its features read them
+        if p.K == 1:
+            p.runs[0].feats[j] = parts
+        return sp.apply(x_in, x_out, cut, p.ablation("feat_f", j), p.ablation("feat_e", j), parts)
 
     def embed_part(self, p: Pass, s: int, live: torch.Tensor, what: str = "parts") -> torch.Tensor:
         """Embedding sender s's output for the stacked rows: `live` tiled, its ablation value in the circuits

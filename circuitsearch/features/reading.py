@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from .hooks import parse_feature
-
 TOP_ACTS, TOP_TOKENS, CONTEXT = 5, 8, 4
 
 
@@ -74,10 +72,3 @@ def _describe(name: str, r: dict) -> tuple[str, list[str]]:
         lines.append("suppresses: " + " ".join(repr(t) for t in r["suppresses"][:6]))
     return "; ".join(lines[1:]), lines
 
-
-def is_feature(name: str) -> bool:
-    try:
-        parse_feature(name)
-        return True
-    except ValueError:
-        return False

@@ -41,9 +41,8 @@ def feature_sites(engine, task, dictionaries: Sequence) -> tuple[list, tuple]:
             raise DictionaryError(f"transcoder {d.hook} -> {w}: in a parallel block the MLP reads the layer's input, "
                                   "not resid_mid; train it on mlp_in")
     sites = []
+    tokens, lengths = torch.cat([task.clean, task.corrupted]), task.lengths.repeat(2)  # one pass over both
     for d in ds:
-        on = active_features(engine, task.clean, task.lengths, d) | active_features(engine, task.corrupted,
-                                                                                 task.lengths, d)
-        active = tuple(on.nonzero()[:, 0].tolist())
+        active = tuple(active_features(engine, tokens, lengths, d).nonzero()[:, 0].tolist())
         sites.append(FeatureSite(d.hook, str(d.writes), d.prefix, d.writes.layer, active, d.digest(), d.n_features))
     return ds, tuple(sites)

@@ -70,11 +70,14 @@ def node_sort_key(name: str, n_layers: int) -> tuple:
 _FEATURE_AT = {"resid_pre": -1, "attn_out": 0.5, "resid_mid": 0.7, "mlp_in": 0.8, "mlp_out": 1.5, "transcoder": 1.5}
 
 
+def plural(n: int, word: str) -> str:
+    """'1 head', '3 heads'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def sizes_text(c: "Circuit") -> str:
     """'10 heads, 2 MLPs, 142 edges'; a feature circuit's features and errors too (and its edges when it was
     searched at edge level)."""
-    def plural(n, w):
-        return f"{n} {w}{'' if n == 1 else 's'}"
     parts = [plural(len(c.heads()), "head"), plural(len(c.mlps()), "MLP")]
     if c.graph.get("features"):
         feats = c.feature_nodes()

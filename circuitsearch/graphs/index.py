@@ -69,7 +69,7 @@ class GraphIndex:
             for i in ids:
                 self.node_stage[i] = stage
                 self.site_of[i] = len(self.site_first) - 1
-            for n in site_parents(site, graph):
+            for n in site.parents(graph.n_heads):
                 self.decomposed[self.node_id[n]] = True
         self.S0 = self.site_first[0] if self.sites else self.S  # the ordinary senders: 0 .. S0-1
 
@@ -165,11 +165,6 @@ def site_stage(hook: str, n_layers: int) -> int:
     kind, layer = hook.rsplit(".", 1)
     layer = int(layer)
     return 3 * layer + {"resid_pre": 0, "attn_out": 1, "resid_mid": 2, "mlp_in": 2, "mlp_out": 2}[kind]
-
-
-def site_parents(site, graph: ModelGraph) -> list[str]:
-    """The ordinary nodes a dictionary's features and error add up to (FeatureSite.parents)."""
-    return site.parents(graph.n_heads)
 
 
 def _node_stage(kind: str, layer: int, n_layers: int) -> int:

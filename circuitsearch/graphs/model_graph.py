@@ -77,6 +77,23 @@ def split_edge(edge: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
+DECOMPOSING = ("attn_out", "mlp_out")  # hook kinds whose dictionary stands in for a node (and takes its edges)
+
+
+def edgeless_hooks(writes) -> list[str]:
+    """The hook points (of those dictionaries write) whose features have no edges: the residual stream and an
+    MLP's input, where the stream would have to be cut at the hook (not built)."""
+    return [str(w) for w in writes if str(w).rsplit(".", 1)[0] not in DECOMPOSING]
+
+
+def edgeless_message(hooks: list[str], level: str) -> str:
+    """Why a level with an edge phase is refused with dictionaries at `hooks` (edgeless_hooks)."""
+    return (f"--level {level} with a dictionary at {', '.join(hooks)}: features on the residual stream or an MLP's "
+            "input have no edges yet (their hook would have to cut the stream), so that graph is searched at node "
+            "level; use --level nodes (or nodes,positions). Dictionaries at mlp_out.L or attn_out.L, and "
+            "transcoders, take edges")
+
+
 @dataclass(frozen=True)
 class FeatureSite:
     """One dictionary's nodes in a graph: where it reads (`hook`) and writes (`writes`: the same, or a
@@ -103,7 +120,7 @@ class FeatureSite:
         kind, layer = self.writes.rsplit(".", 1)
         if kind == "attn_out":
             return [f"a{layer}.{h}" for h in range(n_heads)]
-        return [f"m{layer}"] if kind == "mlp_out" else []
+        return [f"m{layer}"] if kind == "mlp_out" else []  # (DECOMPOSING: the kinds with parents)
 
     def signature(self) -> dict:
         return {"hook": self.hook, "writes": self.writes, "prefix": self.prefix, "layer": self.layer,

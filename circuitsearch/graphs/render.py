@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import atomic_write_bytes, atomic_write_text
-from .circuit import Circuit
+from .circuit import Circuit, plural  # noqa: F401  (plural: imported from here by page and diff)
 from ..features.hooks import parse_feature
 from .model_graph import edge_unit_name, parse_node, receiver_node, split_edge, unit_name
 
@@ -156,11 +156,6 @@ def feature_places(names: list[str], x0: float) -> dict[str, tuple[float, float]
         for k, (_, _, n) in enumerate(sorted(items)):
             out[n] = (x0 + k * FEATURE_DX, FEATURE_RISE[site])
     return out
-
-
-def plural(n: int, word: str) -> str:
-    """'1 head', '3 heads'."""
-    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def caption(circuit: Circuit, look: Look | None = None) -> list[str]:
